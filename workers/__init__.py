@@ -1,0 +1,1 @@
+"""Celery app and tasks: build the volume, run a segmenter, write DICOM outputs, dispatch them."""

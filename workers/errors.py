@@ -34,3 +34,7 @@ class SeriesRejectedError(PermanentError):
 
 class ProcessingFailedError(PermanentError):
     """The node failed on a series it should have handled (a segmenter or writer fault): FAILED."""
+
+
+class DeliveryRefusedError(PermanentError):
+    """A destination answered with a failure that resending will not change (e.g. 0xA900)."""

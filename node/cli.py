@@ -1,0 +1,312 @@
+"""The ``segnode`` command: run the node or a worker, check the configuration, follow jobs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from node.config import Settings, load_settings
+from node.db import engine as db
+from node.db.engine import SchemaOutOfDateError, session_scope
+from node.db.jobs import JobNotFoundError, retry
+from node.db.models import Job, JobState, Series
+from node.queue import JobQueue, make_celery
+
+log = logging.getLogger("segnode")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        try:
+            obj["settings"] = load_settings(obj.get("config"))
+        except (ValidationError, FileNotFoundError) as err:
+            raise click.ClickException(f"invalid configuration: {err}") from err
+    return obj["settings"]
+
+
+@click.group()
+@click.option(
+    "--config",
+    "-c",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML configuration file; SEGNODE_* environment variables override it.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+    """segnode: AI segmentation of CT for the radiology workflow."""
+    _configure_logging(verbose)
+    ctx.ensure_object(dict)["config"] = config
+
+
+# --- serve / worker --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--workers/--no-workers", default=True, help="Also run the worker processes (embedded default)."
+)
+@click.pass_context
+def serve(ctx: click.Context, workers: bool) -> None:
+    """Run the DICOM listener, the scheduler and (by default) one worker process."""
+    from node.runtime import Node
+
+    settings = _settings(ctx)
+    try:
+        node = Node(settings)
+    except SchemaOutOfDateError as err:
+        raise click.ClickException(str(err)) from err
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker_proc = None
+    if workers:
+        command = [sys.executable, "-m", "node.cli"]
+        if ctx.obj.get("config"):
+            command += ["--config", str(ctx.obj["config"])]
+        worker_proc = subprocess.Popen([*command, "worker"])
+    try:
+        node.run(stop)
+    finally:
+        if worker_proc is not None:
+            worker_proc.terminate()
+            try:
+                worker_proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_proc.kill()
+
+
+@main.command()
+@click.option("--name", default="segnode@%h", show_default=True, help="Celery node name of this worker.")
+@click.pass_context
+def worker(ctx: click.Context, name: str) -> None:
+    """Run a worker alone (production: one per GPU, Redis broker, PostgreSQL database)."""
+    from workers.celery_app import run_worker
+
+    try:
+        run_worker(_settings(ctx), name)
+    except SchemaOutOfDateError as err:
+        raise click.ClickException(str(err)) from err
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Configuration."""
+
+
+@config.command("check")
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate the configuration and print what the node would do."""
+    from segmenters import registry
+
+    settings = _settings(ctx)
+    installed = registry.available()
+    problems = [
+        f"rule {r.name!r} names segmenter {r.segmenter!r}, which is not installed "
+        f"(installed: {', '.join(sorted(installed))})"
+        for r in settings.rules
+        if r.segmenter not in installed
+    ]
+    scp = settings.scp
+    click.echo(f"DICOM listener: AE {scp.ae_title} on {scp.host}:{scp.port}")
+    allowed = ", ".join(scp.allowed_calling_aes) or "any calling AE"
+    click.echo(f"  accepts associations from: {allowed}; at most {scp.max_associations} at once")
+    click.echo(f"  TLS: {'on' if scp.tls_certificate else 'off'}")
+    click.echo(f"Data folder: {settings.data_dir}")
+    click.echo(f"Database: {_redact(settings.effective_database_url)}")
+    click.echo(f"Broker: {_redact(settings.effective_broker_url)}")
+    click.echo(f"A series is complete after {settings.quiet_period_s:g} s without new instances.")
+    if not settings.rules:
+        click.echo("No routing rules: every series is stored and recorded as not routed.")
+    for i, rule in enumerate(settings.rules, 1):
+        click.echo(
+            f"Rule {i} {rule.name!r}: segmenter {rule.segmenter}, "
+            f"send to {', '.join(rule.destinations) or '-'}"
+        )
+        click.echo(f"  when: {_describe(rule)}")
+    for name, dest in settings.destinations.items():
+        click.echo(f"Destination {name!r}: C-STORE to {dest.ae_title}@{dest.host}:{dest.port}")
+    if problems:
+        raise click.ClickException("; ".join(problems))
+    click.echo("Configuration OK.")
+
+
+def _describe(rule: Any) -> str:
+    parts = [f"modality {'/'.join(rule.modality)}"] if rule.modality else []
+    if rule.exclude_image_types:
+        parts.append(f"not {'/'.join(rule.exclude_image_types)}")
+    parts.append(f"at least {rule.min_slices} slices")
+    if rule.slice_thickness_min_mm is not None or rule.slice_thickness_max_mm is not None:
+        parts.append(
+            f"slice thickness {rule.slice_thickness_min_mm or 0:g}-{rule.slice_thickness_max_mm or 'any'} mm"
+        )
+    if rule.body_parts:
+        parts.append(f"body part {'/'.join(rule.body_parts)}")
+    if rule.series_description_pattern:
+        parts.append(f"description matches /{rule.series_description_pattern}/")
+    if rule.calling_aes:
+        parts.append(f"sent by {'/'.join(rule.calling_aes)}")
+    if rule.sop_class_uids:
+        parts.append(f"SOP class in {', '.join(rule.sop_class_uids)}")
+    return ", ".join(parts)
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL before printing it."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+# --- db --------------------------------------------------------------------------------------------
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Bring the database schema up to REVISION (default: the newest)."""
+    url = _settings(ctx).effective_database_url
+    db.upgrade(url, revision)
+    click.echo(f"database at revision {db.current_revision(db.make_engine(url))}")
+
+
+@db_group.command("downgrade")
+@click.argument("revision")
+@click.pass_context
+def db_downgrade(ctx: click.Context, revision: str) -> None:
+    """Take the database schema back to REVISION ('base' removes it)."""
+    url = _settings(ctx).effective_database_url
+    db.downgrade(url, revision)
+    click.echo(f"database at revision {db.current_revision(db.make_engine(url)) or 'base'}")
+
+
+@db_group.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the schema revision of the database and the one this code needs."""
+    engine = db.make_engine(_settings(ctx).effective_database_url)
+    click.echo(f"database: {db.current_revision(engine) or 'none'}; needed: {db.head_revision()}")
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+
+def _sessions(ctx: click.Context) -> Any:
+    engine = db.make_engine(_settings(ctx).effective_database_url)
+    try:
+        db.check_schema(engine)
+    except SchemaOutOfDateError as err:
+        raise click.ClickException(str(err)) from err
+    return db.make_sessionmaker(engine)
+
+
+@main.group()
+def jobs() -> None:
+    """Follow and retry jobs."""
+
+
+def _fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice([s.value for s in JobState]), help="Only jobs in this state.")
+@click.option("--limit", default=50, show_default=True)
+@click.pass_context
+def jobs_list(ctx: click.Context, state: str | None, limit: int) -> None:
+    """The newest jobs: state, series, segmenter, times, attempts, reason."""
+    sessions = _sessions(ctx)
+    with sessions() as session:
+        query = select(Job, Series.series_instance_uid).join(Series).order_by(Job.id.desc()).limit(limit)
+        if state:
+            query = query.where(Job.state == JobState(state))
+        rows = session.execute(query).all()
+    columns = ("ID", "STATE", "SEGMENTER", "CREATED (UTC)", "UPDATED (UTC)", "ATT", "SERIES")
+    header = "{:>5}  {:<9}  {:<12} {:<19}  {:<19}  {:>3}  {}".format(*columns)
+    click.echo(header)
+    for job, series_uid in rows:
+        click.echo(
+            f"{job.id:>5}  {job.state.value:<9}  {(job.segmenter or '-'):<12} "
+            f"{_fmt_time(job.created_at):<19}  "
+            f"{_fmt_time(job.updated_at):<19}  {job.attempts:>3}  {series_uid}"
+        )
+        if job.reason:
+            click.echo(f"       reason: {job.reason}")
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@click.pass_context
+def jobs_show(ctx: click.Context, job_id: int) -> None:
+    """One job with its whole event history and deliveries."""
+    sessions = _sessions(ctx)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise click.ClickException(f"job {job_id} does not exist")
+        click.echo(f"Job {job.id}: {job.state.value}")
+        click.echo(f"  series:     {job.series.series_instance_uid} ({job.instance_count} instances)")
+        click.echo(f"  rule:       {job.rule or '-'}; segmenter: {job.segmenter or '-'}")
+        click.echo(f"  attempts:   {job.attempts}; worker: {job.worker or '-'}")
+        click.echo(f"  created:    {_fmt_time(job.created_at)}; finished: {_fmt_time(job.finished_at)}")
+        if job.output_sop_instance_uid:
+            click.echo(f"  output:     SEG {job.output_sop_instance_uid}")
+        if job.reason:
+            click.echo(f"  reason:     {job.reason}")
+        for d in job.deliveries:
+            click.echo(
+                f"  delivery:   {d.destination}: {d.state.value} "
+                f"after {d.attempts} attempt(s) {d.last_status}"
+            )
+        click.echo("  history:")
+        for e in job.events:
+            click.echo(f"    {_fmt_time(e.at)}  {e.state.value:<9} {e.event:<12} {e.host}  {e.message}")
+
+
+@jobs.command("retry")
+@click.argument("job_id", type=int)
+@click.pass_context
+def jobs_retry(ctx: click.Context, job_id: int) -> None:
+    """Run a job again from the start (its SEG keeps the same UIDs: no duplicate in the PACS)."""
+    settings = _settings(ctx)
+    sessions = _sessions(ctx)
+    try:
+        with session_scope(sessions) as session:
+            retry(session, job_id, who="the command line")
+    except (JobNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    JobQueue(make_celery(settings)).process(job_id)
+    click.echo(f"job {job_id} queued again")
+
+
+if __name__ == "__main__":
+    main()

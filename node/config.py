@@ -1,0 +1,173 @@
+"""The node's one typed settings object.
+
+Built once where a process starts (the CLI), from a YAML file plus ``SEGNODE_*`` environment
+variables (nested fields with ``__``, e.g. ``SEGNODE_SCP__PORT=11112``), then passed down. No other
+module reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$")]
+
+
+class ScpSettings(BaseModel):
+    """The DICOM listener."""
+
+    ae_title: AETitle = "SEGNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    # Calling AE titles allowed to associate; empty means any caller is accepted.
+    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(131072, ge=0)
+    # Below this much free space in the storage folder, C-STORE answers "out of resources".
+    min_free_bytes: int = Field(1_000_000_000, ge=0)
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ScpSettings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("scp.tls_certificate and scp.tls_private_key are given together or not at all")
+        return self
+
+
+class DicomDestination(BaseModel):
+    """A DICOM peer that receives results by C-STORE."""
+
+    kind: Literal["dicom"] = "dicom"
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+Destination = Annotated[DicomDestination, Field(discriminator="kind")]
+
+
+class Rule(BaseModel):
+    """One routing rule: which series it takes, which segmenter runs, where results go.
+
+    Every condition left unset matches anything. The first rule whose conditions all hold takes the series.
+    """
+
+    name: str
+    modality: list[str] = Field(default_factory=lambda: ["CT"])
+    sop_class_uids: list[str] = Field(default_factory=list)
+    exclude_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    min_slices: int = Field(20, ge=1)
+    slice_thickness_min_mm: float | None = None
+    slice_thickness_max_mm: float | None = None
+    body_parts: list[str] = Field(default_factory=list)
+    series_description_pattern: str | None = None
+    calling_aes: list[str] = Field(default_factory=list)
+    segmenter: str = "classical"
+    destinations: list[str] = Field(default_factory=list)
+
+    @field_validator("series_description_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(
+                    f"series_description_pattern is not a valid regular expression: {err}"
+                ) from err
+        return value
+
+
+class WorkerSettings(BaseModel):
+    """The Celery side: broker, worker processes, retries."""
+
+    # Empty: the embedded broker, a SQLite file in the data folder (no server to install).
+    broker_url: str = ""
+    concurrency: int = Field(1, ge=1)
+    # Threads a CPU worker may use for numpy/torch/decoding; 0 means all cores.
+    cpu_threads: int = Field(0, ge=0)
+    delivery_max_attempts: int = Field(12, ge=1)
+    delivery_backoff_s: float = Field(5.0, gt=0)
+    delivery_backoff_max_s: float = Field(600.0, gt=0)
+    # A QUEUED or RUNNING job that no worker touched for this long is re-queued.
+    stale_job_s: float = Field(3600.0, gt=0)
+    seg_transfer_syntax: Literal["explicit", "jpeg2000"] = "explicit"
+
+
+class Settings(BaseSettings):
+    """Everything the node needs to run, from one file plus ``SEGNODE_*`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGNODE_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path("var")
+    # Empty: a SQLite database in the data folder.
+    database_url: str = ""
+    quiet_period_s: float = Field(30.0, gt=0)
+    assembly_poll_s: float = Field(1.0, gt=0)
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8080, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _rules_name_known_destinations(self) -> Settings:
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations if d not in self.destinations]
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} names unknown destinations: {', '.join(unknown)}")
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        return self
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'segnode.sqlite').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.worker.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file, which wins over the defaults.
+        return (env_settings, init_settings)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read ``config_file`` (YAML) if given, then apply ``SEGNODE_*`` variables on top."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"configuration file {config_file} does not exist")
+        source = YamlConfigSettingsSource(Settings, yaml_file=config_file)
+        file_values = source()
+    file_values.update(overrides)
+    return Settings(**file_values)

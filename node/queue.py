@@ -1,0 +1,53 @@
+"""The job queue as both sides see it: one Celery configuration, tasks named, never imported.
+
+The node sends tasks by name, so it never imports worker code (the chain runs one way); the workers
+build their app from the same function and register the task bodies on it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from node.config import Settings
+
+PROCESS_JOB = "segnode.process_job"
+DELIVER_JOB = "segnode.deliver_job"
+QUEUE = "segnode"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app for ``settings``: JSON only, late acknowledgement, one task at a time per process."""
+    app = Celery("segnode", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        # A task whose worker process dies (SIGKILL, out of memory) goes back on the queue.
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        enable_utc=True,
+    )
+    if settings.effective_broker_url.startswith("redis"):
+        # Unacknowledged tasks of a worker that vanished come back after this long.
+        app.conf.broker_transport_options = {"visibility_timeout": settings.worker.stale_job_s}
+    return app
+
+
+class JobQueue:
+    """Sends job tasks to the workers."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def process(self, job_id: int) -> None:
+        self.app.send_task(PROCESS_JOB, args=[job_id], queue=QUEUE)
+
+    def deliver(self, job_id: int, countdown: float | None = None) -> None:
+        self.app.send_task(DELIVER_JOB, args=[job_id], queue=QUEUE, countdown=countdown)

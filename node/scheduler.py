@@ -1,0 +1,75 @@
+"""The node's control loop: assemble complete series, hand jobs to the queue, rescue stuck jobs.
+
+The database is the truth and the broker only carries messages: a job whose message was lost (a
+broker restart, a worker killed before it acknowledged) is found here by its state and sent again.
+Tasks are safe to run twice, so sending again is always safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.assembly import assemble
+from node.config import Settings
+from node.db.engine import session_scope
+from node.db.jobs import mark_queued, record_event, requeue, stale_jobs
+from node.db.models import Job, JobState, utcnow
+from node.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], queue: JobQueue) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.queue = queue
+
+    def tick(self) -> None:
+        """One pass: assemble, send waiting jobs, rescue stale ones."""
+        with session_scope(self.sessions) as session:
+            assemble(session, self.settings, utcnow())
+        self.send_received()
+        self.rescue_stale()
+
+    def send_received(self) -> None:
+        with self.sessions() as session:
+            waiting = session.scalars(
+                select(Job.id).where(Job.state == JobState.RECEIVED).order_by(Job.id)
+            ).all()
+        for job_id in waiting:
+            try:
+                self.queue.process(job_id)
+            except Exception as err:  # noqa: BLE001 - broker down: the job stays RECEIVED and is sent later
+                log.warning("job %d: cannot reach the broker (%s); will send again", job_id, err)
+                return
+            with session_scope(self.sessions) as session:
+                mark_queued(session, job_id)
+
+    def rescue_stale(self) -> None:
+        older_than = utcnow() - timedelta(seconds=self.settings.worker.stale_job_s)
+        with session_scope(self.sessions) as session:
+            for job in stale_jobs(session, older_than):
+                if job.state == JobState.SEGMENTED:
+                    record_event(session, job, "redispatched", "no delivery progress; delivery sent again")
+                    job.updated_at = utcnow()
+                    self.queue.deliver(job.id)
+                else:
+                    requeue(
+                        session, job, f"no progress for {self.settings.worker.stale_job_s:g} s; sent again"
+                    )
+                    self.queue.process(job.id)
+                log.warning("job %d: stale in %s; sent again", job.id, job.state)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler pass failed; retrying")
+            stop.wait(self.settings.assembly_poll_s)

@@ -1,0 +1,190 @@
+"""The DICOM listener: C-ECHO and C-STORE, one handler per event.
+
+The C-STORE handler validates, stores durably and records, then answers with a named status. Nothing
+else happens on the association thread: assembly and routing run elsewhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import ssl
+from typing import Any
+
+from pydicom import Dataset
+from pydicom import uid as tsuid
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import ScpSettings
+from node.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+# Every transfer syntax the node accepts and can decode; stored as received, never transcoded.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian,
+    tsuid.JPEGBaseline8Bit,
+    tsuid.JPEGExtended12Bit,
+    tsuid.JPEGLossless,
+    tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLSLossless,
+    tsuid.JPEGLSNearLossless,
+    tsuid.JPEG2000Lossless,
+    tsuid.JPEG2000,
+    tsuid.RLELossless,
+]
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+# Private storage classes a CT scanner commonly sends with a study (Siemens CSA non-image).
+PRIVATE_STORAGE_CLASSES = ["1.3.12.2.1107.5.9.1"]
+
+# Image storage classes that must carry Pixel Data to be what they claim.
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+}
+
+
+class StoreStatus(enum.IntEnum):
+    """C-STORE response statuses (PS3.4 GG.4-1 and PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+
+
+def _status(status: StoreStatus, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = int(status)
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def instance_facts(ds: Dataset, transfer_syntax_uid: str) -> InstanceFacts:
+    thickness = ds.get("SliceThickness")
+    return InstanceFacts(
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        transfer_syntax_uid=transfer_syntax_uid,
+        modality=_text(ds, "Modality"),
+        image_type=_text(ds, "ImageType"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+    )
+
+
+class StoreHandler:
+    """The C-STORE handler bound to ``evt.EVT_C_STORE``."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def __call__(self, event: evt.Event) -> Dataset:
+        request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        calling_ae = event.assoc.requestor.ae_title
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            facts = instance_facts(ds, str(event.context.transfer_syntax))
+        except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
+            log.warning("C-STORE from %s: data set cannot be parsed (%s)", calling_ae, type(err).__name__)
+            return _status(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")
+        if facts.sop_instance_uid != request_uid:
+            return _status(StoreStatus.CANNOT_UNDERSTAND, "SOPInstanceUID differs from the C-STORE request")
+        if facts.sop_class_uid in IMAGE_SOP_CLASSES and "PixelData" not in ds and "FloatPixelData" not in ds:
+            log.warning("C-STORE from %s: image %s has no Pixel Data", calling_ae, request_uid)
+            return _status(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data")
+        try:
+            outcome = self.storage.store(event.encoded_dataset(), facts, calling_ae)
+        except InvalidUIDError as err:
+            log.warning("C-STORE from %s refused: %s", calling_ae, err)
+            return _status(StoreStatus.CANNOT_UNDERSTAND, str(err))
+        except StorageFullError as err:
+            log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
+            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
+        except Exception:
+            log.exception("C-STORE from %s: instance %s could not be stored", calling_ae, request_uid)
+            return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
+        if outcome is StoreOutcome.DUPLICATE:
+            log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
+        return _status(StoreStatus.SUCCESS)
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    """pynetdicom leaves Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def configure_pynetdicom() -> None:
+    """pynetdicom's process-wide switches, set once where the node starts.
+
+    Its default logs request identifiers (patient name and id) and keeps whole data sets in memory.
+    """
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def build_ae(settings: ScpSettings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(VERIFICATION)
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    for sop_class in PRIVATE_STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def _ssl_context(settings: ScpSettings) -> ssl.SSLContext | None:
+    if settings.tls_certificate is None or settings.tls_private_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    return context
+
+
+def start_scp(settings: ScpSettings, storage: Storage) -> ThreadedAssociationServer:
+    """Start listening in background threads; call ``shutdown()`` on the result to stop."""
+    configure_pynetdicom()
+    ae = build_ae(settings)
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, StoreHandler(storage)),
+        (evt.EVT_CONN_OPEN, _set_nodelay),
+    ]
+    server = ae.start_server(
+        (settings.host, settings.port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=_ssl_context(settings),
+    )
+    assert server is not None  # non-blocking start returns the server
+    log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
+    return server

@@ -1,0 +1,204 @@
+"""Durable storage of received instances.
+
+An instance is acknowledged only after it is safe: written to a temporary file in the same file
+system, fsynced, renamed into ``<study>/<series>/<instance>.dcm`` (the folder fsynced too) and
+recorded in the database. UIDs are checked against the UID grammar before they become path parts.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.engine import session_scope
+from node.db.models import Instance, Series, Study, utcnow
+from node.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+INCOMING = ".incoming"
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the node keeps about an instance besides the file: UIDs and routing facts."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    image_type: str = ""
+    series_description: str = ""
+    body_part: str = ""
+    slice_thickness: float | None = None
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+class StorageFullError(OSError):
+    """Less free space than the configured threshold, or the disk filled during the write."""
+
+
+class InvalidUIDError(ValueError):
+    """A UID that breaks the DICOM UID grammar: it never becomes a path."""
+
+
+class Storage:
+    """Writes instances durably and records them; safe to call from many association threads."""
+
+    def __init__(self, root: Path, sessions: sessionmaker[Session], min_free_bytes: int) -> None:
+        self.root = root
+        self.sessions = sessions
+        self.min_free_bytes = min_free_bytes
+        self._incoming = root / INCOMING
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._record_lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
+        self._discard_leftovers()
+
+    def _discard_leftovers(self) -> None:
+        """Temporary files of a crashed process were never acknowledged: remove them."""
+        for leftover in self._incoming.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+
+    def relative_path(self, facts: InstanceFacts) -> Path:
+        for name, value in (
+            ("StudyInstanceUID", facts.study_uid),
+            ("SeriesInstanceUID", facts.series_uid),
+            ("SOPInstanceUID", facts.sop_instance_uid),
+        ):
+            if not is_valid_uid(value):
+                raise InvalidUIDError(
+                    f"{name} is not a valid DICOM UID (digits and dots, at most 64 characters)"
+                )
+        return Path(facts.study_uid) / facts.series_uid / f"{facts.sop_instance_uid}.dcm"
+
+    def check_free_space(self) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_bytes:
+            raise StorageFullError(
+                errno.ENOSPC, f"only {free // 1_000_000} MB free in the storage folder, below the threshold"
+            )
+
+    def store(self, encoded: bytes, facts: InstanceFacts, calling_ae: str) -> StoreOutcome:
+        """Write and record one instance; returns only once both are durable."""
+        relative = self.relative_path(facts)
+        if self._already_recorded(facts.sop_instance_uid):
+            return StoreOutcome.DUPLICATE
+        self.check_free_space()
+        target = self.root / relative
+        self._write_atomically(encoded, target)
+        try:
+            return self._record(facts, relative, len(encoded), calling_ae)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+
+    def _already_recorded(self, sop_instance_uid: str) -> bool:
+        with self.sessions() as session:
+            found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+        return found is not None
+
+    def _write_atomically(self, data: bytes, target: Path) -> None:
+        self._ensure_dir(target.parent)
+        temp = self._incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            _fsync_dir(target.parent)
+        except OSError as err:
+            temp.unlink(missing_ok=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(err.errno, "the storage disk is full") from err
+            raise
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        missing = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            _fsync_dir(created.parent)
+        self._known_dirs.add(folder)
+
+    def _record(self, facts: InstanceFacts, relative: Path, size: int, calling_ae: str) -> StoreOutcome:
+        now = utcnow()
+        with self._record_lock, session_scope(self.sessions) as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == facts.study_uid))
+            if study is None:
+                study = Study(study_instance_uid=facts.study_uid)
+                session.add(study)
+                session.flush()
+            series = session.scalar(select(Series).where(Series.series_instance_uid == facts.series_uid))
+            if series is None:
+                series = Series(
+                    study_id=study.id,
+                    series_instance_uid=facts.series_uid,
+                    modality=facts.modality[:16],
+                    series_description=facts.series_description[:64],
+                    body_part=facts.body_part[:16],
+                    calling_ae=calling_ae[:16],
+                    instance_count=0,
+                    assembled_count=0,
+                    first_received_at=now,
+                )
+                session.add(series)
+                session.flush()
+            series.instance_count += 1
+            series.last_received_at = now
+            session.add(
+                Instance(
+                    series_id=series.id,
+                    sop_instance_uid=facts.sop_instance_uid,
+                    sop_class_uid=facts.sop_class_uid,
+                    transfer_syntax_uid=facts.transfer_syntax_uid,
+                    image_type=facts.image_type[:128],
+                    slice_thickness=facts.slice_thickness,
+                    path=relative.as_posix(),
+                    size_bytes=size,
+                    received_at=now,
+                )
+            )
+            try:
+                session.flush()
+            except IntegrityError:
+                # Another association stored the same instance a moment ago: keep that one.
+                session.rollback()
+                return StoreOutcome.DUPLICATE
+        return StoreOutcome.STORED
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

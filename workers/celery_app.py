@@ -1,0 +1,62 @@
+"""The worker process: a Celery app with segnode's tasks, built from the settings at start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready
+
+from node.config import Settings
+from node.db.engine import check_schema, make_engine, make_sessionmaker
+from node.queue import JobQueue, make_celery
+from workers.tasks import WorkerContext, register_tasks, rescue_orphans
+
+log = logging.getLogger(__name__)
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    """The Celery app a worker runs: the shared queue configuration plus the task bodies."""
+    engine = make_engine(settings.effective_database_url)
+    check_schema(engine)
+    app = make_celery(settings)
+    ctx = WorkerContext(settings=settings, sessions=make_sessionmaker(engine), queue=JobQueue(app))
+    register_tasks(app, ctx)
+
+    def _after_fork(**_: Any) -> None:
+        # Connections must not cross a fork; each child opens its own.
+        engine.dispose(close=False)
+        threads = settings.worker.cpu_threads or os.cpu_count() or 1
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+
+    def _on_ready(sender: Any = None, **_: Any) -> None:
+        rescued = rescue_orphans(ctx, getattr(sender, "hostname", None))
+        if rescued:
+            log.warning("re-queued jobs %s left by a dead worker process", rescued)
+
+    worker_process_init.connect(_after_fork, weak=False)
+    worker_ready.connect(_on_ready, weak=False)
+    return app
+
+
+def run_worker(settings: Settings, name: str, loglevel: str = "INFO") -> None:
+    """Run a worker in the foreground (``segnode worker``)."""
+    app = create_worker_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={loglevel}",
+            f"--concurrency={settings.worker.concurrency}",
+            "--pool=prefork",
+            f"--hostname={name}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

@@ -1,0 +1,22 @@
+"""Destinations by kind: a new kind of destination is one new module and one registry entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from node.config import DicomDestination
+from workers.destinations.dicom import send_by_c_store
+
+
+class Sender(Protocol):
+    def __call__(self, destination: DicomDestination, paths: list[Path], calling_ae: str) -> str:
+        """Send ``paths``; return the peer's answer in words, or raise DestinationUnavailableError."""
+        ...
+
+
+SENDERS: dict[str, Sender] = {"dicom": send_by_c_store}
+
+
+def send(destination: DicomDestination, paths: list[Path], calling_ae: str) -> str:
+    return SENDERS[destination.kind](destination, paths, calling_ae)

@@ -53,7 +53,8 @@ class DicomDestination(BaseModel):
     port: int = Field(ge=1, le=65535)
 
 
-Destination = Annotated[DicomDestination, Field(discriminator="kind")]
+# One kind today; a DICOMweb (STOW-RS) kind joins as a union discriminated by ``kind``.
+Destination = DicomDestination
 
 
 class Rule(BaseModel):

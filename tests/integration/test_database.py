@@ -1,0 +1,175 @@
+"""The schema, migrations, storage records and job bookkeeping on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.assembly import assemble
+from node.config import Settings, load_settings
+from node.db import engine as db
+from node.db.jobs import claim, mark_queued, retry, stale_jobs
+from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
+from node.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
+from tests import peers
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+    else:
+        url = peers.create_pg_database()
+        yield url
+        peers.drop_pg_database(url)
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
+    db.upgrade(db_url)
+    engine = db.make_engine(db_url)
+    db.check_schema(engine)
+    yield db.make_sessionmaker(engine)
+    engine.dispose()
+
+
+def facts(series: str = "1.2.3.4", n: int = 1, **kw: str) -> InstanceFacts:
+    values = {
+        "study_uid": "1.2.3",
+        "series_uid": series,
+        "sop_instance_uid": f"{series}.{n}",
+        "sop_class_uid": CT,
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "modality": "CT",
+        "image_type": "ORIGINAL\\PRIMARY\\AXIAL",
+    }
+    values.update(kw)
+    return InstanceFacts(**values)  # type: ignore[arg-type]
+
+
+def settings_for(tmp_path: Path, **kw: object) -> Settings:
+    return load_settings(None, data_dir=str(tmp_path), quiet_period_s=1, **kw)
+
+
+def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    with pytest.raises(db.SchemaOutOfDateError, match="segnode db upgrade"):
+        db.check_schema(engine)
+    db.upgrade(db_url)
+    db.check_schema(engine)
+    tables = set(inspect(engine).get_table_names())
+    assert {"studies", "series", "instances", "jobs", "job_events", "deliveries"} <= tables
+    db.downgrade(db_url, "base")
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    with pytest.raises(db.SchemaOutOfDateError, match="has no segnode schema"):
+        db.check_schema(engine)
+    engine.dispose()
+
+
+def test_storage_writes_records_and_keeps_duplicates_once(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
+    assert storage.store(b"first", facts(n=1), "CT01") is StoreOutcome.STORED
+    assert storage.store(b"second", facts(n=2), "CT01") is StoreOutcome.STORED
+    assert storage.store(b"again", facts(n=1), "CT01") is StoreOutcome.DUPLICATE
+    path = tmp_path / "store" / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm"
+    assert path.read_bytes() == b"first"
+    assert not list((tmp_path / "store" / ".incoming").iterdir())
+    with sessions() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.instance_count == 2
+        assert series.calling_ae == "CT01"
+        assert [i.path for i in session.scalars(select(Instance).order_by(Instance.id))] == [
+            "1.2.3/1.2.3.4/1.2.3.4.1.dcm",
+            "1.2.3/1.2.3.4/1.2.3.4.2.dcm",
+        ]
+
+
+def test_storage_refuses_hostile_uids_and_a_full_disk(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
+    with pytest.raises(InvalidUIDError, match="SeriesInstanceUID is not a valid DICOM UID"):
+        storage.store(b"x", facts(series="../../etc"), "CT01")
+    full = Storage(tmp_path / "store", sessions, min_free_bytes=1 << 62)
+    with pytest.raises(StorageFullError):
+        full.store(b"x", facts(), "CT01")
+    assert not any(p.is_file() for p in (tmp_path / "store").rglob("*"))
+    assert not (tmp_path / "etc").exists()
+    with sessions() as session:
+        assert session.scalars(select(Instance)).all() == []
+
+
+def test_assembly_waits_for_quiet_routes_and_explains_rejections(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 3}])
+    storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
+    for n in range(4):
+        storage.store(b"ct", facts(n=n), "CT01")
+    storage.store(b"sr", facts(series="1.2.3.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11", modality="SR"), "CT01")
+    with sessions.begin() as session:
+        assert assemble(session, settings, utcnow()) == []  # not quiet yet
+    later = utcnow() + timedelta(seconds=2)
+    with sessions.begin() as session:
+        queued = assemble(session, settings, later)
+    assert len(queued) == 1
+    with sessions.begin() as session:
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        by_state = {j.state: j for j in jobs}
+        assert by_state[JobState.RECEIVED].id == queued[0]
+        assert by_state[JobState.RECEIVED].instance_count == 4
+        rejected = by_state[JobState.REJECTED]
+        assert "modality SR is not CT" in rejected.reason
+        assert rejected.finished_at is not None
+        assert assemble(session, settings, later) == []  # nothing new
+
+    # The series grows after its job was made: a new job, and the history says why.
+    storage.store(b"ct", facts(n=9), "CT01")
+    with sessions.begin() as session:
+        again = assemble(session, settings, utcnow() + timedelta(seconds=2))
+        assert len(again) == 1
+        job = session.get_one(Job, again[0])
+        assert job.instance_count == 5
+        assert f"grew from 4 to 5 instances after job {queued[0]} was created" in job.events[0].message
+
+
+def test_claim_is_atomic_and_a_second_delivery_does_nothing(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
+    Storage(tmp_path / "store", sessions, min_free_bytes=0).store(b"ct", facts(), "CT01")
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    with sessions.begin() as session:
+        assert mark_queued(session, job_id)
+    with sessions.begin() as session:
+        job = claim(session, job_id, "w@a/1", is_dead=lambda _: False)
+        assert job is not None and job.state == JobState.RUNNING and job.attempts == 1
+    with sessions.begin() as session:
+        assert claim(session, job_id, "w@a/2", is_dead=lambda _: False) is None
+        assert not mark_queued(session, job_id)
+    with sessions.begin() as session:
+        taken = claim(session, job_id, "w@a/3", is_dead=lambda w: w == "w@a/1")
+        assert taken is not None and taken.worker == "w@a/3" and taken.attempts == 2
+        assert "taken over from worker w@a/1" in taken.events[-1].message
+
+
+def test_retry_and_stale_detection(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
+    Storage(tmp_path / "store", sessions, min_free_bytes=0).store(b"ct", facts(), "CT01")
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+        mark_queued(session, job_id)
+    with sessions.begin() as session:
+        assert [j.id for j in stale_jobs(session, utcnow() + timedelta(seconds=1))] == [job_id]
+        assert stale_jobs(session, utcnow() - timedelta(hours=1)) == []
+        job = retry(session, job_id, who="test")
+        assert job.state == JobState.QUEUED
+    with sessions() as session:
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        assert [e.event for e in events] == ["created", "queued", "requeued"]
+        assert events[-1].message == "retry requested by test"
+        assert all(e.host for e in events)

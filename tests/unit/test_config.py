@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from node.config import load_settings
+
+CONFIG = """
+data_dir: /srv/segnode
+quiet_period_s: 5
+scp:
+  ae_title: SEGNODE
+  port: 11112
+  allowed_calling_aes: [CT01, PACS]
+destinations:
+  pacs: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}
+rules:
+  - name: chest
+    body_parts: [CHEST]
+    segmenter: classical
+    destinations: [pacs]
+"""
+
+
+def test_file_is_read_and_environment_overrides_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "segnode.yaml"
+    path.write_text(CONFIG)
+    monkeypatch.setenv("SEGNODE_SCP__PORT", "2000")
+    monkeypatch.setenv("SEGNODE_QUIET_PERIOD_S", "1.5")
+    settings = load_settings(path)
+    assert settings.scp.port == 2000
+    # Nested fields not named in the environment keep the file's values.
+    assert settings.scp.allowed_calling_aes == ["CT01", "PACS"]
+    assert settings.quiet_period_s == 1.5
+    assert settings.rules[0].destinations == ["pacs"]
+    assert settings.destinations["pacs"].port == 4242
+    assert settings.effective_database_url == "sqlite:////srv/segnode/segnode.sqlite"
+    assert settings.effective_broker_url == "sqla+sqlite:////srv/segnode/broker.sqlite"
+
+
+def test_rule_naming_an_unknown_destination_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "segnode.yaml"
+    path.write_text(CONFIG.replace("destinations: [pacs]", "destinations: [nowhere]"))
+    with pytest.raises(ValidationError, match="rule 'chest' names unknown destinations: nowhere"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"scp": {"ae_title": "THIS-AE-TITLE-IS-TOO-LONG"}},
+        {"scp": {"port": 0}},
+        {"quiet_period_s": 0},
+        {"rules": [{"name": "r", "series_description_pattern": "("}]},
+        {"unknown_key": 1},
+    ],
+)
+def test_invalid_values_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        load_settings(None, **bad)
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml")

@@ -1,0 +1,250 @@
+"""The DICOM listener against real senders: DCMTK storescu/echoscu and a pynetdicom SCU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import ScpSettings
+from node.db import engine as db
+from node.db.models import Instance, Series
+from node.scp import StoreStatus, start_scp
+from node.storage import Storage
+from tests import dicom_factory as factory
+from tests import peers
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+# storescu's option that proposes each syntax (it otherwise decompresses to what it proposes).
+PROPOSE = {
+    ImplicitVRLittleEndian: "-xi",
+    ExplicitVRLittleEndian: "-xe",
+    DeflatedExplicitVRLittleEndian: "-xd",
+    JPEGLosslessSV1: "-xs",
+    JPEGLSLossless: "-xt",
+    JPEG2000Lossless: "-xv",
+    RLELossless: "-xr",
+}
+
+
+def real_j2k_copy(folder: Path) -> list[Path]:
+    """A copy of the shared JPEG 2000 series with its emptied UIDs restored (from the file meta)."""
+    source = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-j2k"
+    paths = factory.copy_with_series_uids(sorted(source.iterdir()), folder)
+    for path in paths:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        factory.modify(
+            path, SOPClassUID=meta.MediaStorageSOPClassUID, SOPInstanceUID=meta.MediaStorageSOPInstanceUID
+        )
+    return paths
+
+
+@dataclass
+class RunningScp:
+    port: int
+    root: Path
+    sessions: sessionmaker[Session]
+
+    def instance_count(self) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count(Instance.id))) or 0
+
+
+@pytest.fixture
+def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
+    url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    sessions = db.make_sessionmaker(engine)
+    servers = []
+
+    def start(**scp: object) -> RunningScp:
+        port = peers.free_port()
+        settings = ScpSettings(port=port, **scp)  # type: ignore[arg-type]
+        root = tmp_path / "store"
+        storage = Storage(root, sessions, settings.min_free_bytes)
+        servers.append(start_scp(settings, storage))
+        return RunningScp(port, root, sessions)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+    engine.dispose()
+
+
+@pytest.fixture
+def scp(scp_factory: Callable[..., RunningScp]) -> RunningScp:
+    return scp_factory(min_free_bytes=0)
+
+
+def test_echo(scp: RunningScp) -> None:
+    result = peers.echoscu(scp.port, aet="SEGNODE")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        ImplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+        RLELossless,
+    ],
+)
+def test_series_in_each_syntax_is_stored_as_received(scp: RunningScp, tmp_path: Path, syntax: str) -> None:
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=3, transfer_syntax=syntax)
+    result = peers.storescu(paths, scp.port, aet="SEGNODE", extra_args=["-R", PROPOSE[syntax]])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert scp.instance_count() == 3
+    for sent in paths:
+        original = dcmread(sent)
+        stored_path = (
+            scp.root
+            / original.StudyInstanceUID
+            / original.SeriesInstanceUID
+            / f"{original.SOPInstanceUID}.dcm"
+        )
+        stored = dcmread(stored_path)
+        assert stored.file_meta.TransferSyntaxUID == syntax
+        assert stored.PixelData == original.PixelData
+
+
+def test_real_jpeg2000_series_is_stored(scp: RunningScp, tmp_path: Path) -> None:
+    # The shared series was anonymised by emptying its UIDs; a copy with them restored is sent.
+    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-j2k"
+    paths = real_j2k_copy(tmp_path / "j2k")
+    result = peers.storescu(paths, scp.port, aet="SEGNODE", extra_args=["-R", "-xv"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert scp.instance_count() == 20
+    stored = sorted(p for p in scp.root.rglob("*.dcm"))
+    assert len(stored) == 20
+    assert {dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in stored} == {
+        JPEG2000Lossless
+    }
+
+
+def test_instance_with_empty_uids_is_refused(scp: RunningScp) -> None:
+    # As shared, the real series has an empty SOPInstanceUID in its data set: not storable.
+    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-j2k"
+    assert _send(scp.port, sorted(folder.iterdir())[0], chunked=True) == StoreStatus.CANNOT_UNDERSTAND
+    assert scp.instance_count() == 0
+
+
+def test_duplicate_instance_is_stored_once(scp: RunningScp, tmp_path: Path) -> None:
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=2)
+    for _ in range(2):
+        assert peers.storescu(paths, scp.port, aet="SEGNODE").returncode == 0
+    assert scp.instance_count() == 2
+    with scp.sessions() as session:
+        assert session.scalars(select(Series.instance_count)).one() == 2
+
+
+def test_calling_ae_not_allowed_is_rejected(scp_factory: Callable[..., RunningScp], tmp_path: Path) -> None:
+    scp = scp_factory(min_free_bytes=0, allowed_calling_aes=["CT01"])
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=1)
+    refused = peers.storescu(paths, scp.port, aet="SEGNODE", calling_aet="INTRUDER")
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert scp.instance_count() == 0
+    assert peers.storescu(paths, scp.port, aet="SEGNODE", calling_aet="CT01").returncode == 0
+    assert scp.instance_count() == 1
+
+
+def _send(port: int, path: Path, *, chunked: bool = False) -> int:
+    """C-STORE one file with pynetdicom; chunked sends the file's bytes as they are, even if corrupt."""
+    ae = AE(ae_title="TESTSCU")
+    meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+    assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = chunked
+    try:
+        status = assoc.send_c_store(path if chunked else dcmread(path))
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+    return int(status.Status)
+
+
+def test_hostile_uid_is_refused_and_never_becomes_a_path(scp: RunningScp, tmp_path: Path) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1)
+    factory.set_hostile_uid(path, "SeriesInstanceUID", "../../etc")
+    assert _send(scp.port, path, chunked=True) == StoreStatus.CANNOT_UNDERSTAND
+    assert scp.instance_count() == 0
+    assert not (scp.root.parent / "etc").exists()
+    assert not [p for p in scp.root.rglob("*") if p.is_file()]
+
+
+def test_truncated_data_set_is_refused(scp: RunningScp, tmp_path: Path) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1)
+    factory.truncate(path, keep=0.05)
+    assert _send(scp.port, path, chunked=True) == StoreStatus.CANNOT_UNDERSTAND
+    assert scp.instance_count() == 0
+
+
+def test_ct_image_without_pixel_data_is_refused(scp: RunningScp, tmp_path: Path) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1)
+    factory.strip_pixel_data(path)
+    assert _send(scp.port, path) == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert scp.instance_count() == 0
+
+
+def test_non_ct_objects_of_a_study_are_stored(scp: RunningScp, tmp_path: Path) -> None:
+    paths = [factory.make_basic_sr(tmp_path / "sr"), factory.make_secondary_capture(tmp_path / "sc")]
+    result = peers.storescu(paths, scp.port, aet="SEGNODE")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert scp.instance_count() == 2
+
+
+def test_unknown_transfer_syntax_is_not_accepted(scp: RunningScp) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, ["1.2.840.10008.1.2.4.110"])  # JPEG XL Lossless: not decodable here
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+    rejected = {str(c.transfer_syntax[0]) for c in assoc.rejected_contexts}
+    assoc.release()
+    assert accepted == {ExplicitVRLittleEndian}
+    assert rejected == {"1.2.840.10008.1.2.4.110"}
+
+
+def test_full_disk_answers_out_of_resources(scp_factory: Callable[..., RunningScp], tmp_path: Path) -> None:
+    scp = scp_factory(min_free_bytes=1 << 62)
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1)
+    assert _send(scp.port, path) == StoreStatus.OUT_OF_RESOURCES
+    assert scp.instance_count() == 0
+    assert not [p for p in scp.root.rglob("*") if p.is_file()]
+
+
+def test_association_limit(scp_factory: Callable[..., RunningScp]) -> None:
+    scp = scp_factory(min_free_bytes=0, max_associations=1)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    second = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    try:
+        assert first.is_established
+        assert second.is_rejected
+    finally:
+        first.release()

@@ -28,6 +28,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    # highdicom narrates every module it copies; pynetdicom every PDU.
+    for chatty in ("highdicom", "pynetdicom"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _settings(ctx: click.Context) -> Settings:

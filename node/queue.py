@@ -34,10 +34,7 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
         enable_utc=True,
     )
-    if settings.effective_broker_url.startswith("sqla+"):
-        # The embedded broker polls its SQLite table; a short interval keeps jobs snappy.
-        app.conf.broker_transport_options = {"polling_interval": 0.2}
-    elif settings.effective_broker_url.startswith("redis"):
+    if settings.effective_broker_url.startswith("redis"):
         # Unacknowledged tasks of a worker that vanished come back after this long.
         app.conf.broker_transport_options = {"visibility_timeout": settings.worker.stale_job_s}
     return app

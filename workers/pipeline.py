@@ -49,6 +49,7 @@ def segment_series(
     seg = build_seg(
         series, labels, segmenter.algorithm, list(segmenter.structures), transfer_syntax=transfer_syntax
     )
+    output.parent.mkdir(parents=True, exist_ok=True)
     write_seg(seg, output)
     timings["write_seg"] = time.perf_counter() - start
     return SegResult(

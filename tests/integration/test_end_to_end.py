@@ -1,0 +1,104 @@
+"""CT in by C-STORE, DICOM-SEG out to the PACS: segnode's real processes with DCMTK and Orthanc."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from node.db.models import JobState
+from tests import dicom_factory as factory
+from tests import peers
+from tests.node_process import SegnodeProcesses
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def pacs_config(orthanc: peers.Orthanc, **rule: object) -> dict[str, object]:
+    return {
+        "destinations": {"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        "rules": [
+            {"name": "ct", "min_slices": 3, "segmenter": "classical", "destinations": ["pacs"], **rule}
+        ],
+    }
+
+
+def seg_instances(orthanc: peers.Orthanc) -> list[dict[str, object]]:
+    tags = [orthanc.instance_tags(i) for i in orthanc.instances()]
+    return [t for t in tags if t.get("SOPClassUID") == SEG]
+
+
+def test_series_by_storescu_comes_back_as_seg_in_orthanc(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    node = segnode_factory(**pacs_config(orthanc))
+    node.serve()
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=24)
+    sent = peers.storescu(paths, node.port, aet="SEGNODE", calling_aet="CT01")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    (job,) = node.wait_for_state(JobState.DELIVERED)
+    segs = seg_instances(orthanc)
+    assert len(segs) == 1
+    source = dcmread(paths[0], stop_before_pixels=True)
+    assert segs[0]["StudyInstanceUID"] == source.StudyInstanceUID
+    assert segs[0]["SOPInstanceUID"] == job.output_sop_instance_uid
+
+    listing = node.cli("jobs", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert f"{job.id}  DELIVERED  classical" in listing.stdout
+    shown = node.cli("jobs", "show", str(job.id))
+    assert shown.returncode == 0, shown.stderr
+    for event in ("created", "queued", "started", "segmented", "sent", "delivered"):
+        assert f" {event} " in shown.stdout, shown.stdout
+    assert "pacs: DELIVERED after 1 attempt(s)" in shown.stdout
+
+    # A retry (or a resend) puts no second SEG into the PACS: the output UIDs are derived.
+    retried = node.cli("jobs", "retry", str(job.id))
+    assert retried.returncode == 0, retried.stderr
+    node.wait_for_jobs(lambda jobs: jobs[0].attempts == 2 and jobs[0].state == JobState.DELIVERED)
+    assert len(seg_instances(orthanc)) == 1
+
+
+def test_bad_series_is_rejected_with_a_reason(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    node = segnode_factory(**pacs_config(orthanc))
+    node.serve()
+    gap = factory.make_ct_series(tmp_path / "gap", n_slices=12, skip_slices=[6])
+    assert peers.storescu(gap, node.port, aet="SEGNODE").returncode == 0
+    scout = factory.make_ct_series(tmp_path / "sr", n_slices=1)
+    assert peers.storescu(scout, node.port, aet="SEGNODE").returncode == 0
+
+    jobs = node.wait_for_state(JobState.REJECTED, count=2)
+    reasons = sorted(j.reason for j in jobs)
+    assert any("1 slices, fewer than the 3 required" in r for r in reasons), reasons
+    assert any("missing" in r.lower() for r in reasons), reasons
+    shown = node.cli("jobs", "list", "--state", "REJECTED")
+    assert "reason:" in shown.stdout
+    assert seg_instances(orthanc) == []
+
+
+def test_config_check_and_schema_guard(
+    segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
+) -> None:
+    node = segnode_factory(
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}},
+        rules=[{"name": "chest", "body_parts": ["CHEST"], "destinations": ["pacs"]}],
+    )
+    checked = node.cli("config", "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "Rule 1 'chest': segmenter classical, send to pacs" in checked.stdout
+    assert "body part CHEST" in checked.stdout
+    assert "Configuration OK." in checked.stdout
+
+    refused = node.cli("jobs", "list")
+    assert refused.returncode != 0
+    assert "segnode db upgrade" in refused.stderr
+
+    bad = segnode_factory(rules=[{"name": "r", "segmenter": "no-such-net"}])
+    checked = bad.cli("config", "check")
+    assert checked.returncode != 0
+    assert "names segmenter 'no-such-net', which is not installed" in checked.stderr

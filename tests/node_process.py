@@ -1,0 +1,144 @@
+"""segnode itself as a test peer: ``segnode serve`` and ``segnode worker`` as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+
+from node.db import engine as db
+from node.db.models import Job, JobState
+from tests import peers
+
+SEGNODE = [sys.executable, "-m", "node.cli"]
+STOPPED = {JobState.DELIVERED, JobState.FAILED, JobState.REJECTED}
+
+
+class SegnodeProcesses:
+    """A node's configuration and the processes that run it; ``stop_all`` ends every one."""
+
+    def __init__(self, workdir: Path, config: Mapping[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = peers.free_port()
+        values: dict[str, Any] = {
+            "data_dir": str(workdir / "data"),
+            "quiet_period_s": 1.0,
+            "assembly_poll_s": 0.2,
+            "scp": {"ae_title": "SEGNODE", "port": self.port, "min_free_bytes": 0},
+            "worker": {"delivery_backoff_s": 0.5, "delivery_backoff_max_s": 2.0},
+        }
+        for key, value in config.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        self.values = values
+        self.config_path = workdir / "segnode.yaml"
+        self.config_path.write_text(yaml.safe_dump(values))
+        self.database_url = (
+            values.get("database_url") or f"sqlite:///{(workdir / 'data' / 'segnode.sqlite').resolve()}"
+        )
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._engine = None
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SEGNODE, "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [*SEGNODE, "--config", str(self.config_path), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        self.processes.append((name, proc))
+        return proc
+
+    def serve(self, *, workers: bool = True, upgrade: bool = True) -> subprocess.Popen[bytes]:
+        if upgrade:
+            result = self.cli("db", "upgrade")
+            assert result.returncode == 0, result.stderr
+        proc = self._spawn("serve", ["serve"] if workers else ["serve", "--no-workers"])
+        deadline = time.monotonic() + 60
+        while not peers.port_open(self.port):
+            if proc.poll() is not None:
+                raise RuntimeError(f"segnode serve exited {proc.returncode}:\n{self.log('serve')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"segnode serve did not listen:\n{self.log('serve')}")
+            time.sleep(0.1)
+        return proc
+
+    def worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        return self._spawn(name, ["worker", "--name", "segnode-test@%h"])
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}.log ---\n{self.log(name)}" for name, _ in self.processes)
+
+    def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal the process and its whole group (a worker's pool children too), then reap it."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.processes):
+            if proc.poll() is None:
+                self.kill(proc, signal.SIGTERM)
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def jobs(self) -> list[Job]:
+        if self._engine is None:
+            self._engine = db.make_engine(self.database_url)
+        with db.make_sessionmaker(self._engine)() as session:
+            return list(session.scalars(select(Job).order_by(Job.id)))
+
+    def wait_for_jobs(
+        self, done: Callable[[list[Job]], bool], timeout: float = 120, what: str = "jobs"
+    ) -> list[Job]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.jobs()
+            if done(jobs):
+                return jobs
+            if jobs and all(j.state in STOPPED for j in jobs) and time.monotonic() > deadline - timeout + 20:
+                break  # every job has stopped and the condition still fails: no need to wait longer
+            time.sleep(0.25)
+        states = [(j.id, j.state.value, j.reason) for j in self.jobs()]
+        raise TimeoutError(f"{what} not reached in {timeout} s; jobs: {states}\n{self.logs()}")
+
+    def wait_for_state(self, state: JobState, count: int = 1, timeout: float = 120) -> list[Job]:
+        return self.wait_for_jobs(
+            lambda jobs: sum(j.state == state for j in jobs) >= count,
+            timeout,
+            f"{count} job(s) {state.value}",
+        )

@@ -61,7 +61,7 @@ class SegnodeProcesses:
         )
 
     def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [*SEGNODE, "--config", str(self.config_path), *args],
             stdout=log,

@@ -28,6 +28,7 @@ from node.scp import StoreStatus, start_scp
 from node.storage import Storage
 from tests import dicom_factory as factory
 from tests import peers
+from tests.shared_data import ABDOMEN_J2K, real_j2k_copy
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -41,18 +42,6 @@ PROPOSE = {
     JPEG2000Lossless: "-xv",
     RLELossless: "-xr",
 }
-
-
-def real_j2k_copy(folder: Path) -> list[Path]:
-    """A copy of the shared JPEG 2000 series with its emptied UIDs restored (from the file meta)."""
-    source = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-j2k"
-    paths = factory.copy_with_series_uids(sorted(source.iterdir()), folder)
-    for path in paths:
-        meta = dcmread(path, stop_before_pixels=True).file_meta
-        factory.modify(
-            path, SOPClassUID=meta.MediaStorageSOPClassUID, SOPInstanceUID=meta.MediaStorageSOPInstanceUID
-        )
-    return paths
 
 
 @dataclass
@@ -130,7 +119,6 @@ def test_series_in_each_syntax_is_stored_as_received(scp: RunningScp, tmp_path: 
 
 def test_real_jpeg2000_series_is_stored(scp: RunningScp, tmp_path: Path) -> None:
     # The shared series was anonymised by emptying its UIDs; a copy with them restored is sent.
-    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-j2k"
     paths = real_j2k_copy(tmp_path / "j2k")
     result = peers.storescu(paths, scp.port, aet="SEGNODE", extra_args=["-R", "-xv"])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -144,8 +132,7 @@ def test_real_jpeg2000_series_is_stored(scp: RunningScp, tmp_path: Path) -> None
 
 def test_instance_with_empty_uids_is_refused(scp: RunningScp) -> None:
     # As shared, the real series has an empty SOPInstanceUID in its data set: not storable.
-    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-j2k"
-    assert _send(scp.port, sorted(folder.iterdir())[0], chunked=True) == StoreStatus.CANNOT_UNDERSTAND
+    assert _send(scp.port, sorted(ABDOMEN_J2K.iterdir())[0], chunked=True) == StoreStatus.CANNOT_UNDERSTAND
     assert scp.instance_count() == 0
 
 

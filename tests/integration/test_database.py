@@ -73,7 +73,9 @@ def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
     engine.dispose()
 
 
-def test_storage_writes_records_and_keeps_duplicates_once(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+def test_storage_writes_records_and_keeps_duplicates_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
     storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
     assert storage.store(b"first", facts(n=1), "CT01") is StoreOutcome.STORED
     assert storage.store(b"second", facts(n=2), "CT01") is StoreOutcome.STORED
@@ -91,7 +93,9 @@ def test_storage_writes_records_and_keeps_duplicates_once(sessions: sessionmaker
         ]
 
 
-def test_storage_refuses_hostile_uids_and_a_full_disk(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+def test_storage_refuses_hostile_uids_and_a_full_disk(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
     storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
     with pytest.raises(InvalidUIDError, match="SeriesInstanceUID is not a valid DICOM UID"):
         storage.store(b"x", facts(series="../../etc"), "CT01")
@@ -111,7 +115,9 @@ def test_assembly_waits_for_quiet_routes_and_explains_rejections(
     storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
     for n in range(4):
         storage.store(b"ct", facts(n=n), "CT01")
-    storage.store(b"sr", facts(series="1.2.3.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11", modality="SR"), "CT01")
+    storage.store(
+        b"sr", facts(series="1.2.3.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11", modality="SR"), "CT01"
+    )
     with sessions.begin() as session:
         assert assemble(session, settings, utcnow()) == []  # not quiet yet
     later = utcnow() + timedelta(seconds=2)
@@ -138,7 +144,9 @@ def test_assembly_waits_for_quiet_routes_and_explains_rejections(
         assert f"grew from 4 to 5 instances after job {queued[0]} was created" in job.events[0].message
 
 
-def test_claim_is_atomic_and_a_second_delivery_does_nothing(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+def test_claim_is_atomic_and_a_second_delivery_does_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
     Storage(tmp_path / "store", sessions, min_free_bytes=0).store(b"ct", facts(), "CT01")
     with sessions.begin() as session:
@@ -169,7 +177,9 @@ def test_retry_and_stale_detection(sessions: sessionmaker[Session], tmp_path: Pa
         job = retry(session, job_id, who="test")
         assert job.state == JobState.QUEUED
     with sessions() as session:
-        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        events = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        ).all()
         assert [e.event for e in events] == ["created", "queued", "requeued"]
         assert events[-1].message == "retry requested by test"
         assert all(e.host for e in events)

@@ -1,0 +1,101 @@
+"""Fixtures that start real peers on 127.0.0.1 (see peers.py) and always stop them.
+
+orthanc_factory(**options) -> Orthanc    any number of Orthancs (options: peers.start_orthanc)
+orthanc -> Orthanc                        one with the defaults
+storescp_factory(**options) -> StoreSCP   DCMTK storescp PACSes (options: peers.start_storescp)
+storescp -> StoreSCP                      one with AE title STORESCP
+pg_url -> str                             a fresh PostgreSQL database for the session
+fresh_pg_url -> str                       a fresh PostgreSQL database for one test
+redis_url -> str                          a Redis database of its own for one test, flushed
+redis_session_url -> str                  the same for the session
+segnode_factory(**config) -> SegnodeProcesses   real segnode processes (node_process.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests import peers
+from tests.node_process import SegnodeProcesses
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., peers.Orthanc]]:
+    # ExitStack: every started process is stopped, even when stopping another one fails.
+    with contextlib.ExitStack() as stack:
+
+        def make(**options: Any) -> peers.Orthanc:
+            instance = peers.start_orthanc(tmp_path_factory.mktemp("orthanc"), **options)
+            # Killed, not stopped gracefully (3.5 s each): its storage is a temporary folder.
+            stack.callback(instance.stop, graceful=False)
+            return instance
+
+        yield make
+
+
+@pytest.fixture
+def orthanc(orthanc_factory: Callable[..., peers.Orthanc]) -> peers.Orthanc:
+    return orthanc_factory()
+
+
+@pytest.fixture
+def storescp_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., peers.StoreSCP]]:
+    # ExitStack: every started process is stopped, even when stopping another one fails.
+    with contextlib.ExitStack() as stack:
+
+        def make(**options: Any) -> peers.StoreSCP:
+            instance = peers.start_storescp(tmp_path_factory.mktemp("storescp"), **options)
+            stack.callback(instance.stop)
+            return instance
+
+        yield make
+
+
+@pytest.fixture
+def storescp(storescp_factory: Callable[..., peers.StoreSCP]) -> peers.StoreSCP:
+    return storescp_factory()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    url = peers.create_pg_database()
+    yield url
+    peers.drop_pg_database(url)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    url = peers.create_pg_database()
+    yield url
+    peers.drop_pg_database(url)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with peers.claimed_redis_db() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_session_url() -> Iterator[str]:
+    with peers.claimed_redis_db() as url:
+        yield url
+
+
+@pytest.fixture
+def segnode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SegnodeProcesses]]:
+    """Configure (and later start) real segnode processes; every one is stopped at the end."""
+    made: list[SegnodeProcesses] = []
+
+    def make(**config: Any) -> SegnodeProcesses:
+        node = SegnodeProcesses(tmp_path_factory.mktemp("segnode"), config)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.stop_all()

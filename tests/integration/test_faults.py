@@ -1,0 +1,114 @@
+"""Faults that must lose nothing: a PACS that is down, a worker killed mid-job, a node restarted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from node.db import engine as db
+from node.db.models import Instance, JobState
+from tests import dicom_factory as factory
+from tests import peers
+from tests.node_process import SegnodeProcesses
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def seg_count(orthanc: peers.Orthanc) -> int:
+    return sum(orthanc.instance_tags(i).get("SOPClassUID") == SEG for i in orthanc.instances())
+
+
+def rule_to(port: int, aet: str = "ORTHANC") -> dict[str, object]:
+    return {
+        "destinations": {"pacs": {"ae_title": aet, "host": "127.0.0.1", "port": port}},
+        "rules": [{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
+    }
+
+
+def test_pacs_down_during_dispatch_is_delivered_once_it_is_back(
+    segnode_factory: Callable[..., SegnodeProcesses],
+    orthanc_factory: Callable[..., peers.Orthanc],
+    tmp_path: Path,
+) -> None:
+    pacs_port = peers.free_port()
+    node = segnode_factory(**rule_to(pacs_port))
+    node.serve()
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=16)
+    assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
+
+    def failed_twice(jobs: list) -> bool:  # type: ignore[type-arg]
+        return (
+            bool(jobs)
+            and jobs[0].state == JobState.SEGMENTED
+            and "attempt 2" in node.cli("jobs", "show", str(jobs[0].id)).stdout
+        )
+
+    node.wait_for_jobs(failed_twice, timeout=120, what="two failed delivery attempts")
+    shown = node.cli("jobs", "show", "1").stdout
+    assert "send_failed" in shown and "connection refused or timed out" in shown
+
+    orthanc = orthanc_factory(config={"DicomPort": pacs_port})
+    node.wait_for_state(JobState.DELIVERED, timeout=120)
+    assert seg_count(orthanc) == 1
+    shown = node.cli("jobs", "show", "1").stdout
+    assert " sent " in shown and "answered 0x0000" in shown
+
+
+def test_worker_killed_mid_job_completes_after_restart_with_one_seg(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    node = segnode_factory(**rule_to(orthanc.dicom_port, orthanc.aet))
+    node.serve(workers=False)
+    worker = node.worker()
+    paths = factory.make_ct_series(
+        tmp_path / "ct", n_slices=120, rows=256, cols=256, pixel_spacing=(1.25, 1.25)
+    )
+    assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
+
+    node.wait_for_state(JobState.RUNNING, timeout=120)
+    node.kill(worker)  # SIGKILL to the worker and its pool processes, mid-job
+    (job,) = node.jobs()
+    assert job.state == JobState.RUNNING  # nobody is left to say otherwise
+
+    node.worker("worker-restarted")
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
+    assert job.attempts == 2
+    shown = node.cli("jobs", "show", str(job.id)).stdout
+    assert "its worker died mid-job" in shown or "taken over from worker" in shown, shown
+    assert seg_count(orthanc) == 1
+
+
+def test_node_killed_while_a_study_arrives_loses_nothing_acknowledged(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    node = segnode_factory(quiet_period_s=6, **rule_to(orthanc.dicom_port, orthanc.aet))
+    serve = node.serve()
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=30)
+    first = peers.storescu(paths[:12], node.port, aet="SEGNODE")
+    assert first.returncode == 0, first.stderr
+    node.kill(serve)  # SIGKILL: no shutdown code runs
+
+    engine = db.make_engine(node.database_url)
+    with db.make_sessionmaker(engine)() as session:
+        stored = session.scalars(select(Instance.path)).all()
+    engine.dispose()
+    assert len(stored) == 12
+    storage = Path(node.values["data_dir"]) / "storage"  # type: ignore[arg-type]
+    for relative in stored:
+        assert dcmread(storage / relative).SOPInstanceUID  # complete, readable files
+
+    node.serve(upgrade=False)
+    rest = peers.storescu(paths, node.port, aet="SEGNODE")  # the sender retries the whole study
+    assert rest.returncode == 0, rest.stderr
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=120)
+    assert job.instance_count == 30
+    engine = db.make_engine(node.database_url)
+    with db.make_sessionmaker(engine)() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 30
+    engine.dispose()
+    assert seg_count(orthanc) == 1
+    time.sleep(0.1)

@@ -1,0 +1,313 @@
+"""build_seg / write_seg: every SEG written is validated by dciodvfy and read back strictly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure
+from tests import dicom_factory as f
+from workers.errors import ProcessingFailedError, SeriesRejectedError
+from workers.seg_writer import build_seg, seg_uids, series_description, write_seg
+from workers.volume import SeriesVolume, load_series
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+REAL_J2K = SHARED_DATA / "ct-abdomen-j2k"
+
+ALGORITHM = AlgorithmInfo("segnode-classical", "1.0", Concept("123109", "Manual Processing", "DCM"))
+RIGHT = Concept("24028007", "Right")
+LEFT = Concept("7771000", "Left")
+LUNG = Concept("39607008", "Lung")
+RIGHT_LUNG = Structure(2, "Right lung", ANATOMICAL_STRUCTURE, LUNG, laterality=RIGHT, rgb=(128, 174, 128))
+LEFT_LUNG = Structure(3, "Left lung", ANATOMICAL_STRUCTURE, LUNG, laterality=LEFT, rgb=(241, 214, 145))
+HEART = Structure(4, "Heart", ANATOMICAL_STRUCTURE, Concept("80891009", "Heart"), rgb=(206, 110, 84))
+BONE = Structure(7, "Vertebra", ANATOMICAL_STRUCTURE, Concept("51282000", "Vertebral column"))
+STRUCTURES = (RIGHT_LUNG, LEFT_LUNG, HEART, BONE)  # the heart is not in the phantom
+
+
+@pytest.fixture
+def strict_reading() -> Iterator[None]:
+    """pydicom raises on any invalid value it reads, as highdicom's own tests do."""
+    old = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    try:
+        yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = old
+
+
+@pytest.fixture(scope="module")
+def ct_paths(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return f.make_ct_series(tmp_path_factory.mktemp("ct"), n_slices=8, rows=48, cols=64)
+
+
+@pytest.fixture(scope="module")
+def series(ct_paths: list[Path]) -> SeriesVolume:
+    return load_series(ct_paths)
+
+
+def phantom_labels(hu: np.ndarray) -> np.ndarray:
+    """Right lung 2 (image left half: patient right), left lung 3, bone 7, like a segmenter would."""
+    labels = np.zeros(hu.shape, np.uint8)
+    lung = hu == f.LUNG_HU
+    half = hu.shape[2] // 2
+    labels[:, :, :half][lung[:, :, :half]] = RIGHT_LUNG.label
+    labels[:, :, half:][lung[:, :, half:]] = LEFT_LUNG.label
+    labels[hu == f.BONE_HU] = BONE.label
+    return labels
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's complaints about ``path``; asserts there is no error and returns the warnings."""
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line]
+    warnings = [line for line in lines if "Warning" in line]
+    for line in warnings:
+        print("dciodvfy:", line)
+    assert not errors, "\n".join(lines)
+    return warnings
+
+
+def expected_segment_map(labels: np.ndarray, present: list[Structure]) -> np.ndarray:
+    out = np.zeros_like(labels)
+    for number, structure in enumerate(present, start=1):
+        out[labels == structure.label] = number
+    return out
+
+
+def check_roundtrip(
+    seg_path: Path, series: SeriesVolume, labels: np.ndarray, present: list[Structure]
+) -> hd.seg.Segmentation:
+    """Read ``seg_path`` back and compare every segment with ``labels``, frame by source frame."""
+    back = hd.seg.segread(seg_path)
+    assert back.SegmentationType == "BINARY"
+    assert [int(s.SegmentNumber) for s in back.SegmentSequence] == list(range(1, len(present) + 1))
+    assert [s.SegmentLabel for s in back.SegmentSequence] == [s.name for s in present]
+    per_segment = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(series.sop_instance_uids),
+        segment_numbers=list(range(1, len(present) + 1)),
+    )
+    for number, structure in enumerate(present, start=1):
+        np.testing.assert_array_equal(per_segment[..., number - 1], labels == structure.label)
+    combined = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(series.sop_instance_uids), combine_segments=True
+    )
+    np.testing.assert_array_equal(combined, expected_segment_map(labels, present))
+    # highdicom orders its volume its own way; the axial series runs foot->head, front->back, right->left.
+    volume = back.get_volume(combine_segments=True).to_patient_orientation("HPL")
+    assert volume.spatial_shape == labels.shape
+    np.testing.assert_array_equal(volume.array, expected_segment_map(labels, present))
+    return back
+
+
+# --- a good SEG -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless], ids=lambda s: s.name)
+def test_seg_is_valid_and_reads_back(
+    series: SeriesVolume, tmp_path: Path, strict_reading: None, syntax: str
+) -> None:
+    labels = phantom_labels(series.volume.hu)
+    seg = build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax)
+    path = tmp_path / "seg.dcm"
+    write_seg(seg, path)
+    if shutil.which("dciodvfy"):
+        dciodvfy(path)
+    present = [RIGHT_LUNG, LEFT_LUNG, BONE]
+    back = check_roundtrip(path, series, labels, present)
+    assert back.file_meta.TransferSyntaxUID == syntax
+    assert back.SeriesDescription == "AI segmentation (segnode-classical 1.0)"
+    assert back.Modality == "SEG"
+    assert back.StudyInstanceUID == series.study_instance_uid
+    assert back.FrameOfReferenceUID == series.frame_of_reference_uid
+    # Empty frames are left out: the lungs and bone are in all 8 slices, nothing else is stored.
+    assert int(back.NumberOfFrames) == 3 * 8
+
+
+def test_segment_descriptions_are_coded(series: SeriesVolume, strict_reading: None, tmp_path: Path) -> None:
+    seg = build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES)
+    write_seg(seg, tmp_path / "seg.dcm")
+    back = pydicom.dcmread(tmp_path / "seg.dcm")
+    right, left, bone = back.SegmentSequence
+    for item, structure in ((right, RIGHT_LUNG), (left, LEFT_LUNG), (bone, BONE)):
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodeValue, prop.CodingSchemeDesignator, prop.CodeMeaning) == (
+            structure.type.value,
+            "SCT",
+            structure.type.meaning,
+        )
+        category = item.SegmentedPropertyCategoryCodeSequence[0]
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.SegmentAlgorithmName == "segnode-classical"
+        algo = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("segnode-classical", "1.0")
+        assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123109"
+        assert len(item.RecommendedDisplayCIELabValue) == 3
+    assert (
+        right.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue
+        == RIGHT.value
+    )
+    assert (
+        left.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue
+        == LEFT.value
+    )
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in bone.SegmentedPropertyTypeCodeSequence[0]
+
+
+def test_references_cover_every_source_instance(series: SeriesVolume) -> None:
+    seg = build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES)
+    (ref_series,) = seg.ReferencedSeriesSequence
+    assert ref_series.SeriesInstanceUID == series.series_instance_uid
+    referenced = [item.ReferencedSOPInstanceUID for item in ref_series.ReferencedInstanceSequence]
+    assert sorted(referenced) == sorted(series.sop_instance_uids)
+    # Each frame names the CT slice it was derived from.
+    sources = {
+        frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert sources == set(series.sop_instance_uids)
+
+
+def test_non_contiguous_labels_are_renumbered(
+    series: SeriesVolume, tmp_path: Path, strict_reading: None
+) -> None:
+    labels = phantom_labels(series.volume.hu)
+    labels[labels == LEFT_LUNG.label] = 0  # only the right lung (2) and bone (7) remain
+    seg = build_seg(series, labels, ALGORITHM, STRUCTURES)
+    write_seg(seg, tmp_path / "seg.dcm")
+    check_roundtrip(tmp_path / "seg.dcm", series, labels, [RIGHT_LUNG, BONE])
+
+
+def test_int64_label_map_is_accepted(series: SeriesVolume) -> None:
+    labels = phantom_labels(series.volume.hu).astype(np.int64)  # e.g. straight from argmax
+    seg = build_seg(series, labels, ALGORITHM, STRUCTURES)
+    assert len(seg.SegmentSequence) == 3
+
+
+# --- deterministic UIDs -----------------------------------------------------------------------
+
+
+def test_same_input_gives_the_same_uids(series: SeriesVolume) -> None:
+    labels = phantom_labels(series.volume.hu)
+    a = build_seg(series, labels, ALGORITHM, STRUCTURES)
+    b = build_seg(series, labels, ALGORITHM, STRUCTURES)
+    assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
+    assert a.SeriesInstanceUID != a.SOPInstanceUID
+    assert (a.SeriesInstanceUID, a.SOPInstanceUID) == seg_uids(series, ALGORITHM)
+    # Slice order is not input: a series loaded from shuffled paths gives the same SEG UIDs.
+    reloaded = load_series(list(reversed([Path(p) for p in _paths_of(series)])))
+    assert seg_uids(reloaded, ALGORITHM) == seg_uids(series, ALGORITHM)
+
+
+def test_uids_change_with_a_new_slice_or_version(ct_paths: list[Path], series: SeriesVolume) -> None:
+    shorter = load_series(ct_paths[:-1])
+    assert seg_uids(shorter, ALGORITHM)[0] != seg_uids(series, ALGORITHM)[0]
+    assert seg_uids(shorter, ALGORITHM)[1] != seg_uids(series, ALGORITHM)[1]
+    newer = AlgorithmInfo(ALGORITHM.name, "1.1", ALGORITHM.family)
+    assert seg_uids(series, newer)[0] != seg_uids(series, ALGORITHM)[0]
+    other = AlgorithmInfo("segnode-unet", ALGORITHM.version, ALGORITHM.family)
+    assert seg_uids(series, other)[1] != seg_uids(series, ALGORITHM)[1]
+    seg = build_seg(series, phantom_labels(series.volume.hu), newer, STRUCTURES)
+    assert seg.SOPInstanceUID == seg_uids(series, newer)[1]
+
+
+def _paths_of(series: SeriesVolume) -> list[str]:
+    return [str(ds.filename) for ds in series.datasets]
+
+
+# --- rejected label maps ----------------------------------------------------------------------
+
+
+def test_nothing_found_rejects_the_series(series: SeriesVolume) -> None:
+    labels = np.zeros(series.volume.hu.shape, np.uint8)
+    with pytest.raises(SeriesRejectedError, match=r"found none of its structures \(Right lung, Left lung"):
+        build_seg(series, labels, ALGORITHM, STRUCTURES)
+
+
+def test_unknown_label_is_a_segmenter_fault(series: SeriesVolume) -> None:
+    labels = phantom_labels(series.volume.hu)
+    labels[0, 0, 0] = 9
+    with pytest.raises(ProcessingFailedError, match=r"value\(s\) \[9\]"):
+        build_seg(series, labels, ALGORITHM, STRUCTURES)
+
+
+def test_wrong_shape_is_a_segmenter_fault(series: SeriesVolume) -> None:
+    labels = phantom_labels(series.volume.hu)[:-1]
+    with pytest.raises(ProcessingFailedError, match="label map of shape"):
+        build_seg(series, labels, ALGORITHM, STRUCTURES)
+
+
+def test_float_label_map_is_a_segmenter_fault(series: SeriesVolume) -> None:
+    labels = phantom_labels(series.volume.hu).astype(np.float32)
+    with pytest.raises(ProcessingFailedError, match="integer type"):
+        build_seg(series, labels, ALGORITHM, STRUCTURES)
+
+
+def test_duplicate_structure_labels_are_a_segmenter_fault(series: SeriesVolume) -> None:
+    with pytest.raises(ProcessingFailedError, match="distinct and positive"):
+        build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, (RIGHT_LUNG, RIGHT_LUNG))
+
+
+def test_rle_is_refused_for_binary(series: SeriesVolume) -> None:
+    with pytest.raises(ValueError, match="transfer syntax"):
+        build_seg(
+            series,
+            phantom_labels(series.volume.hu),
+            ALGORITHM,
+            STRUCTURES,
+            transfer_syntax="1.2.840.10008.1.2.5",
+        )
+
+
+# --- small parts ------------------------------------------------------------------------------
+
+
+def test_series_description_fits_lo() -> None:
+    long = AlgorithmInfo("a-very-long-segmenter-name-" * 4, "12.3.4", ALGORITHM.family)
+    text = series_description(long)
+    assert len(text) == 64 and text.startswith("AI segmentation (") and text.endswith(")")
+
+
+def test_write_seg_replaces_atomically(series: SeriesVolume, tmp_path: Path) -> None:
+    seg = build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES)
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(b"old")
+    write_seg(seg, path)
+    assert pydicom.dcmread(path).SOPInstanceUID == seg.SOPInstanceUID
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.dcm"]  # no temp file left behind
+
+
+def test_write_seg_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    broken = pydicom.Dataset()  # no file meta: pydicom refuses to write it as a file
+    with pytest.raises((ValueError, AttributeError)):
+        write_seg(broken, tmp_path / "seg.dcm")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the real series --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not REAL_J2K.is_dir(), reason="shared test data not present")
+def test_real_series_seg(tmp_path: Path, strict_reading: None) -> None:
+    paths = f.copy_with_series_uids(sorted(REAL_J2K.iterdir()), tmp_path / "ct")
+    series = load_series(paths)
+    hu = series.volume.hu
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[hu > 250] = BONE.label
+    labels[(hu > 20) & (hu < 80)] = HEART.label  # any soft-tissue label will do here
+    seg = build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=JPEG2000Lossless)
+    path = tmp_path / "seg.dcm"
+    write_seg(seg, path)
+    if shutil.which("dciodvfy"):
+        dciodvfy(path)
+    check_roundtrip(path, series, labels, [HEART, BONE])

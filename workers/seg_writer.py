@@ -1,0 +1,250 @@
+"""Turn a segmenter's label map into a DICOM Segmentation (SEG) that a PACS shows beside the CT.
+
+highdicom builds and validates the object; this module decides what it says: one segment per
+structure the segmenter found (coded in SNOMED CT, never free text), the algorithm that made it,
+a series description a technologist recognises, and UIDs derived from the input series and the
+algorithm version, so that a retried or resent job produces the very same SEG instead of a second
+copy in the PACS, while a series that has grown (or a new model version) gets a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+from node.uids import derive_uid
+from segmenters.base import AlgorithmInfo, Concept, Structure
+from workers.errors import ProcessingFailedError, SeriesRejectedError
+from workers.volume import SeriesVolume
+
+log = logging.getLogger(__name__)
+
+# Explicit VR Little Endian: every PACS and viewer reads it, and BINARY frames are already packed
+# 8 pixels to a byte. JPEG 2000 Lossless is the only compressed syntax highdicom allows for BINARY
+# (not RLE). Measured for 300 slices of 512 x 512 with 4 segments (1,200 frames) on a 2-core VM:
+# Explicit VR LE builds in ~1.2 s, 40 MB; JPEG 2000 Lossless in ~4-5 s, 1.8 MB, and takes ~3x
+# longer to read back. Sites short of PACS storage (and whose PACS and viewers accept JPEG 2000
+# for SEG) can choose it; the default favours being accepted and displayed everywhere.
+DEFAULT_TRANSFER_SYNTAX = ExplicitVRLittleEndian
+SUPPORTED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, JPEG2000Lossless)
+DEFAULT_SERIES_NUMBER = 9901  # sorts after the scanner's own series in a PACS series list
+CONTENT_LABEL = "AI_SEGMENTATION"  # CS, at most 16 characters
+
+
+def build_seg(
+    series: SeriesVolume,
+    label_map: np.ndarray,
+    segmenter_algorithm: AlgorithmInfo,
+    structures: Sequence[Structure],
+    *,
+    transfer_syntax: str = DEFAULT_TRANSFER_SYNTAX,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    instance_number: int = 1,
+    manufacturer: str = "segnode",
+    manufacturer_model_name: str = "segnode",
+    software_versions: str | None = None,
+    device_serial_number: str = "segnode",
+    encode_workers: int = 0,
+) -> hd.seg.Segmentation:
+    """A BINARY DICOM-SEG of ``label_map`` (indexed like ``series.volume.hu``) over ``series``.
+
+    Segments are numbered 1..n in the order of ``structures``, leaving out the structures absent
+    from the map. Raises :class:`SeriesRejectedError` when none is present (a SEG needs at least
+    one segment) and :class:`ProcessingFailedError` when the label map does not fit the series or
+    holds labels no structure names: that is the segmenter's fault, not the series'.
+    """
+    if transfer_syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer syntax {transfer_syntax} is not one of {SUPPORTED_TRANSFER_SYNTAXES}")
+    present = _present_structures(series, label_map, segmenter_algorithm, structures)
+    seg_map = _to_segment_numbers(label_map, present)
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=segmenter_algorithm.name,
+        family=_coded(segmenter_algorithm.family),
+        version=segmenter_algorithm.version,
+    )
+    descriptions = [
+        _describe(number, structure, segmenter_algorithm, algorithm_id)
+        for number, structure in enumerate(present, start=1)
+    ]
+    series_uid, instance_uid = seg_uids(series, segmenter_algorithm)
+    seg = hd.seg.Segmentation(
+        source_images=series.datasets,
+        pixel_array=seg_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions or _segnode_version(),
+        device_serial_number=device_serial_number,
+        transfer_syntax_uid=transfer_syntax,
+        series_description=series_description(segmenter_algorithm),
+        content_label=CONTENT_LABEL,
+        content_description=f"Automatic segmentation by {segmenter_algorithm.name}"[:64],
+        omit_empty_frames=True,
+        workers=encode_workers,
+    )
+    log.info(
+        "built SEG %s for series %s: %d segment(s), %d frame(s)",
+        instance_uid,
+        series.series_instance_uid,
+        len(descriptions),
+        int(seg.NumberOfFrames),
+    )
+    return seg
+
+
+def seg_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SEG: a function of the input and the algorithm.
+
+    The sorted SOP Instance UIDs are part of the input, so a series that gained a slice gets a new
+    SEG; the algorithm name and version are too, so a new model never overwrites an old result.
+    """
+    parts = (
+        series.series_instance_uid,
+        *sorted(series.sop_instance_uids),
+        algorithm.name,
+        algorithm.version,
+    )
+    return derive_uid(*parts, "seg-series"), derive_uid(*parts, "seg-instance")
+
+
+def series_description(algorithm: AlgorithmInfo) -> str:
+    """What a technologist reads in the PACS series list (LO: at most 64 characters)."""
+    prefix, suffix = "AI segmentation (", ")"
+    name = f"{algorithm.name} {algorithm.version}"
+    return prefix + name[: 64 - len(prefix) - len(suffix)] + suffix
+
+
+def write_seg(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` to ``path`` durably: a temp file beside it, fsync, atomic rename, fsync the folder.
+
+    A crash leaves either the old file or the complete new one, never a partial SEG.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _present_structures(
+    series: SeriesVolume,
+    label_map: np.ndarray,
+    algorithm: AlgorithmInfo,
+    structures: Sequence[Structure],
+) -> list[Structure]:
+    """The structures found in ``label_map``, in the segmenter's order; checks the map first."""
+    who = f"{algorithm.name} {algorithm.version}"
+    if label_map.shape != series.volume.hu.shape:
+        raise ProcessingFailedError(
+            f"segmenter {who} returned a label map of shape {label_map.shape} for a volume of shape "
+            f"{series.volume.hu.shape}"
+        )
+    if label_map.dtype.kind not in "iu":
+        raise ProcessingFailedError(
+            f"segmenter {who} returned a label map of type {label_map.dtype}; an integer type "
+            "(uint8) is required"
+        )
+    labels = [s.label for s in structures]
+    if len(set(labels)) != len(labels) or any(lab <= 0 for lab in labels):
+        raise ProcessingFailedError(
+            f"segmenter {who} declares structure labels {labels}; they must be distinct and positive"
+        )
+    # Per-slice counts: bincount of the whole map would first copy it into a 64-bit array.
+    counts = np.zeros(1, dtype=np.int64)
+    for plane in label_map:
+        if label_map.dtype.kind == "i" and plane.min() < 0:
+            raise ProcessingFailedError(f"segmenter {who} returned negative labels")
+        c = np.bincount(plane.ravel().astype(np.intp, copy=False))
+        if c.size > counts.size:
+            c[: counts.size] += counts
+            counts = c
+        else:
+            counts[: c.size] += c
+    found = {int(v) for v in np.flatnonzero(counts)} - {0}
+    unknown = sorted(found - set(labels))
+    if unknown:
+        raise ProcessingFailedError(
+            f"segmenter {who} labelled voxels with value(s) {unknown[:10]} that name none of its structures"
+        )
+    present = [s for s in structures if s.label in found]
+    if not present:
+        names = ", ".join(s.name for s in structures)
+        raise SeriesRejectedError(
+            f"the segmenter {who} found none of its structures ({names[:200]}) in this series"
+        )
+    return present
+
+
+def _to_segment_numbers(label_map: np.ndarray, present: Sequence[Structure]) -> np.ndarray:
+    """The map with each structure's label replaced by its segment number (1..n), as uint8/uint16."""
+    dtype = np.uint8 if len(present) < 256 else np.uint16
+    if all(s.label == n for n, s in enumerate(present, start=1)) and label_map.dtype == dtype:
+        return label_map  # already numbered as the segments are: no copy
+    lut = np.zeros(int(max(s.label for s in present)) + 1, dtype=dtype)
+    for number, structure in enumerate(present, start=1):
+        lut[structure.label] = number
+    # Every label in the map is a present structure's (checked before), so none exceeds the LUT.
+    return lut[label_map]
+
+
+def _describe(
+    number: int,
+    structure: Structure,
+    algorithm: AlgorithmInfo,
+    algorithm_id: hd.AlgorithmIdentificationSequence,
+) -> hd.seg.SegmentDescription:
+    desc = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=structure.name[:64],
+        segmented_property_category=_coded(structure.category),
+        segmented_property_type=_coded(structure.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues(algorithm.kind),
+        algorithm_identification=algorithm_id,
+        display_color=hd.color.CIELabColor.from_rgb(*structure.rgb),
+    )
+    if structure.laterality is not None:
+        # The Segment Description macro puts laterality inside the property type's code item.
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _coded(structure.laterality)
+        ]
+    return desc
+
+
+def _coded(concept: Concept) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=concept.value, scheme_designator=concept.scheme, meaning=concept.meaning)
+
+
+def _segnode_version() -> str:
+    try:
+        return f"segnode {version('segnode')}"
+    except PackageNotFoundError:  # running from a source checkout
+        return "segnode (source)"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from node.db import engine as db
 from node.db.models import Job, JobState
@@ -42,13 +42,14 @@ class SegnodeProcesses:
             else:
                 values[key] = value
         self.values = values
+        self.port = int(values["scp"]["port"])
         self.config_path = workdir / "segnode.yaml"
         self.config_path.write_text(yaml.safe_dump(values))
         self.database_url = (
             values.get("database_url") or f"sqlite:///{(workdir / 'data' / 'segnode.sqlite').resolve()}"
         )
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self._engine = None
+        self._engine: Engine | None = None
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

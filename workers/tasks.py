@@ -256,7 +256,11 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     def process_job(self: Task, job_id: int) -> None:
         hostname = self.request.hostname
         if run_process_job(ctx, job_id, worker_name(hostname), is_dead_here(hostname)):
-            ctx.queue.deliver(job_id)
+            # The first delivery attempt runs right here (no second trip through the broker);
+            # retries go through deliver_job with their backoff.
+            delay = run_deliver_job(ctx, job_id)
+            if delay is not None:
+                ctx.queue.deliver(job_id, countdown=delay)
 
     @app.task(
         name=DELIVER_JOB,

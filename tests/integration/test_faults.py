@@ -10,7 +10,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from node.db import engine as db
-from node.db.models import Instance, JobState
+from node.db.models import Instance, Job, JobState
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
@@ -40,7 +40,7 @@ def test_pacs_down_during_dispatch_is_delivered_once_it_is_back(
     paths = factory.make_ct_series(tmp_path / "ct", n_slices=16)
     assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
 
-    def failed_twice(jobs: list) -> bool:  # type: ignore[type-arg]
+    def failed_twice(jobs: list[Job]) -> bool:
         return (
             bool(jobs)
             and jobs[0].state == JobState.SEGMENTED
@@ -97,7 +97,7 @@ def test_node_killed_while_a_study_arrives_loses_nothing_acknowledged(
         stored = session.scalars(select(Instance.path)).all()
     engine.dispose()
     assert len(stored) == 12
-    storage = Path(node.values["data_dir"]) / "storage"  # type: ignore[arg-type]
+    storage = Path(node.values["data_dir"]) / "storage"
     for relative in stored:
         assert dcmread(storage / relative).SOPInstanceUID  # complete, readable files
 

@@ -33,7 +33,7 @@ from tests.shared_data import ABDOMEN_J2K, real_j2k_copy
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 # storescu's option that proposes each syntax (it otherwise decompresses to what it proposes).
-PROPOSE = {
+PROPOSE: dict[str, str] = {
     ImplicitVRLittleEndian: "-xi",
     ExplicitVRLittleEndian: "-xe",
     DeflatedExplicitVRLittleEndian: "-xd",
@@ -65,7 +65,7 @@ def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
 
     def start(**scp: object) -> RunningScp:
         port = peers.free_port()
-        settings = ScpSettings(port=port, **scp)  # type: ignore[arg-type]
+        settings = ScpSettings(port=port, **scp)
         root = tmp_path / "store"
         storage = Storage(root, sessions, settings.min_free_bytes)
         servers.append(start_scp(settings, storage))

@@ -1,0 +1,167 @@
+"""Ingest: the same uncompressed CT series sent by DCMTK storescu to segnode and to its peers.
+
+    .venv/bin/python -m benchmarks.ingest [--slices 300] [--size 512] [--repeats 3]
+
+Side by side in one run, each into fresh storage:
+  - segnode (`segnode serve --no-workers`: durable write + fsync + rename + database row before success),
+  - DCMTK storescp (writes files, no fsync),
+  - Orthanc (its own storage and SQLite index),
+  - the floor: copying the same files with fsync + rename, no network.
+Then four storescu senders at once (four series, a quarter of the slices each) to segnode, against
+one sender for the same instances.
+
+Every DCMTK program and Orthanc runs with TCP_NODELAY=1 in its environment: Debian's DCMTK 3.6.7
+leaves Nagle's algorithm on otherwise, which costs ~45 ms an instance on loopback. segnode sets
+TCP_NODELAY on its own sockets. Prints seconds, instances/s and the ratios; the median of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests import dicom_factory as factory
+from tests import peers
+from tests.node_process import SegnodeProcesses
+
+
+def make_series(folder: Path, n_series: int, slices: int, size: int) -> list[list[Path]]:
+    return [
+        factory.make_ct_series(
+            folder / f"s{i}", n_slices=slices, rows=size, cols=size, pixel_spacing=(0.8, 0.8), spacing=1.0
+        )
+        for i in range(n_series)
+    ]
+
+
+def send(paths: list[Path], port: int, aet: str) -> float:
+    start = time.perf_counter()
+    result = peers.storescu(paths, port, aet=aet, calling_aet="BENCH", extra_args=["-R"], timeout=900)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {aet} failed: {result.stdout}{result.stderr}")
+    return elapsed
+
+
+def send_parallel(groups: list[list[Path]], port: int, aet: str) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(groups)) as pool:
+        list(pool.map(lambda g: send(g, port, aet), groups))
+    return time.perf_counter() - start
+
+
+def fsync_copy(paths: list[Path], target: Path) -> float:
+    target.mkdir(parents=True)
+    start = time.perf_counter()
+    for path in paths:
+        data = path.read_bytes()
+        temp = target / f".{path.name}.part"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target / path.name)
+        dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    return time.perf_counter() - start
+
+
+def with_segnode(work: Path, run: Callable[[int], float]) -> float:
+    node = SegnodeProcesses(work, {"quiet_period_s": 3600, "scp": {"max_associations": 16}})
+    try:
+        node.serve(workers=False)
+        return run(node.port)
+    finally:
+        node.stop_all()
+
+
+def with_storescp(work: Path, run: Callable[[int], float], fork: bool = False) -> float:
+    scp = peers.start_storescp(work, fork=fork)
+    try:
+        return run(scp.port)
+    finally:
+        scp.stop()
+
+
+def with_orthanc(work: Path, run: Callable[[int], float]) -> float:
+    orthanc = peers.start_orthanc(work, dicomweb=False)
+    try:
+        return run(orthanc.dicom_port)
+    finally:
+        orthanc.stop(graceful=False)
+
+
+def run_once(run_dir: Path, single: list[Path], quarters: list[list[Path]]) -> dict[str, float]:
+    """One round of every receiver, each into fresh storage under ``run_dir``."""
+    everything = [x for q in quarters for x in q]
+    timings = {
+        "fsync copy floor": fsync_copy(single, run_dir / "floor"),
+        "DCMTK storescp": with_storescp(run_dir / "storescp", lambda p: send(single, p, "STORESCP")),
+        "Orthanc": with_orthanc(run_dir / "orthanc", lambda p: send(single, p, "ORTHANC")),
+        "segnode": with_segnode(run_dir / "segnode", lambda p: send(single, p, "SEGNODE")),
+        "segnode, 4 senders": with_segnode(
+            run_dir / "segnode4", lambda p: send_parallel(quarters, p, "SEGNODE")
+        ),
+        "segnode, 1 sender, same 4 series": with_segnode(
+            run_dir / "segnode1", lambda p: send(everything, p, "SEGNODE")
+        ),
+    }
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="segnode-bench-ingest-"))
+    try:
+        (single,) = make_series(root / "data", 1, args.slices, args.size)
+        quarters = make_series(root / "data4", 4, args.slices // 4, args.size)
+        n = len(single)
+        megabytes = sum(p.stat().st_size for p in single) / 1e6
+        print(f"series: {n} instances, {args.size}x{args.size}, uncompressed, {megabytes:.0f} MB")
+        print(f"CPUs: {os.cpu_count()}")
+
+        results: dict[str, list[float]] = {}
+        for r in range(args.repeats):
+            for name, seconds in run_once(root / f"run{r}", single, quarters).items():
+                results.setdefault(name, []).append(seconds)
+
+        median = {name: statistics.median(times) for name, times in results.items()}
+        n4 = sum(len(q) for q in quarters)
+        print(f"\n{'receiver':<36} {'seconds':>8} {'inst/s':>8}   runs")
+        for name, seconds in median.items():
+            count = n4 if "4 series" in name or "4 senders" in name else n
+            runs_text = ", ".join(f"{t:.2f}" for t in results[name])
+            print(f"{name:<36} {seconds:>8.2f} {count / seconds:>8.1f}   {runs_text}")
+        seg = median["segnode"]
+        print("\nratios (segnode time / peer time; below 1 is faster than the peer):")
+        print(f"  segnode / Orthanc        {seg / median['Orthanc']:.2f}   (target: <= 1)")
+        print(f"  segnode / DCMTK storescp {seg / median['DCMTK storescp']:.2f}   (goal: <= 3)")
+        print(f"  segnode / fsync floor    {seg / median['fsync copy floor']:.2f}")
+        four = median["segnode, 1 sender, same 4 series"] / median["segnode, 4 senders"]
+        print(f"  4 senders total throughput / 1 sender: {four:.2f}   (target: >= 1)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["sync"], check=False)
+
+
+if __name__ == "__main__":
+    main()

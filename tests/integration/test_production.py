@@ -61,7 +61,7 @@ def test_orthanc_auto_routes_stable_ct_series_and_gets_the_seg_back(
     lua = """
 function OnStableSeries(seriesId, tags, metadata)
   if tags['Modality'] == 'CT' then
-    SendToModality(seriesId, 'segnode')
+    RestApiPost('/modalities/segnode/store', seriesId)
   end
 end
 """

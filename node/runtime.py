@@ -25,7 +25,7 @@ class Node:
         self.sessions = make_sessionmaker(self.engine)
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
-        self.storage = Storage(settings.storage_dir, self.sessions, settings.scp.min_free_bytes)
+        self.storage = Storage(settings.storage_dir, self.engine, settings.scp.min_free_bytes)
         self.queue = JobQueue(make_celery(settings))
         self.scheduler = Scheduler(settings, self.sessions, self.queue)
 

@@ -14,20 +14,24 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, Table, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.engine import session_scope
 from node.db.models import Instance, Series, Study, utcnow
 from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+INSTANCES = cast(Table, Instance.__table__)
+SERIES = cast(Table, Series.__table__)
+STUDIES = cast(Table, Study.__table__)
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,15 @@ class InvalidUIDError(ValueError):
 class Storage:
     """Writes instances durably and records them; safe to call from many association threads."""
 
-    def __init__(self, root: Path, sessions: sessionmaker[Session], min_free_bytes: int) -> None:
+    def __init__(self, root: Path, engine: Engine, min_free_bytes: int) -> None:
         self.root = root
-        self.sessions = sessions
+        self.engine = engine
         self.min_free_bytes = min_free_bytes
         self._incoming = root / INCOMING
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._record_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
+        self._series_ids: dict[str, int] = {}
         self._discard_leftovers()
 
     def _discard_leftovers(self) -> None:
@@ -96,35 +101,47 @@ class Storage:
                 errno.ENOSPC, f"only {free // 1_000_000} MB free in the storage folder, below the threshold"
             )
 
-    def store(self, encoded: bytes, facts: InstanceFacts, calling_ae: str) -> StoreOutcome:
-        """Write and record one instance; returns only once both are durable."""
+    def store(
+        self, encoded: Sequence[bytes | memoryview], facts: InstanceFacts, calling_ae: str
+    ) -> StoreOutcome:
+        """Write and record one instance (``encoded``: its file's bytes, in pieces); durable on return.
+
+        A duplicate keeps the first copy. Only when the file already exists is the database asked
+        (a file without a row is a leftover of a crash before the commit, and is written again).
+        """
         relative = self.relative_path(facts)
-        if self._already_recorded(facts.sop_instance_uid):
+        target = self.root / relative
+        if target.exists() and self._already_recorded(facts.sop_instance_uid):
             return StoreOutcome.DUPLICATE
         self.check_free_space()
-        target = self.root / relative
         self._write_atomically(encoded, target)
         try:
-            return self._record(facts, relative, len(encoded), calling_ae)
+            return self._record(facts, relative, sum(len(b) for b in encoded), calling_ae)
         except BaseException:
             target.unlink(missing_ok=True)
             raise
 
     def _already_recorded(self, sop_instance_uid: str) -> bool:
-        with self.sessions() as session:
-            found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == sop_instance_uid)
+            ).first()
         return found is not None
 
-    def _write_atomically(self, data: bytes, target: Path) -> None:
+    def _write_atomically(self, pieces: Sequence[bytes | memoryview], target: Path) -> None:
         self._ensure_dir(target.parent)
         temp = self._incoming / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                views = [memoryview(p).cast("B") for p in pieces]
+                while views:
+                    written = os.writev(fd, views)
+                    while views and written >= len(views[0]):
+                        written -= len(views[0])
+                        views.pop(0)
+                    if views and written:
+                        views[0] = views[0][written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -150,17 +167,55 @@ class Storage:
         self._known_dirs.add(folder)
 
     def _record(self, facts: InstanceFacts, relative: Path, size: int, calling_ae: str) -> StoreOutcome:
+        """One short transaction: the instance row and its series' count and time.
+
+        This is on the hot path of every C-STORE, so it uses SQL expressions rather than ORM
+        objects, and remembers series ids (rows are never deleted while the node runs).
+        """
         now = utcnow()
-        with self._record_lock, session_scope(self.sessions) as session:
-            study = session.scalar(select(Study).where(Study.study_instance_uid == facts.study_uid))
-            if study is None:
-                study = Study(study_instance_uid=facts.study_uid)
-                session.add(study)
-                session.flush()
-            series = session.scalar(select(Series).where(Series.series_instance_uid == facts.series_uid))
-            if series is None:
-                series = Series(
-                    study_id=study.id,
+        try:
+            with self._record_lock, self.engine.begin() as conn:
+                series_id = self._series_ids.get(facts.series_uid) or self._series_id(
+                    conn, facts, calling_ae, now
+                )
+                conn.execute(
+                    insert(INSTANCES).values(
+                        series_id=series_id,
+                        sop_instance_uid=facts.sop_instance_uid,
+                        sop_class_uid=facts.sop_class_uid,
+                        transfer_syntax_uid=facts.transfer_syntax_uid,
+                        image_type=facts.image_type[:128],
+                        slice_thickness=facts.slice_thickness,
+                        path=relative.as_posix(),
+                        size_bytes=size,
+                        received_at=now,
+                    )
+                )
+                conn.execute(
+                    update(SERIES)
+                    .where(SERIES.c.id == series_id)
+                    .values(instance_count=SERIES.c.instance_count + 1, last_received_at=now)
+                )
+        except IntegrityError:
+            # Another association stored the same instance a moment ago: keep that one.
+            return StoreOutcome.DUPLICATE
+        return StoreOutcome.STORED
+
+    def _series_id(self, conn: Connection, facts: InstanceFacts, calling_ae: str, now: datetime) -> int:
+        """The series row's id, creating the study and series rows on first sight."""
+        study_id = conn.scalar(select(STUDIES.c.id).where(STUDIES.c.study_instance_uid == facts.study_uid))
+        if study_id is None:
+            study_id = conn.execute(
+                insert(STUDIES)
+                .values(study_instance_uid=facts.study_uid, created_at=now)
+                .returning(STUDIES.c.id)
+            ).scalar_one()
+        series_id = conn.scalar(select(SERIES.c.id).where(SERIES.c.series_instance_uid == facts.series_uid))
+        if series_id is None:
+            series_id = conn.execute(
+                insert(SERIES)
+                .values(
+                    study_id=study_id,
                     series_instance_uid=facts.series_uid,
                     modality=facts.modality[:16],
                     series_description=facts.series_description[:64],
@@ -169,31 +224,12 @@ class Storage:
                     instance_count=0,
                     assembled_count=0,
                     first_received_at=now,
+                    last_received_at=now,
                 )
-                session.add(series)
-                session.flush()
-            series.instance_count += 1
-            series.last_received_at = now
-            session.add(
-                Instance(
-                    series_id=series.id,
-                    sop_instance_uid=facts.sop_instance_uid,
-                    sop_class_uid=facts.sop_class_uid,
-                    transfer_syntax_uid=facts.transfer_syntax_uid,
-                    image_type=facts.image_type[:128],
-                    slice_thickness=facts.slice_thickness,
-                    path=relative.as_posix(),
-                    size_bytes=size,
-                    received_at=now,
-                )
-            )
-            try:
-                session.flush()
-            except IntegrityError:
-                # Another association stored the same instance a moment ago: keep that one.
-                session.rollback()
-                return StoreOutcome.DUPLICATE
-        return StoreOutcome.STORED
+                .returning(SERIES.c.id)
+            ).scalar_one()
+        self._series_ids[facts.series_uid] = int(series_id)
+        return int(series_id)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -76,10 +76,10 @@ def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
 def test_storage_writes_records_and_keeps_duplicates_once(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
-    assert storage.store(b"first", facts(n=1), "CT01") is StoreOutcome.STORED
-    assert storage.store(b"second", facts(n=2), "CT01") is StoreOutcome.STORED
-    assert storage.store(b"again", facts(n=1), "CT01") is StoreOutcome.DUPLICATE
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    assert storage.store([b"first"], facts(n=1), "CT01") is StoreOutcome.STORED
+    assert storage.store([b"second"], facts(n=2), "CT01") is StoreOutcome.STORED
+    assert storage.store([b"again"], facts(n=1), "CT01") is StoreOutcome.DUPLICATE
     path = tmp_path / "store" / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm"
     assert path.read_bytes() == b"first"
     assert not list((tmp_path / "store" / ".incoming").iterdir())
@@ -96,12 +96,12 @@ def test_storage_writes_records_and_keeps_duplicates_once(
 def test_storage_refuses_hostile_uids_and_a_full_disk(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
     with pytest.raises(InvalidUIDError, match="SeriesInstanceUID is not a valid DICOM UID"):
-        storage.store(b"x", facts(series="../../etc"), "CT01")
-    full = Storage(tmp_path / "store", sessions, min_free_bytes=1 << 62)
+        storage.store([b"x"], facts(series="../../etc"), "CT01")
+    full = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=1 << 62)
     with pytest.raises(StorageFullError):
-        full.store(b"x", facts(), "CT01")
+        full.store([b"x"], facts(), "CT01")
     assert not any(p.is_file() for p in (tmp_path / "store").rglob("*"))
     assert not (tmp_path / "etc").exists()
     with sessions() as session:
@@ -112,11 +112,11 @@ def test_assembly_waits_for_quiet_routes_and_explains_rejections(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 3}])
-    storage = Storage(tmp_path / "store", sessions, min_free_bytes=0)
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
     for n in range(4):
-        storage.store(b"ct", facts(n=n), "CT01")
+        storage.store([b"ct"], facts(n=n), "CT01")
     storage.store(
-        b"sr", facts(series="1.2.3.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11", modality="SR"), "CT01"
+        [b"sr"], facts(series="1.2.3.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11", modality="SR"), "CT01"
     )
     with sessions.begin() as session:
         assert assemble(session, settings, utcnow()) == []  # not quiet yet
@@ -135,7 +135,7 @@ def test_assembly_waits_for_quiet_routes_and_explains_rejections(
         assert assemble(session, settings, later) == []  # nothing new
 
     # The series grows after its job was made: a new job, and the history says why.
-    storage.store(b"ct", facts(n=9), "CT01")
+    storage.store([b"ct"], facts(n=9), "CT01")
     with sessions.begin() as session:
         again = assemble(session, settings, utcnow() + timedelta(seconds=2))
         assert len(again) == 1
@@ -148,7 +148,7 @@ def test_claim_is_atomic_and_a_second_delivery_does_nothing(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
-    Storage(tmp_path / "store", sessions, min_free_bytes=0).store(b"ct", facts(), "CT01")
+    Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0).store([b"ct"], facts(), "CT01")
     with sessions.begin() as session:
         (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
     with sessions.begin() as session:
@@ -167,7 +167,7 @@ def test_claim_is_atomic_and_a_second_delivery_does_nothing(
 
 def test_retry_and_stale_detection(sessions: sessionmaker[Session], tmp_path: Path) -> None:
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
-    Storage(tmp_path / "store", sessions, min_free_bytes=0).store(b"ct", facts(), "CT01")
+    Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0).store([b"ct"], facts(), "CT01")
     with sessions.begin() as session:
         (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
         mark_queued(session, job_id)

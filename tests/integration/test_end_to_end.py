@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def pacs_config(orthanc: peers.Orthanc, **rule: object) -> dict[str, object]:
 
 
 def seg_instances(orthanc: peers.Orthanc) -> list[dict[str, object]]:
-    tags = [orthanc.instance_tags(i) for i in orthanc.instances()]
+    tags = [{**orthanc.instance_tags(i), "ID": i} for i in orthanc.instances()]
     return [t for t in tags if t.get("SOPClassUID") == SEG]
 
 
@@ -34,7 +35,9 @@ def test_series_by_storescu_comes_back_as_seg_in_orthanc(
 ) -> None:
     node = segnode_factory(**pacs_config(orthanc))
     node.serve()
-    paths = factory.make_ct_series(tmp_path / "ct", n_slices=24)
+    paths = factory.make_ct_series(
+        tmp_path / "ct", n_slices=24, patient_name="Sensitive^Jane", patient_id="PID-7781-SECRET"
+    )
     sent = peers.storescu(paths, node.port, aet="SEGNODE", calling_aet="CT01")
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
@@ -59,6 +62,18 @@ def test_series_by_storescu_comes_back_as_seg_in_orthanc(
     assert retried.returncode == 0, retried.stderr
     node.wait_for_jobs(lambda jobs: jobs[0].attempts == 2 and jobs[0].state == JobState.DELIVERED)
     assert len(seg_instances(orthanc)) == 1
+
+    # No patient identifiers in any log line of the node or its worker.
+    logs = node.logs()
+    assert "job 1 series" in logs
+    assert "Sensitive" not in logs and "PID-7781" not in logs
+
+    # The SEG as the PACS holds it passes dciodvfy with no errors.
+    seg_file = tmp_path / "seg.dcm"
+    seg_file.write_bytes(orthanc.request("GET", f"/instances/{segs[0]['ID']}/file"))
+    checked = subprocess.run(["dciodvfy", str(seg_file)], capture_output=True, text=True, check=False)
+    errors = [line for line in checked.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [], checked.stderr
 
 
 def test_bad_series_is_rejected_with_a_reason(

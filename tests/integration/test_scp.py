@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
         port = peers.free_port()
         settings = ScpSettings(port=port, **scp)
         root = tmp_path / "store"
-        storage = Storage(root, sessions, settings.min_free_bytes)
+        storage = Storage(root, engine, settings.min_free_bytes)
         servers.append(start_scp(settings, storage))
         return RunningScp(port, root, sessions)
 
@@ -235,3 +236,48 @@ def test_association_limit(scp_factory: Callable[..., RunningScp]) -> None:
         assert second.is_rejected
     finally:
         first.release()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs) that fills up: the disk-full path without a threshold."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_disk_filling_up_mid_study_answers_out_of_resources_and_keeps_nothing_partial(
+    tmp_path: Path, tiny_disk: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    sessions = db.make_sessionmaker(engine)
+    port = peers.free_port()
+    server = start_scp(ScpSettings(port=port, min_free_bytes=0), Storage(tiny_disk, engine, 0))
+    try:
+        paths = factory.make_ct_series(tmp_path / "ct", n_slices=40, rows=128, cols=128)  # ~33 kB each
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(dcmread(p)).Status) for p in paths]
+        assoc.release()
+    finally:
+        server.shutdown()
+    stored = statuses.count(StoreStatus.SUCCESS)
+    assert 0 < stored < len(paths)
+    assert set(statuses) == {StoreStatus.SUCCESS, StoreStatus.OUT_OF_RESOURCES}
+    with sessions() as session:
+        recorded = session.scalars(select(Instance.path)).all()
+    engine.dispose()
+    assert len(recorded) == stored
+    files = sorted(p for p in tiny_disk.rglob("*.dcm"))
+    assert len(files) == stored
+    for path in files:  # every kept file is whole
+        assert dcmread(path).pixel_array.shape == (128, 128)
+    assert not list((tiny_disk / ".incoming").iterdir())

@@ -281,3 +281,23 @@ def test_disk_filling_up_mid_study_answers_out_of_resources_and_keeps_nothing_pa
     for path in files:  # every kept file is whole
         assert dcmread(path).pixel_array.shape == (128, 128)
     assert not list((tiny_disk / ".incoming").iterdir())
+
+
+def test_tls_listener_accepts_dicom_over_tls_only(
+    scp_factory: Callable[..., RunningScp], tmp_path: Path
+) -> None:
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=segnode-test".split()
+    made = subprocess.run(
+        [*openssl, "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    scp = scp_factory(min_free_bytes=0, tls_certificate=cert, tls_private_key=key)
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=2)
+    secure = peers.storescu(paths, scp.port, aet="SEGNODE", extra_args=["+tla", "+cf", str(cert)])
+    assert secure.returncode == 0, secure.stdout + secure.stderr
+    assert scp.instance_count() == 2
+    plain = peers.storescu(paths, scp.port, aet="SEGNODE", timeout=60)
+    assert plain.returncode != 0

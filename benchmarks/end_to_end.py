@@ -41,7 +41,7 @@ def wait_for_seg(orthanc: peers.Orthanc, known: set[str], timeout: float = 600) 
     raise TimeoutError("no SEG arrived in Orthanc")
 
 
-def split(node: SegnodeProcesses) -> dict[str, float]:
+def split(node: SegnodeProcesses) -> tuple[dict[str, float], str]:
     engine = db.make_engine(node.database_url)
     with db.make_sessionmaker(engine)() as session:
         job = session.scalars(select(Job).order_by(Job.id.desc())).first()
@@ -52,11 +52,12 @@ def split(node: SegnodeProcesses) -> dict[str, float]:
         }
     engine.dispose()
     steps = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", events["segmented"].message)}
+    decoders = re.search(r"\((.*decoded by.*)\)", events["segmented"].message)
     return {
         "queue to worker": (events["started"].at - events["created"].at).total_seconds(),
         **steps,
         "send": (events["delivered"].at - events["segmented"].at).total_seconds(),
-    }
+    }, decoders.group(1) if decoders else ""
 
 
 def run(name: str, paths: list[Path], work: Path, extra_args: list[str]) -> None:
@@ -83,8 +84,9 @@ def run(name: str, paths: list[Path], work: Path, extra_args: list[str]) -> None
         total = arrived - last_sent - QUIET_S
         print(f"\n{name}: {len(paths)} instances")
         print(f"  last instance sent -> SEG in Orthanc, minus the {QUIET_S:g} s quiet period: {total:.2f} s")
-        for step, seconds in split(node).items():
-            print(f"    {step:<16} {seconds:6.2f} s")
+        steps, decoders = split(node)
+        for step, seconds in steps.items():
+            print(f"    {step:<16} {seconds:6.2f} s" + (f"   ({decoders})" if step == "load_decode" else ""))
     finally:
         node.stop_all()
         orthanc.stop(graceful=False)

@@ -25,6 +25,7 @@ class SegResult:
     series_instance_uid: str
     segments: int
     seconds: dict[str, float] = field(default_factory=dict)
+    decode_processes: int = 1
 
 
 def segment_series(
@@ -40,6 +41,7 @@ def segment_series(
     start = time.perf_counter()
     series = load_series(paths, decode_workers=decode_workers)
     timings["load_decode"] = time.perf_counter() - start
+    decoders = series.decode_processes
 
     start = time.perf_counter()
     labels = segmenter.predict(series.volume)
@@ -58,4 +60,5 @@ def segment_series(
         series_instance_uid=str(seg.SeriesInstanceUID),
         segments=len(seg.SegmentSequence),
         seconds=timings,
+        decode_processes=decoders,
     )

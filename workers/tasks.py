@@ -147,6 +147,7 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str, is_dead: Calla
         return False
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+    timing += f" ({len(paths)} slices decoded by {result.decode_processes} process(es))"
     with session_scope(ctx.sessions) as session:
         job = session.get_one(Job, job_id)
         if job.state != JobState.RUNNING or job.worker != worker:

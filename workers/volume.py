@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -70,6 +71,7 @@ class SeriesVolume:
     first_position: tuple[float, float, float]  # ImagePositionPatient of volume.hu[0]
     slice_positions_mm: tuple[float, ...]  # position of each slice along the slice normal
     slice_thickness_mm: float | None  # as written; may differ from the spacing (overlapping slices)
+    decode_processes: int = 1  # how many processes decoded the pixel data
 
     @property
     def spacing_between_slices_mm(self) -> float:
@@ -114,7 +116,7 @@ def load_series(paths: Sequence[Path], *, decode_workers: int | None = None) -> 
     _check_tilt(positions, along, normal, float(min(_floats(first.PixelSpacing))))
     spacing = _check_spacing(steps, along)
 
-    hu = _decode_volume(headers, decode_workers)
+    hu, processes = _decode_volume(headers, decode_workers)
     pixel_spacing = _floats(first.PixelSpacing)
     volume = Volume(
         hu=hu,
@@ -132,6 +134,7 @@ def load_series(paths: Sequence[Path], *, decode_workers: int | None = None) -> 
         image_orientation=(iop[0], iop[1], iop[2], iop[3], iop[4], iop[5]),
         first_position=_vec(positions[0]),
         slice_positions_mm=tuple(float(a) for a in along),
+        decode_processes=processes,
         slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
     )
 
@@ -345,8 +348,11 @@ def _check_spacing(steps: np.ndarray, along: np.ndarray) -> float:
 # --- pixels -----------------------------------------------------------------------------------
 
 
-def _decode_volume(headers: list[tuple[Path, Dataset]], decode_workers: int | None) -> np.ndarray:
-    """Decode every slice (in worker processes when that pays) and convert it to HU."""
+def _decode_volume(headers: list[tuple[Path, Dataset]], decode_workers: int | None) -> tuple[np.ndarray, int]:
+    """Decode every slice (in worker processes when that pays) and convert it to HU.
+
+    Returns the HU array and the number of decoder processes used.
+    """
     first = headers[0][1]
     shape = (len(headers), int(first.Rows), int(first.Columns))
     rescale = [(float(ds.RescaleSlope), float(ds.RescaleIntercept)) for _, ds in headers]
@@ -374,16 +380,28 @@ def _decode_volume(headers: list[tuple[Path, Dataset]], decode_workers: int | No
             hu[k] = values
         else:
             hu[k] = decoded.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    return hu
+    return hu, _effective_workers(workers, len(headers))
+
+
+def _effective_workers(workers: int, n_paths: int) -> int:
+    workers = max(1, min(workers, n_paths))
+    if workers > 1 and multiprocessing.current_process().daemon:
+        # A daemonic process may not start processes of its own.
+        log.warning("decoding in-process: this worker process is daemonic and cannot start decoders")
+        return 1
+    return workers
+
+
+def start_decoder_server() -> None:
+    """Start the decoders' fork server now (a worker at start-up), not during the first job."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        _mp_context()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _decode_all(paths: list[str], workers: int) -> Iterator[np.ndarray | str]:
     """Stored pixel values of each file (or why it failed), in order; yielded as they arrive."""
-    workers = max(1, min(workers, len(paths)))
-    if workers > 1 and multiprocessing.current_process().daemon:
-        # A daemonic process (a Celery prefork child) may not start processes of its own.
-        log.warning("decoding in-process: this worker process is daemonic and cannot start decoders")
-        workers = 1
+    workers = _effective_workers(workers, len(paths))
     if workers == 1:
         yield from _decode_chunk(paths)
         return

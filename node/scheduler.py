@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -23,12 +24,16 @@ from node.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
+# While the broker is down, one warning a minute says so, not one per pass.
+BROKER_WARNING_EVERY_S = 60.0
+
 
 class Scheduler:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], queue: JobQueue) -> None:
         self.settings = settings
         self.sessions = sessions
         self.queue = queue
+        self._last_broker_warning = -BROKER_WARNING_EVERY_S
 
     def tick(self) -> None:
         """One pass: assemble, send waiting jobs, rescue stale ones."""
@@ -46,7 +51,9 @@ class Scheduler:
             try:
                 self.queue.process(job_id)
             except Exception as err:  # noqa: BLE001 - broker down: the job stays RECEIVED and is sent later
-                log.warning("job %d: cannot reach the broker (%s); will send again", job_id, err)
+                if time.monotonic() - self._last_broker_warning > BROKER_WARNING_EVERY_S:
+                    self._last_broker_warning = time.monotonic()
+                    log.warning("job %d: cannot reach the broker (%s); will keep trying", job_id, err)
                 return
             with session_scope(self.sessions) as session:
                 mark_queued(session, job_id)

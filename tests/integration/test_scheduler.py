@@ -1,0 +1,56 @@
+"""The scheduler against a real broker: a job waits while Redis is unreachable, then goes out once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import redis
+from sqlalchemy import select
+
+from node.config import load_settings
+from node.db import engine as db
+from node.db.models import Job, JobEvent, JobState, utcnow
+from node.queue import QUEUE, JobQueue, make_celery
+from node.scheduler import Scheduler
+from node.storage import InstanceFacts, Storage
+from tests import peers
+
+
+def test_job_waits_for_an_unreachable_broker_then_is_queued_once(tmp_path: Path, redis_url: str) -> None:
+    url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    sessions = db.make_sessionmaker(engine)
+    facts = InstanceFacts(
+        "1.2.3", "1.2.3.4", "1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "CT"
+    )
+    Storage(tmp_path / "store", engine, 0).store([b"ct"], facts, "CT01")
+
+    down = load_settings(
+        None,
+        data_dir=str(tmp_path),
+        quiet_period_s=0.01,
+        rules=[{"name": "ct", "min_slices": 1}],
+        worker={"broker_url": f"redis://127.0.0.1:{peers.free_port()}/0"},
+    )
+    dead_app = make_celery(down)
+    dead_app.conf.broker_connection_timeout = 1
+    dead_app.conf.broker_transport_options = {"max_retries": 1}
+    Scheduler(down, sessions, JobQueue(dead_app)).tick()
+    with sessions() as session:
+        (job,) = session.scalars(select(Job)).all()
+        assert job.state == JobState.RECEIVED
+
+    up = down.model_copy(update={"worker": down.worker.model_copy(update={"broker_url": redis_url})})
+    scheduler = Scheduler(up, sessions, JobQueue(make_celery(up)))
+    scheduler.tick()
+    scheduler.tick()
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state == JobState.QUEUED
+        events = [e.event for e in session.scalars(select(JobEvent).order_by(JobEvent.id))]
+        assert events == ["created", "queued"]
+        assert utcnow() - job.created_at < timedelta(minutes=1)
+    assert redis.Redis.from_url(redis_url).llen(QUEUE) == 1
+    engine.dispose()

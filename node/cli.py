@@ -43,7 +43,27 @@ def _settings(ctx: click.Context) -> Settings:
     return obj["settings"]
 
 
-@click.group()
+class _Commands(click.Group):
+    """The node's commands, plus ``train`` and ``evaluate`` from segmenters/, imported only when run.
+
+    Those import torch and MONAI (seconds); ``segnode jobs list`` should not wait for that.
+    """
+
+    LAZY = {"train": "train_command", "evaluate": "evaluate_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY:
+            from segmenters import cli as segmenters_cli
+
+            command: click.Command = getattr(segmenters_cli, self.LAZY[cmd_name])
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.option(
     "--config",
     "-c",
@@ -123,12 +143,17 @@ def config_check(ctx: click.Context) -> None:
     from segmenters import registry
 
     settings = _settings(ctx)
-    installed = registry.available()
+    installed = set(registry.available()) | set(settings.segmenters)
     problems = [
         f"rule {r.name!r} names segmenter {r.segmenter!r}, which is not installed "
         f"(installed: {', '.join(sorted(installed))})"
         for r in settings.rules
         if r.segmenter not in installed
+    ]
+    problems += [
+        f"segmenter {name!r}: checkpoint {net.checkpoint} does not exist"
+        for name, net in settings.segmenters.items()
+        if not net.checkpoint.is_file()
     ]
     scp = settings.scp
     click.echo(f"DICOM listener: AE {scp.ae_title} on {scp.host}:{scp.port}")
@@ -147,6 +172,8 @@ def config_check(ctx: click.Context) -> None:
             f"send to {', '.join(rule.destinations) or '-'}"
         )
         click.echo(f"  when: {_describe(rule)}")
+    for name, net in settings.segmenters.items():
+        click.echo(f"Segmenter {name!r}: network {net.checkpoint} on {net.device}, mixed precision {net.amp}")
     for name, dest in settings.destinations.items():
         click.echo(f"Destination {name!r}: C-STORE to {dest.ae_title}@{dest.host}:{dest.port}")
     if problems:

@@ -89,6 +89,15 @@ class Rule(BaseModel):
         return value
 
 
+class NetworkSegmenterSettings(BaseModel):
+    """A trained network a rule can name: its checkpoint and how to run it."""
+
+    checkpoint: Path
+    device: str = "auto"  # auto: CUDA when the worker has a GPU (CUDA_VISIBLE_DEVICES picks it)
+    amp: bool = True  # mixed precision on the GPU
+    batch_size: int = Field(8, ge=1)
+
+
 class WorkerSettings(BaseModel):
     """The Celery side: broker, worker processes, retries."""
 
@@ -118,6 +127,8 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    # Trained networks by the name rules use; built-in segmenters ("classical") need no entry.
+    segmenters: dict[str, NetworkSegmenterSettings] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     api_host: str = "127.0.0.1"
     api_port: int = Field(8080, ge=0, le=65535)

@@ -74,7 +74,19 @@ class WorkerContext:
     def segmenter(self, name: str) -> Segmenter:
         """Loaded once per worker process, then reused for every job."""
         if name not in self.segmenters:
-            self.segmenters[name] = registry.create(name)
+            network = self.settings.segmenters.get(name)
+            if network is None:
+                self.segmenters[name] = registry.create(name)
+            else:
+                from segmenters.checkpoint import NetworkSegmenter
+
+                self.segmenters[name] = NetworkSegmenter(
+                    network.checkpoint,
+                    device=network.device,
+                    amp=network.amp,
+                    batch_size=network.batch_size,
+                    threads=self.settings.worker.cpu_threads,
+                )
         return self.segmenters[name]
 
 

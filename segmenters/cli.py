@@ -1,0 +1,180 @@
+"""``segnode train`` and ``segnode evaluate``: the command-line face of training and scoring.
+
+``train_command`` and ``evaluate_command`` are plain click commands that node/cli.py mounts on
+the ``segnode`` group; ``cli`` groups them for ``python -m segmenters.cli``. Logging is configured
+by whoever starts the process, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from segmenters import datasets, evaluation, synthetic, training
+from segmenters.datasets import DATA_HELP
+
+EVAL_SEED = 10_000  # synthetic evaluation phantoms start here, far from the training seeds
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected SLICESxROWSxCOLUMNS such as 32x128x128; got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def _load(data: str, seed: int, synthetic_shape: str) -> list[datasets.Case]:
+    try:
+        return datasets.load_cases(data, default_seed=seed, synthetic_shape=_shape(synthetic_shape))
+    except (ValueError, FileNotFoundError) as error:
+        raise click.BadParameter(str(error), param_hint="--data") from error
+
+
+_DATA = click.option(
+    "--data", required=True, help="synthetic:N[@SEED] | nifti:FOLDER | dicom-rtstruct:FOLDER"
+)
+_SHAPE = click.option(
+    "--synthetic-shape", default="32x128x128", show_default=True, help="phantom grid for synthetic:N"
+)
+
+
+@click.command(
+    "train",
+    help="Train a 2D/2.5D segmentation network (the 3D V-Net is not supported in this version).\n\n"
+    "The cases are split by patient into training, validation and test (70/15/15 %, by --seed; "
+    "split.json in --out lists them; the test cases are left for `segnode evaluate`). Writes "
+    "model.pt, model_card.json, history.csv, loss.png and dice_miou.png to --out.\n\n" + DATA_HELP,
+)
+@_DATA
+@click.option("--arch", default="unet", show_default=True, help="a 2D architecture of segmenters.networks")
+@click.option("--width", default=16, show_default=True, type=int)
+@click.option(
+    "--epochs", default=30, show_default=True, type=int, help="at most; early stopping may end sooner"
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--loss", default="ce", show_default=True, type=click.Choice(training.LOSSES))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--demo", is_flag=True, help="mark the model as a demo model (always so for synthetic data)")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--patience", default=10, show_default=True, type=int)
+@click.option("--context", default=1, show_default=True, type=int, help="2.5D neighbours on each side")
+@click.option(
+    "--pixel-spacing", default=1.0, show_default=True, type=float, help="in-plane mm to resample to"
+)
+@click.option("--crop", default=384, show_default=True, type=int, help="square crop/pad size in pixels")
+@click.option("--flip-lr", is_flag=True, help="add left-right flips (labels of paired organs swapped)")
+@click.option("--no-augment", is_flag=True)
+@click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default)")
+@click.option("--device", default="auto", show_default=True)
+@_SHAPE
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def train_command(
+    data: str,
+    arch: str,
+    width: int,
+    epochs: int,
+    out_dir: Path,
+    loss: str,
+    seed: int,
+    demo: bool,
+    batch_size: int,
+    lr: float,
+    patience: int,
+    context: int,
+    pixel_spacing: float,
+    crop: int,
+    flip_lr: bool,
+    no_augment: bool,
+    threads: int,
+    device: str,
+    synthetic_shape: str,
+    quiet: bool,
+) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        config = training.TrainConfig(
+            architecture=arch,
+            width=width,
+            max_epochs=epochs,
+            loss=loss,
+            seed=seed,
+            demo=demo or data.startswith("synthetic:"),
+            batch_size=batch_size,
+            learning_rate=lr,
+            patience=patience,
+            context_slices=context,
+            pixel_spacing_mm=pixel_spacing,
+            crop_size=crop,
+            flip_lr=flip_lr,
+            augment=not no_augment,
+            device=device,
+            data_description=data,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    cases = _load(data, seed, synthetic_shape)
+    if len(cases) < 3:
+        raise click.BadParameter("need at least 3 cases (training, validation, test)", param_hint="--data")
+    train_ids, val_ids, test_ids = datasets.split_cases([c.case_id for c in cases], seed)
+    found = datasets.by_id(cases)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "split.json").write_text(
+        json.dumps({"train": train_ids, "val": val_ids, "test": test_ids}, indent=2)
+    )
+    present = {name.lower() for c in cases for name in c.label_names.values()}
+    structures = [s for s in synthetic.THORAX_STRUCTURES if s.name.lower() in present]
+    result = training.train(
+        [found[i] for i in train_ids],
+        [found[i] for i in val_ids],
+        structures,
+        config,
+        out_dir,
+        progress=not quiet,
+    )
+    best = result.history[result.best_epoch - 1]
+    click.echo(
+        f"best epoch {result.best_epoch}: val loss {best.val_loss:.4f}, Dice {best.val_dice:.3f}, "
+        f"mIoU {best.val_miou:.3f}{' (stopped early)' if result.stopped_early else ''}; "
+        f"wrote {result.checkpoint}"
+    )
+
+
+@click.command(
+    "evaluate",
+    help="Score checkpoints (model.pt files, or `classical`) on reference cases and print a table "
+    "comparing them side by side; per-case rows go to --out (CSV: checkpoint, case, structure, "
+    "dice, iou, hd95_mm, msd_mm). Structures are matched by name and scored on the slices where "
+    "their reference is defined.\n\n" + DATA_HELP,
+)
+@click.argument("checkpoints", nargs=-1, required=True)
+@_DATA
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--device", default="auto", show_default=True)
+@_SHAPE
+def evaluate_command(
+    checkpoints: tuple[str, ...], data: str, out_csv: Path, device: str, synthetic_shape: str
+) -> None:
+    for checkpoint in checkpoints:
+        if checkpoint != evaluation.CLASSICAL and not Path(checkpoint).is_file():
+            raise click.BadParameter(f"no checkpoint file {checkpoint}", param_hint="CHECKPOINTS")
+    cases = _load(data, EVAL_SEED, synthetic_shape)
+    rows = evaluation.evaluate(list(checkpoints), cases, out_csv, device=device)
+    click.echo(evaluation.comparison_table(rows))
+    click.echo(f"{len(rows)} rows written to {out_csv}")
+
+
+@click.group()
+def cli() -> None:
+    """Training and evaluation of segnode's segmenters."""
+
+
+cli.add_command(train_command)
+cli.add_command(evaluate_command)
+
+if __name__ == "__main__":
+    cli()

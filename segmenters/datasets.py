@@ -1,0 +1,359 @@
+"""Training and evaluation cases: a CT volume with its reference labels, from any source we read.
+
+A :class:`Case` is plain numpy, like a :class:`~segmenters.base.Volume`, so training and scoring
+never see DICOM. Readers turn the formats the field uses into cases:
+
+- NIfTI image/label pairs (``read_nifti_pair``), as public segmentation data sets ship them;
+- a CT series with an RT Structure Set (``read_dicom_rtstruct``): the AAPM 2017 thoracic
+  challenge format, whose ROIs cover part of the scan only, so each ROI's slice range is kept as
+  the range where its reference is defined;
+- a CT series with a DICOM-SEG (``read_dicom_seg``);
+- synthetic phantoms (``synthetic_cases``), which need no patient data at all.
+
+Label values follow ``synthetic.THORAX_STRUCTURES`` (1 body, 2 right lung, 3 left lung, 4 heart,
+5 oesophagus, 6 spinal cord, 7 airways) unless a reader is given another map; every case carries
+the names of its labels, and scoring matches structures by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from segmenters import synthetic
+from segmenters.base import Structure
+from segmenters.rtstruct import read_rtstruct_masks
+
+log = logging.getLogger(__name__)
+
+Spacing = tuple[float, float, float]
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+# AAPM 2017 thoracic auto-segmentation challenge ROIs -> THORAX_STRUCTURES labels.
+AAPM_ROI_MAP: dict[str, int] = {
+    "Lung_R": synthetic.RIGHT_LUNG,
+    "Lung_L": synthetic.LEFT_LUNG,
+    "Heart": synthetic.HEART,
+    "Esophagus": synthetic.ESOPHAGUS,
+    "SpinalCord": synthetic.SPINAL_CORD,
+}
+# Other spellings of those ROI names met in clinical structure sets (compared after _normalise).
+ROI_ALIASES: dict[str, str] = {
+    "lungr": "Lung_R",
+    "lungright": "Lung_R",
+    "rightlung": "Lung_R",
+    "rlung": "Lung_R",
+    "lungl": "Lung_L",
+    "lungleft": "Lung_L",
+    "leftlung": "Lung_L",
+    "llung": "Lung_L",
+    "heart": "Heart",
+    "esophagus": "Esophagus",
+    "oesophagus": "Esophagus",
+    "spinalcord": "SpinalCord",
+    "cord": "SpinalCord",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One CT volume with its reference labels, indexed (slice, row, column).
+
+    ``z_ranges`` maps a label value to the slices ``(start, stop)`` (half-open) where its reference
+    is defined; a label without an entry is defined on every slice. Contours of the oesophagus
+    and spinal cord stop where the contouring physician stopped, not where the organ does.
+    """
+
+    case_id: str
+    hu: np.ndarray
+    labels: np.ndarray
+    spacing: Spacing
+    label_names: Mapping[int, str]
+    z_ranges: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3 or self.hu.shape != self.labels.shape:
+            raise ValueError(f"case {self.case_id}: hu {self.hu.shape} and labels {self.labels.shape} differ")
+        if self.labels.dtype != np.uint8:
+            raise ValueError(f"case {self.case_id}: labels are uint8; got {self.labels.dtype}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"case {self.case_id}: spacing is three positive mm values; got {self.spacing}")
+        for label, (start, stop) in self.z_ranges.items():
+            if not 0 <= start <= stop <= self.hu.shape[0]:
+                raise ValueError(f"case {self.case_id}: z range {(start, stop)} of label {label} is outside")
+
+    def volume_ml(self, label: int) -> float:
+        return float(np.count_nonzero(self.labels == label)) * float(np.prod(self.spacing)) / 1000.0
+
+
+def thorax_names() -> dict[int, str]:
+    return {s.label: s.name for s in synthetic.THORAX_STRUCTURES}
+
+
+# --- synthetic ------------------------------------------------------------------------------------
+
+
+def synthetic_cases(
+    n: int,
+    shape: tuple[int, int, int] = (32, 128, 128),
+    spacing: Spacing = (8.0, 3.0, 3.0),
+    seed: int = 0,
+) -> list[Case]:
+    """``n`` synthetic phantoms, seeds ``seed`` .. ``seed + n - 1`` (ids ``synthetic-<seed>``)."""
+    if n < 1:
+        raise ValueError(f"n must be positive; got {n}")
+    cases = []
+    for s in range(seed, seed + n):
+        phantom = synthetic.make_phantom(shape, spacing, seed=s)
+        cases.append(
+            Case(f"synthetic-{s:04d}", phantom.hu, phantom.labels, phantom.spacing, phantom.label_names)
+        )
+    return cases
+
+
+# --- NIfTI ----------------------------------------------------------------------------------------
+
+
+def read_nifti_pair(image: Path, label: Path, label_names: Mapping[int, str] | None = None) -> Case:
+    """A case from a NIfTI CT (HU) and a NIfTI label map on the same grid; id from the file name."""
+    hu, spacing = synthetic.read_nifti(image)
+    labels, label_spacing = synthetic.read_nifti(label)
+    if hu.shape != labels.shape or not np.allclose(spacing, label_spacing, atol=1e-3):
+        raise ValueError(f"{image} and {label} are not on one grid")
+    case_id = re.sub(r"\.nii(\.gz)?$", "", Path(image).name)
+    return Case(
+        case_id,
+        np.asarray(hu),
+        np.asarray(labels).astype(np.uint8),
+        spacing,
+        dict(label_names or thorax_names()),
+    )
+
+
+def read_nifti_folder(folder: Path) -> list[Case]:
+    """Every ``images/ID.nii[.gz]`` with its ``labels/ID.nii[.gz]`` under ``folder``."""
+    images = sorted((folder / "images").glob("*.nii*"))
+    if not images:
+        raise FileNotFoundError(f"no images/*.nii or *.nii.gz under {folder}")
+    cases = []
+    for image in images:
+        label = folder / "labels" / image.name
+        if not label.exists():
+            raise FileNotFoundError(f"{image} has no label map {label}")
+        cases.append(read_nifti_pair(image, label))
+    return cases
+
+
+# --- DICOM ----------------------------------------------------------------------------------------
+
+
+def read_ct_series(ct_folder: Path) -> tuple[list[Dataset], np.ndarray, Spacing]:
+    """The CT slices of a folder sorted along the slice normal, their HU volume and spacing (mm)."""
+    datasets: list[Dataset] = []
+    for path in sorted(p for p in Path(ct_folder).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if ds.get("SOPClassUID") == CT_IMAGE_STORAGE or ds.get("Modality") == "CT":
+            datasets.append(ds)
+    if not datasets:
+        raise FileNotFoundError(f"no CT images in {ct_folder}")
+    if len({ds.SeriesInstanceUID for ds in datasets}) > 1:
+        raise ValueError(f"{ct_folder} holds more than one CT series")
+    orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    datasets.sort(key=lambda ds: float(np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ normal))
+    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ normal for ds in datasets])
+    gaps = np.diff(positions)
+    if gaps.size and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * gaps.max() + 1e-3):
+        raise ValueError(
+            f"{ct_folder}: slices are not evenly spaced (gaps {gaps.min():.3f}..{gaps.max():.3f} mm)"
+        )
+    slice_mm = float(np.median(gaps)) if gaps.size else float(datasets[0].get("SliceThickness", 1.0))
+    hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), dtype=np.int16)
+    for k, item in enumerate(datasets):
+        slope = float(item.get("RescaleSlope", 1.0))
+        intercept = float(item.get("RescaleIntercept", 0.0))
+        hu[k] = np.clip(np.round(item.pixel_array * slope + intercept), -1024, 32767).astype(np.int16)
+    row_mm, col_mm = (float(v) for v in datasets[0].PixelSpacing)
+    return datasets, hu, (slice_mm, row_mm, col_mm)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _canonical(name: str) -> str:
+    return ROI_ALIASES.get(_normalise(name), name)
+
+
+def read_dicom_rtstruct(
+    ct_folder: Path,
+    rtstruct_file: Path,
+    roi_map: Mapping[str, int] = AAPM_ROI_MAP,
+    label_names: Mapping[int, str] | None = None,
+    case_id: str | None = None,
+) -> Case:
+    """A case from a CT series and its RT Structure Set.
+
+    ``roi_map`` maps ROI names (or any alias of ``ROI_ALIASES``: "Lung-Left" is "Lung_L") to label
+    values; other ROIs (a GTV, the body) are ignored. Where ROIs overlap the later one in
+    ``roi_map`` wins. Each ROI's z range is the slices its contours cover.
+    """
+    datasets, hu, spacing = read_ct_series(ct_folder)
+    masks = read_rtstruct_masks(rtstruct_file, datasets)
+    wanted = {_canonical(name): label for name, label in roi_map.items()}
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    z_ranges: dict[int, tuple[int, int]] = {}
+    found: dict[str, str] = {}
+    for name, mask in masks.items():
+        canonical = _canonical(name)
+        if canonical in wanted and mask.any():
+            found[canonical] = name
+    for canonical, label in wanted.items():
+        if canonical not in found:
+            log.warning("no contours for ROI %s in %s", canonical, rtstruct_file)
+            continue
+        mask = masks[found[canonical]]
+        labels[mask] = label
+        slices = np.flatnonzero(mask.any(axis=(1, 2)))
+        z_ranges[label] = (int(slices[0]), int(slices[-1]) + 1)
+    names = dict(label_names or thorax_names())
+    present = {label: names.get(label, f"label {label}") for label in z_ranges}
+    return Case(case_id or Path(ct_folder).resolve().parent.name, hu, labels, spacing, present, z_ranges)
+
+
+def read_rtstruct_folder(folder: Path, roi_map: Mapping[str, int] = AAPM_ROI_MAP) -> list[Case]:
+    """Cases laid out as ``CASE/ct/*.dcm`` + ``CASE/rtstruct/*.dcm``, one folder per case under
+    ``folder`` (or ``folder`` itself when it holds ``ct/``)."""
+    roots = (
+        [folder] if (folder / "ct").is_dir() else sorted(p for p in folder.iterdir() if (p / "ct").is_dir())
+    )
+    if not roots:
+        raise FileNotFoundError(f"no CASE/ct folders under {folder}")
+    cases = []
+    for root in roots:
+        structure_sets = sorted((root / "rtstruct").glob("*"))
+        if len(structure_sets) != 1:
+            raise FileNotFoundError(f"{root / 'rtstruct'} must hold exactly one RT Structure Set")
+        cases.append(read_dicom_rtstruct(root / "ct", structure_sets[0], roi_map, case_id=root.name))
+    return cases
+
+
+def read_dicom_seg(
+    ct_folder: Path, seg_file: Path, structures: Sequence[Structure] | None = None, case_id: str | None = None
+) -> Case:
+    """A case from a CT series and a DICOM-SEG of it: segment number n becomes label n.
+
+    Label names are the segment labels, unless ``structures`` names them. Where segments overlap
+    the higher segment number wins.
+    """
+    import highdicom as hd
+
+    datasets, hu, spacing = read_ct_series(ct_folder)
+    seg = hd.seg.segread(seg_file)
+    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    if max(numbers) > 255:
+        raise ValueError(f"{seg_file}: segment numbers above 255 do not fit a uint8 label map")
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    rows = [k for k, uid in enumerate(uids) if uid in referenced]
+    if rows:
+        pixels = seg.get_pixels_by_source_instance(
+            [uids[k] for k in rows], segment_numbers=numbers, assert_missing_frames_are_empty=True
+        )
+        for index, number in enumerate(numbers):
+            part = labels[rows]
+            part[pixels[..., index] > 0] = number
+            labels[rows] = part
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    if structures:
+        names.update({s.label: s.name for s in structures})
+    return Case(case_id or Path(seg_file).stem, hu, labels, spacing, names)
+
+
+# --- splits and data specs ------------------------------------------------------------------------
+
+
+def split_cases(
+    case_ids: Sequence[str], seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> tuple[list[str], list[str], list[str]]:
+    """A patient-level (train, validation, test) split of case ids: deterministic for a seed and a
+    set of ids (their order does not matter), every part non-empty when there are 3 or more.
+
+    Split by patient, never by slice: slices of one patient are near copies of each other, and
+    a slice-level split would score the model on its own training data.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ValueError(f"fractions are three non-negative numbers; got {fractions}")
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError("case ids repeat; a split is by patient")
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    n = len(order)
+    total = sum(fractions)
+    n_val = round(n * fractions[1] / total)
+    n_test = round(n * fractions[2] / total)
+    if n >= 3:
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+        n_val = min(n_val, n - 1 - n_test)
+    else:
+        n_val, n_test = min(n_val, n), 0
+    n_train = n - n_val - n_test
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+
+
+SYNTHETIC_FIELD_MM = (256.0, 384.0, 384.0)  # a whole thorax at any synthetic shape
+
+DATA_HELP = """Data sets (--data):
+
+\b
+  synthetic:N[@SEED]     N synthetic phantoms (demo only, no patient data), seeds SEED.. (default
+                         0 for training, 10000 for evaluation so the two never overlap),
+                         256 x 384 x 384 mm whatever --synthetic-shape.
+  nifti:FOLDER           FOLDER/images/ID.nii[.gz] (CT in HU) with FOLDER/labels/ID.nii[.gz]
+                         (uint8 labels: 1 body, 2 right lung, 3 left lung, 4 heart,
+                         5 oesophagus, 6 spinal cord, 7 airways).
+  dicom-rtstruct:FOLDER  FOLDER/CASE/ct/*.dcm (one CT series) with FOLDER/CASE/rtstruct/ONE.dcm
+                         (AAPM 2017 thoracic challenge layout; ROIs Lung_L, Lung_R, Heart,
+                         Esophagus, SpinalCord or aliases such as Lung-Left). FOLDER may also be
+                         a single CASE folder.
+"""
+
+
+def load_cases(
+    spec: str, *, default_seed: int = 0, synthetic_shape: tuple[int, int, int] = (32, 128, 128)
+) -> list[Case]:
+    """The cases a ``--data`` spec names (see ``DATA_HELP``)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        count, _, seed = rest.partition("@")
+        if not count.isdigit() or (seed and not seed.isdigit()):
+            raise ValueError(f"expected synthetic:N or synthetic:N@SEED; got {spec!r}")
+        spacing = tuple(extent / n for extent, n in zip(SYNTHETIC_FIELD_MM, synthetic_shape, strict=True))
+        return synthetic_cases(
+            int(count),
+            synthetic_shape,
+            (spacing[0], spacing[1], spacing[2]),
+            int(seed) if seed else default_seed,
+        )
+    if kind == "nifti":
+        return read_nifti_folder(Path(rest))
+    if kind == "dicom-rtstruct":
+        return read_rtstruct_folder(Path(rest))
+    raise ValueError(
+        f"unknown data spec {spec!r}; expected synthetic:N, nifti:FOLDER or dicom-rtstruct:FOLDER"
+    )
+
+
+def by_id(cases: Iterable[Case]) -> dict[str, Case]:
+    return {case.case_id: case for case in cases}

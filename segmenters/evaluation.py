@@ -1,0 +1,145 @@
+"""Scoring trained checkpoints (and the classical segmenter) on reference cases, side by side.
+
+Each segmenter labels every case through the :class:`~segmenters.base.Segmenter` interface, as the
+node would; its structures are matched to the case's reference labels by name (case-insensitive),
+so a model and a data set need not number their labels alike. Structures the reference lacks
+(the body in an AAPM structure set) are not scored. Each structure is scored only on the slices
+where its reference is defined (``Case.z_ranges``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from segmenters import metrics
+from segmenters.base import Segmenter, Volume
+from segmenters.datasets import Case
+
+CLASSICAL = "classical"
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    checkpoint: str
+    case: str
+    structure: str
+    dice: float
+    iou: float
+    hd95_mm: float
+    msd_mm: float
+
+
+def load_segmenter(checkpoint: Path | str, device: str = "auto") -> Segmenter:
+    """``"classical"`` or a checkpoint file."""
+    if str(checkpoint) == CLASSICAL:
+        from segmenters.classical import ClassicalSegmenter
+
+        return ClassicalSegmenter()
+    from segmenters.checkpoint import NetworkSegmenter
+
+    return NetworkSegmenter(Path(checkpoint), device=device, amp=False)
+
+
+def score(segmenter: Segmenter, case: Case, name: str) -> list[EvalRow]:
+    """One row per structure of ``segmenter`` that the case's reference holds."""
+    pred = segmenter.predict(Volume(case.hu, case.spacing))
+    reference = {n.lower(): value for value, n in case.label_names.items()}
+    pred_map = np.zeros(case.labels.shape, dtype=np.uint8)
+    ref_map = np.zeros(case.labels.shape, dtype=np.uint8)
+    labels: dict[int, str] = {}
+    z_range: dict[str, tuple[int, int]] = {}
+    for index, structure in enumerate(segmenter.structures, start=1):
+        value = reference.get(structure.name.lower())
+        if value is None:
+            continue
+        pred_map[pred == structure.label] = index
+        ref_map[case.labels == value] = index
+        labels[index] = structure.name
+        if value in case.z_ranges:
+            z_range[structure.name] = case.z_ranges[value]
+    scores = metrics.score_case(pred_map, ref_map, labels, case.spacing, z_range)
+    return [EvalRow(name, case.case_id, s.structure, s.dice, s.iou, s.hd95_mm, s.msd_mm) for s in scores]
+
+
+def evaluate(
+    checkpoints: Sequence[Path | str],
+    cases: Sequence[Case],
+    out_csv: Path | None = None,
+    device: str = "auto",
+) -> list[EvalRow]:
+    """Score every checkpoint (or ``"classical"``) on every case; write the rows to ``out_csv``."""
+    rows: list[EvalRow] = []
+    for checkpoint in checkpoints:
+        segmenter = load_segmenter(checkpoint, device)
+        for case in cases:
+            rows.extend(score(segmenter, case, str(checkpoint)))
+    if out_csv is not None:
+        write_csv(out_csv, rows)
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[EvalRow]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f.name for f in fields(EvalRow)])
+        for row in rows:
+            writer.writerow(astuple(row))
+
+
+def comparison_table(rows: Sequence[EvalRow]) -> str:
+    """Mean Dice / IoU / HD95 / MSD per structure (rows) and checkpoint (column groups), with the
+    mIoU (mean over structures of the mean IoU) last. Infinite distances (a structure missed or
+    found where there is none) show as inf, on purpose."""
+    checkpoints = list(dict.fromkeys(r.checkpoint for r in rows))
+    structures = list(dict.fromkeys(r.structure for r in rows))
+    means: dict[tuple[str, str], tuple[float, float, float, float]] = {}
+    for c in checkpoints:
+        for s in structures:
+            chosen = [r for r in rows if r.checkpoint == c and r.structure == s]
+            if chosen:
+                means[c, s] = tuple(  # type: ignore[assignment]
+                    float(np.mean([getattr(r, k) for r in chosen]))
+                    for k in ("dice", "iou", "hd95_mm", "msd_mm")
+                )
+    name_width = max([len("structure"), len("mIoU"), *(len(s) for s in structures)])
+    group = 30
+    header = "structure".ljust(name_width) + "".join(f" | {_short(c, group)}" for c in checkpoints)
+    sub = " " * name_width + "".join(
+        " | " + f"{'Dice':>6} {'IoU':>6} {'HD95':>7} {'MSD':>7}" for _ in checkpoints
+    )
+    lines = [header, sub, "-" * len(sub)]
+    for s in structures:
+        cells = []
+        for c in checkpoints:
+            m = means.get((c, s))
+            cells.append(
+                " | "
+                + (
+                    f"{m[0]:6.3f} {m[1]:6.3f} {_mm(m[2])} {_mm(m[3])}"
+                    if m
+                    else f"{'-':>6} {'-':>6} {'-':>7} {'-':>7}"
+                )
+            )
+        lines.append(s.ljust(name_width) + "".join(cells))
+    miou = []
+    for c in checkpoints:
+        ious = [means[c, s][1] for s in structures if (c, s) in means]
+        miou.append(" | " + f"{'':6} {float(np.mean(ious)) if ious else math.nan:6.3f} {'':7} {'':7}")
+    lines.append("mIoU".ljust(name_width) + "".join(miou))
+    return "\n".join(lines)
+
+
+def _mm(value: float) -> str:
+    return f"{'inf':>7}" if math.isinf(value) else f"{value:7.2f}"
+
+
+def _short(name: str, width: int) -> str:
+    name = Path(name).parent.name + "/" + Path(name).name if "/" in name else name
+    return (name if len(name) <= width else "..." + name[-(width - 3) :]).ljust(29)[:29]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from segmenters.base import Segmenter
 
@@ -21,7 +22,17 @@ def _classical() -> Segmenter:
     return ClassicalSegmenter()
 
 
-_BUILTIN: dict[str, Factory] = {"classical": _classical}
+def _demo_thorax_unet() -> Segmenter:
+    from segmenters.checkpoint import NetworkSegmenter
+
+    return NetworkSegmenter(DEMO_CHECKPOINT)
+
+
+# A small U-Net trained on synthetic phantoms only (segmenters/demo/README.md): a demo model, named
+# so in every SEG it writes; not for clinical images.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "demo-thorax-unet.pt"
+
+_BUILTIN: dict[str, Factory] = {"classical": _classical, "demo-thorax-unet": _demo_thorax_unet}
 
 
 class UnknownSegmenterError(LookupError):

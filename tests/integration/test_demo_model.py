@@ -1,0 +1,54 @@
+"""The shipped demo network served end to end: storescu -> segnode -> U-Net -> SEG in Orthanc."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import dcmread
+
+from node.db.models import JobState
+from segmenters.metrics import dice_iou
+from segmenters.synthetic import make_phantom, write_dicom_series
+from tests import peers
+from tests.node_process import SegnodeProcesses
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def test_demo_network_segments_a_phantom_sent_by_storescu(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    # The grid the demo model was trained on (a 256 x 384 x 384 mm thorax, 32 x 128 x 128), a new seed.
+    phantom = make_phantom(shape=(32, 128, 128), spacing=(8.0, 3.0, 3.0), seed=4242)
+    paths = write_dicom_series(phantom, tmp_path / "ct")
+    node = segnode_factory(
+        destinations={"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        rules=[
+            {"name": "thorax", "min_slices": 10, "segmenter": "demo-thorax-unet", "destinations": ["pacs"]}
+        ],
+    )
+    node.serve()
+    sent = peers.storescu(paths, node.port, aet="SEGNODE")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=240)
+
+    (seg_id,) = [i for i in orthanc.instances() if orthanc.instance_tags(i).get("SOPClassUID") == SEG]
+    seg_file = tmp_path / "seg.dcm"
+    seg_file.write_bytes(orthanc.request("GET", f"/instances/{seg_id}/file"))
+    seg = hd.seg.segread(seg_file)
+    assert "demo model" in seg.SeriesDescription
+    names = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    assert {"Right lung", "Left lung", "Heart"} <= set(names.values())
+
+    uids = [dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]  # slice order
+    masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=list(names))
+    reference = {s.name: s.label for s in phantom.structures}
+    for number, name in names.items():
+        if name in ("Right lung", "Left lung", "Heart"):
+            dice, _ = dice_iou(masks[..., list(names).index(number)] > 0, phantom.labels == reference[name])
+            assert dice > 0.85, (name, dice)
+    assert job.segmenter == "demo-thorax-unet"
+    assert np.any(masks)

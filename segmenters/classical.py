@@ -21,28 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure, Volume
+from segmenters.anatomy import structure
+from segmenters.base import AlgorithmInfo, Concept, Structure, Volume
 
 logger = logging.getLogger(__name__)
 
 BODY, RIGHT_LUNG, LEFT_LUNG, AIRWAYS = 1, 2, 3, 4
 
-# SNOMED CT codes as DICOM lists them: types from CID 7192 / 7151, laterality from CID 244. The body
-# label is the body outline minus the other structures; "Entire body" is the closest coded type.
-_RIGHT = Concept("24028007", "Right")
-_LEFT = Concept("7771000", "Left")
-_LUNG = Concept("39607008", "Lung")
 STRUCTURES: tuple[Structure, ...] = (
-    Structure(BODY, "Body", ANATOMICAL_STRUCTURE, Concept("38266002", "Entire body"), rgb=(177, 122, 101)),
-    Structure(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, _LUNG, _RIGHT, rgb=(197, 165, 145)),
-    Structure(LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, _LUNG, _LEFT, rgb=(197, 165, 145)),
-    Structure(
-        AIRWAYS,
-        "Trachea and bronchi",
-        ANATOMICAL_STRUCTURE,
-        Concept("110726009", "Trachea and bronchus"),
-        rgb=(182, 228, 255),
-    ),
+    structure(BODY, "body"),
+    structure(RIGHT_LUNG, "right_lung"),
+    structure(LEFT_LUNG, "left_lung"),
+    structure(AIRWAYS, "airways"),
 )
 
 # Thresholds and sizes. Each is a physical quantity, so it holds for any grid.

@@ -49,36 +49,19 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage as ndi
 
-from segmenters.base import ANATOMICAL_STRUCTURE, Concept, Structure, Volume
+from segmenters.anatomy import structure
+from segmenters.base import Structure, Volume
 
 BODY, RIGHT_LUNG, LEFT_LUNG, HEART, ESOPHAGUS, SPINAL_CORD, AIRWAY = 1, 2, 3, 4, 5, 6, 7
 
-# SNOMED CT, as pydicom's codes.SCT has them; body, lungs and airway as segmenters/classical.py.
-_RIGHT = Concept("24028007", "Right")
-_LEFT = Concept("7771000", "Left")
-_LUNG = Concept("39607008", "Lung")
 THORAX_STRUCTURES: tuple[Structure, ...] = (
-    Structure(BODY, "Body", ANATOMICAL_STRUCTURE, Concept("38266002", "Entire body"), rgb=(177, 122, 101)),
-    Structure(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, _LUNG, _RIGHT, rgb=(197, 165, 145)),
-    Structure(LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, _LUNG, _LEFT, rgb=(197, 165, 145)),
-    Structure(HEART, "Heart", ANATOMICAL_STRUCTURE, Concept("80891009", "Heart"), rgb=(206, 110, 84)),
-    Structure(
-        ESOPHAGUS, "Esophagus", ANATOMICAL_STRUCTURE, Concept("32849002", "Esophagus"), rgb=(211, 171, 143)
-    ),
-    Structure(
-        SPINAL_CORD,
-        "Spinal cord",
-        ANATOMICAL_STRUCTURE,
-        Concept("2748008", "Spinal cord"),
-        rgb=(244, 214, 49),
-    ),
-    Structure(
-        AIRWAY,
-        "Trachea and bronchi",
-        ANATOMICAL_STRUCTURE,
-        Concept("110726009", "Trachea and bronchus"),
-        rgb=(182, 228, 255),
-    ),
+    structure(BODY, "body"),
+    structure(RIGHT_LUNG, "right_lung"),
+    structure(LEFT_LUNG, "left_lung"),
+    structure(HEART, "heart"),
+    structure(ESOPHAGUS, "esophagus"),
+    structure(SPINAL_CORD, "spinal_cord"),
+    structure(AIRWAY, "airways"),
 )
 
 # CT numbers (HU) of the tissues.

@@ -1,0 +1,32 @@
+"""Coded anatomy: the structures segnode's segmenters label, each coded once (SNOMED CT).
+
+Types as DICOM CID 7192 / 7151 list them, laterality from CID 244, all under the category
+"Anatomical Structure" (CID 7150). A segmenter picks its structures here and gives each its label
+value, so the same organ carries the same codes in every SEG whatever made it.
+"""
+
+from __future__ import annotations
+
+from segmenters.base import ANATOMICAL_STRUCTURE, Concept, Structure
+
+RIGHT = Concept("24028007", "Right")
+LEFT = Concept("7771000", "Left")
+_LUNG = Concept("39607008", "Lung")
+
+# key: (name shown in the SEG, type, laterality, display colour)
+_ANATOMY: dict[str, tuple[str, Concept, Concept | None, tuple[int, int, int]]] = {
+    # The body label is the outline minus the other structures; "Entire body" is the closest type.
+    "body": ("Body", Concept("38266002", "Entire body"), None, (177, 122, 101)),
+    "right_lung": ("Right lung", _LUNG, RIGHT, (197, 165, 145)),
+    "left_lung": ("Left lung", _LUNG, LEFT, (197, 165, 145)),
+    "heart": ("Heart", Concept("80891009", "Heart"), None, (206, 110, 84)),
+    "esophagus": ("Esophagus", Concept("32849002", "Esophagus"), None, (211, 171, 143)),
+    "spinal_cord": ("Spinal cord", Concept("2748008", "Spinal cord"), None, (244, 214, 49)),
+    "airways": ("Trachea and bronchi", Concept("110726009", "Trachea and bronchus"), None, (182, 228, 255)),
+}
+
+
+def structure(label: int, key: str) -> Structure:
+    """The coded structure ``key`` (a key of the table above) as label value ``label``."""
+    name, type_, laterality, rgb = _ANATOMY[key]
+    return Structure(label, name, ANATOMICAL_STRUCTURE, type_, laterality, rgb)

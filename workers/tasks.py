@@ -57,9 +57,18 @@ def is_dead_here(hostname: str | None) -> Callable[[str], bool]:
             return True
         except PermissionError:
             return False
-        return int(pid) == os.getpid()
+        return int(pid) == os.getpid() or _is_zombie(int(pid))
 
     return is_dead
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process whose parent died too lingers as a zombie until init reaps it: it is dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 @dataclass

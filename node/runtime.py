@@ -36,5 +36,6 @@ class Node:
             self.scheduler.run(stop)
         finally:
             server.shutdown()
+            self.storage.close()
             self.engine.dispose()
             log.info("node stopped")

@@ -15,13 +15,22 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom import uid as tsuid
+from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import reactor_pace
 from node.config import ScpSettings
-from node.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
+from node.part10 import TruncatedDataSetError, file_preamble, read_header
+from node.storage import (
+    InstanceFacts,
+    InvalidUIDError,
+    StagedFile,
+    Storage,
+    StorageFullError,
+    StoreOutcome,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +116,44 @@ class StoreHandler:
     def __call__(self, event: evt.Event) -> Dataset:
         request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
         calling_ae = event.assoc.requestor.ae_title
+        request = cast(C_STORE, event.request)
+        stream = cast(BytesIO, request.DataSet)
+        syntax = event.context.transfer_syntax
+        try:  # the file is written and flushed while the header is read
+            preamble = file_preamble(str(request.AffectedSOPClassUID), request_uid, str(syntax), calling_ae)
+            staged = self.storage.stage([preamble, stream.getbuffer()])
+        except StorageFullError as err:
+            log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
+            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
+        status = self._store(staged, stream, syntax, calling_ae, request_uid)
+        if int(status.Status) != StoreStatus.SUCCESS:
+            staged.discard()  # refused before or while storing: nothing of it is kept
+        return status
+
+    def _store(
+        self,
+        staged: StagedFile,
+        stream: BytesIO,
+        syntax: UID,
+        calling_ae: str,
+        request_uid: str,
+    ) -> Dataset:
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            facts = instance_facts(ds, str(event.context.transfer_syntax))
+            ds, has_pixels = read_header(stream, syntax)
+            facts = instance_facts(ds, str(syntax))
+        except TruncatedDataSetError:
+            log.warning("C-STORE from %s: instance %s is truncated", calling_ae, request_uid)
+            return _status(StoreStatus.CANNOT_UNDERSTAND, "data set is truncated")
         except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
             log.warning("C-STORE from %s: data set cannot be parsed (%s)", calling_ae, type(err).__name__)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")
         if facts.sop_instance_uid != request_uid:
             return _status(StoreStatus.CANNOT_UNDERSTAND, "SOPInstanceUID differs from the C-STORE request")
-        if facts.sop_class_uid in IMAGE_SOP_CLASSES and "PixelData" not in ds and "FloatPixelData" not in ds:
+        if facts.sop_class_uid in IMAGE_SOP_CLASSES and not has_pixels:
             log.warning("C-STORE from %s: image %s has no Pixel Data", calling_ae, request_uid)
             return _status(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data")
         try:
-            outcome = self.storage.store(_file_pieces(event), facts, calling_ae)
+            outcome = self.storage.store(staged, facts, calling_ae)
         except InvalidUIDError as err:
             log.warning("C-STORE from %s refused: %s", calling_ae, err)
             return _status(StoreStatus.CANNOT_UNDERSTAND, str(err))
@@ -135,16 +168,6 @@ class StoreHandler:
         return _status(StoreStatus.SUCCESS)
 
 
-def _file_pieces(event: evt.Event) -> list[bytes | memoryview]:
-    """The instance in the DICOM file format, as received, without copying the data set.
-
-    What ``event.encoded_dataset()`` returns, in two pieces: that joins a copy of every data set.
-    """
-    request = cast(C_STORE, event.request)
-    stream = cast(BytesIO, request.DataSet)
-    return [b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta), stream.getbuffer()]
-
-
 def _set_nodelay(event: evt.Event) -> None:
     """pynetdicom leaves Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
@@ -155,11 +178,13 @@ def _set_nodelay(event: evt.Event) -> None:
 def configure_pynetdicom() -> None:
     """pynetdicom's process-wide switches, set once where the node starts.
 
-    Its default logs request identifiers (patient name and id) and keeps whole data sets in memory.
+    Its default logs request identifiers (patient name and id) and keeps whole data sets in memory;
+    its reactors poll at a pace node/reactor_pace.py sets.
     """
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    reactor_pace.install()
 
 
 def build_ae(settings: ScpSettings) -> AE:
@@ -191,6 +216,8 @@ def start_scp(settings: ScpSettings, storage: Storage) -> ThreadedAssociationSer
     handlers: list[Any] = [
         (evt.EVT_C_STORE, StoreHandler(storage)),
         (evt.EVT_CONN_OPEN, _set_nodelay),
+        (evt.EVT_CONN_OPEN, reactor_pace.PACE.opened),
+        (evt.EVT_CONN_CLOSE, reactor_pace.PACE.closed),
     ]
     server = ae.start_server(
         (settings.host, settings.port),

@@ -15,12 +15,13 @@ import shutil
 import threading
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import cast
 
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node.db.models import Instance, Series, Study, utcnow
@@ -29,9 +30,21 @@ from node.uids import is_valid_uid
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+# Threads that write and fsync staged files: one per association that can be storing at once is
+# plenty (a flush is a disk wait, not CPU).
+FLUSH_THREADS = 8
 INSTANCES = cast(Table, Instance.__table__)
 SERIES = cast(Table, Series.__table__)
 STUDIES = cast(Table, Study.__table__)
+
+# Built once: a statement built per call costs SQLAlchemy ~0.6 ms of coercion and cache-key work,
+# more than the SQLite commit itself (measured on this path, 300 instances).
+_INSERT_INSTANCE = insert(INSTANCES)
+_COUNT_INSTANCE = (
+    update(SERIES)
+    .where(SERIES.c.id == bindparam("series"))
+    .values(instance_count=SERIES.c.instance_count + 1, last_received_at=bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,30 @@ class InvalidUIDError(ValueError):
     """A UID that breaks the DICOM UID grammar: it never becomes a path."""
 
 
+class StagedFile:
+    """An instance's bytes on their way into a temporary file: written and fsynced by a flusher
+    thread while the association thread reads the header (the disk wait hides the parsing)."""
+
+    def __init__(self, future: Future[Path], size: int) -> None:
+        self._future = future
+        self.size = size
+
+    def wait(self) -> Path:
+        """The flushed temporary file; raises what the write raised."""
+        return self._future.result()
+
+    def discard(self) -> None:
+        """Wait for the write to end and remove the temporary file: nothing of it is kept."""
+        if self._future.exception() is None:
+            self._future.result().unlink(missing_ok=True)
+
+
 class Storage:
-    """Writes instances durably and records them; safe to call from many association threads."""
+    """Writes instances durably and records them; safe to call from many association threads.
+
+    An instance goes through :meth:`stage` (its bytes to a fsynced temporary file, in the
+    background) and :meth:`store` (renamed into place, folder fsynced, recorded).
+    """
 
     def __init__(self, root: Path, engine: Engine, min_free_bytes: int) -> None:
         self.root = root
@@ -75,7 +110,12 @@ class Storage:
         self._record_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
         self._series_ids: dict[str, int] = {}
+        self._flusher = ThreadPoolExecutor(max_workers=FLUSH_THREADS, thread_name_prefix="segnode-flush")
         self._discard_leftovers()
+
+    def close(self) -> None:
+        """Let staged writes finish; call after the listener stopped."""
+        self._flusher.shutdown(wait=True)
 
     def _discard_leftovers(self) -> None:
         """Temporary files of a crashed process were never acknowledged: remove them."""
@@ -101,22 +141,37 @@ class Storage:
                 errno.ENOSPC, f"only {free // 1_000_000} MB free in the storage folder, below the threshold"
             )
 
-    def store(
-        self, encoded: Sequence[bytes | memoryview], facts: InstanceFacts, calling_ae: str
-    ) -> StoreOutcome:
-        """Write and record one instance (``encoded``: its file's bytes, in pieces); durable on return.
+    def stage(self, pieces: Sequence[bytes | memoryview]) -> StagedFile:
+        """Start writing an instance's file (``pieces``: its bytes, in order) to a temporary file.
 
-        A duplicate keeps the first copy. Only when the file already exists is the database asked
-        (a file without a row is a leftover of a crash before the commit, and is written again).
+        Raises :class:`StorageFullError` at once below the free-space threshold. The pieces must
+        stay unchanged until the staged file is stored or discarded.
         """
-        relative = self.relative_path(facts)
-        target = self.root / relative
-        if target.exists() and self._already_recorded(facts.sop_instance_uid):
-            return StoreOutcome.DUPLICATE
         self.check_free_space()
-        self._write_atomically(encoded, target)
+        return StagedFile(self._flusher.submit(self._write_temp, pieces), sum(len(p) for p in pieces))
+
+    def store(
+        self, data: StagedFile | Sequence[bytes | memoryview], facts: InstanceFacts, calling_ae: str
+    ) -> StoreOutcome:
+        """Rename a staged file into place and record the instance; durable on return.
+
+        ``data`` may also be the file's bytes, staged here. A duplicate keeps the first copy (the
+        staged file is discarded). Only when the file already exists is the database asked (a
+        file without a row is a leftover of a crash before the commit, and is written again).
+        """
+        staged = data if isinstance(data, StagedFile) else self.stage(data)
         try:
-            return self._record(facts, relative, sum(len(b) for b in encoded), calling_ae)
+            relative = self.relative_path(facts)
+            target = self.root / relative
+            if target.exists() and self._already_recorded(facts.sop_instance_uid):
+                staged.discard()
+                return StoreOutcome.DUPLICATE
+            self._place(staged, target)
+        except BaseException:
+            staged.discard()
+            raise
+        try:
+            return self._record(facts, relative, staged.size, calling_ae)
         except BaseException:
             target.unlink(missing_ok=True)
             raise
@@ -128,8 +183,8 @@ class Storage:
             ).first()
         return found is not None
 
-    def _write_atomically(self, pieces: Sequence[bytes | memoryview], target: Path) -> None:
-        self._ensure_dir(target.parent)
+    def _write_temp(self, pieces: Sequence[bytes | memoryview]) -> Path:
+        """Write ``pieces`` to a new temporary file and fsync it (on a flusher thread)."""
         temp = self._incoming / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -145,13 +200,19 @@ class Storage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, target)
-            _fsync_dir(target.parent)
         except OSError as err:
             temp.unlink(missing_ok=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(err.errno, "the storage disk is full") from err
             raise
+        return temp
+
+    def _place(self, staged: StagedFile, target: Path) -> None:
+        """Rename the flushed temporary file to ``target`` and make the rename durable."""
+        self._ensure_dir(target.parent)
+        temp = staged.wait()
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
@@ -169,8 +230,8 @@ class Storage:
     def _record(self, facts: InstanceFacts, relative: Path, size: int, calling_ae: str) -> StoreOutcome:
         """One short transaction: the instance row and its series' count and time.
 
-        This is on the hot path of every C-STORE, so it uses SQL expressions rather than ORM
-        objects, and remembers series ids (rows are never deleted while the node runs).
+        This is on the hot path of every C-STORE, so it runs statements built once (not ORM
+        objects) and remembers series ids (rows are never deleted while the node runs).
         """
         now = utcnow()
         try:
@@ -179,23 +240,20 @@ class Storage:
                     conn, facts, calling_ae, now
                 )
                 conn.execute(
-                    insert(INSTANCES).values(
-                        series_id=series_id,
-                        sop_instance_uid=facts.sop_instance_uid,
-                        sop_class_uid=facts.sop_class_uid,
-                        transfer_syntax_uid=facts.transfer_syntax_uid,
-                        image_type=facts.image_type[:128],
-                        slice_thickness=facts.slice_thickness,
-                        path=relative.as_posix(),
-                        size_bytes=size,
-                        received_at=now,
-                    )
+                    _INSERT_INSTANCE,
+                    {
+                        "series_id": series_id,
+                        "sop_instance_uid": facts.sop_instance_uid,
+                        "sop_class_uid": facts.sop_class_uid,
+                        "transfer_syntax_uid": facts.transfer_syntax_uid,
+                        "image_type": facts.image_type[:128],
+                        "slice_thickness": facts.slice_thickness,
+                        "path": relative.as_posix(),
+                        "size_bytes": size,
+                        "received_at": now,
+                    },
                 )
-                conn.execute(
-                    update(SERIES)
-                    .where(SERIES.c.id == series_id)
-                    .values(instance_count=SERIES.c.instance_count + 1, last_received_at=now)
-                )
+                conn.execute(_COUNT_INSTANCE, {"series": series_id, "now": now})
         except IntegrityError:
             # Another association stored the same instance a moment ago: keep that one.
             return StoreOutcome.DUPLICATE

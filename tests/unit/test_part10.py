@@ -1,0 +1,134 @@
+"""The SCP's own PS3.10 handling: the file meta it writes and the header it reads."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filereader import read_preamble
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+from node.part10 import (
+    IMPLEMENTATION_CLASS_UID,
+    TruncatedDataSetError,
+    file_preamble,
+    read_header,
+)
+from node.uids import is_valid_uid
+from tests import dicom_factory as factory
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _data_set_bytes(path: Path) -> tuple[bytes, UID]:
+    """What a C-STORE carries: the file without preamble and meta, and its transfer syntax."""
+    raw = path.read_bytes()
+    stream = BytesIO(raw)
+    read_preamble(stream, False)
+    syntax = UID(pydicom.filereader._read_file_meta_info(stream).TransferSyntaxUID)
+    return raw[stream.tell() :], syntax
+
+
+@pytest.mark.parametrize("ae", ["", "CT01"])
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45"])  # even and odd lengths: padding
+def test_file_preamble_matches_pydicom_and_reads_back(ae: str, instance: str) -> None:
+    preamble = file_preamble(CT, instance, str(ExplicitVRLittleEndian), ae)
+    assert preamble[:132] == b"\x00" * 128 + b"DICM"
+    meta = pydicom.dcmread(BytesIO(preamble)).file_meta
+    assert meta.MediaStorageSOPClassUID == CT
+    assert meta.MediaStorageSOPInstanceUID == instance
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert str(meta.ImplementationVersionName).startswith("SEGNODE")
+    assert meta.get("SourceApplicationEntityTitle", "") == ae
+    assert meta.FileMetaInformationGroupLength == len(preamble) - 132 - 12
+    # The same elements, bar the implementation and source AE, as pydicom would encode them.
+    reference = create_file_meta(
+        sop_class_uid=UID(CT), sop_instance_uid=UID(instance), transfer_syntax=ExplicitVRLittleEndian
+    )
+    ours = {e.tag: e.value for e in meta if e.tag.element not in (0x0000, 0x0012, 0x0013, 0x0016)}
+    theirs = {e.tag: e.value for e in reference if e.tag.element not in (0x0000, 0x0012, 0x0013)}
+    assert ours == theirs
+    assert len(encode_file_meta(reference)) % 2 == 0 and len(preamble) % 2 == 0
+    assert is_valid_uid(IMPLEMENTATION_CLASS_UID)
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+        RLELossless,
+        JPEG2000Lossless,
+    ],
+)
+def test_read_header_in_every_byte_order_and_encapsulation(tmp_path: Path, syntax: str) -> None:
+    if factory.transcode_needs_dcmtk(syntax) and not factory.have_dcmtk():
+        pytest.fail("DCMTK is not installed: ./dev test installs it (package dcmtk)")
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)
+    if syntax != ExplicitVRLittleEndian:
+        (path,) = factory.transcode([path], syntax)
+    body, read_syntax = _data_set_bytes(path)
+    assert read_syntax == syntax
+    header, has_pixels = read_header(BytesIO(body), read_syntax)
+    original = pydicom.dcmread(path)
+    assert has_pixels
+    assert "PixelData" not in header
+    assert header.SOPInstanceUID == original.SOPInstanceUID
+    assert header.SeriesInstanceUID == original.SeriesInstanceUID
+    assert header.Modality == "CT"
+
+
+def test_objects_without_pixel_data_have_none(tmp_path: Path) -> None:
+    body, syntax = _data_set_bytes(factory.make_basic_sr(tmp_path / "sr"))
+    header, has_pixels = read_header(BytesIO(body), syntax)
+    assert not has_pixels
+    assert header.Modality == "SR"
+
+
+def test_a_ct_image_stripped_of_pixel_data_has_none(tmp_path: Path) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)
+    body, syntax = _data_set_bytes(factory.strip_pixel_data(path))
+    assert read_header(BytesIO(body), syntax)[1] is False
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless])
+@pytest.mark.parametrize("keep", [0.999, 0.5, 0.05])
+def test_a_data_set_cut_short_is_truncated(tmp_path: Path, syntax: str, keep: float) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)
+    if syntax != ExplicitVRLittleEndian:
+        (path,) = factory.transcode([path], syntax)
+    body, read_syntax = _data_set_bytes(path)
+    with pytest.raises(TruncatedDataSetError):
+        read_header(BytesIO(body[: int(len(body) * keep)]), read_syntax)
+
+
+def test_a_header_cut_inside_a_value_is_truncated(tmp_path: Path) -> None:
+    body, syntax = _data_set_bytes(factory.make_basic_sr(tmp_path / "sr"))
+    with pytest.raises(TruncatedDataSetError):
+        read_header(BytesIO(body[: len(body) - 3]), syntax)
+
+
+def test_a_stray_tag_inside_encapsulated_pixel_data_is_refused(tmp_path: Path) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)
+    (path,) = factory.transcode([path], JPEG2000Lossless)
+    body, syntax = _data_set_bytes(path)
+    item = b"\xfe\xff\x00\xe0"  # the first fragment item (the basic offset table) after Pixel Data
+    at = body.index(b"\xe0\x7f\x10\x00") + 12
+    assert body[at : at + 4] == item
+    broken = body[:at] + b"\x08\x00\x18\x00" + body[at + 4 :]
+    with pytest.raises(ValueError, match="inside encapsulated pixel data"):
+        read_header(BytesIO(broken), syntax)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, association
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import reactor_pace
 from node.config import ScpSettings
 from node.db import engine as db
 from node.db.models import Instance, Series
@@ -50,6 +53,7 @@ class RunningScp:
     port: int
     root: Path
     sessions: sessionmaker[Session]
+    server: ThreadedAssociationServer
 
     def instance_count(self) -> int:
         with self.sessions() as session:
@@ -69,8 +73,9 @@ def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
         settings = ScpSettings(port=port, **scp)
         root = tmp_path / "store"
         storage = Storage(root, engine, settings.min_free_bytes)
-        servers.append(start_scp(settings, storage))
-        return RunningScp(port, root, sessions)
+        server = start_scp(settings, storage)
+        servers.append(server)
+        return RunningScp(port, root, sessions, server)
 
     yield start
     for server in servers:
@@ -301,3 +306,30 @@ def test_tls_listener_accepts_dicom_over_tls_only(
     assert scp.instance_count() == 2
     plain = peers.storescu(paths, scp.port, aet="SEGNODE", timeout=60)
     assert plain.returncode != 0
+
+
+def _poll_delays(scp: RunningScp, count: int) -> list[float]:
+    """The DUL poll interval of each of the listener's ``count`` open associations."""
+    deadline = time.monotonic() + 5
+    while len(scp.server.active_associations) != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sorted(a.dul._run_loop_delay for a in scp.server.active_associations)
+
+
+def test_reactors_poll_fast_for_one_association_and_at_the_default_for_several(scp: RunningScp) -> None:
+    assert association.time.sleep == reactor_pace.PACE.sleep  # the reactor's 1 ms poll follows the pace
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    first = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert first.is_established
+    assert _poll_delays(scp, 1) == [reactor_pace.FAST_POLL_S]
+    assert reactor_pace.PACE.alone
+    second = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert second.is_established
+    assert _poll_delays(scp, 2) == [reactor_pace.DEFAULT_POLL_S] * 2
+    assert not reactor_pace.PACE.alone
+    second.release()
+    assert _poll_delays(scp, 1) == [reactor_pace.FAST_POLL_S]
+    first.release()
+    assert _poll_delays(scp, 0) == []
+    assert reactor_pace.PACE.alone

@@ -13,7 +13,7 @@ from node.config import Settings
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from node.queue import JobQueue, make_celery
 from workers.tasks import WorkerContext, register_tasks, rescue_orphans
-from workers.volume import start_decoder_server
+from workers.volume import allow_decoder_processes, start_decoder_server
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def create_worker_app(settings: Settings) -> Celery:
     def _after_fork(**_: Any) -> None:
         # Connections must not cross a fork; each child opens its own.
         engine.dispose(close=False)
+        allow_decoder_processes()
         start_decoder_server()
         threads = settings.worker.cpu_threads or os.cpu_count() or 1
         try:

@@ -392,6 +392,24 @@ def _effective_workers(workers: int, n_paths: int) -> int:
     return workers
 
 
+def allow_decoder_processes() -> None:
+    """Let this Celery pool process start decoder processes of its own; call it once, after the fork.
+
+    billiard, Celery's multiprocessing, marks its pool processes daemonic, and the standard library
+    refuses a daemonic process children: every series would be decoded on one core. billiard also
+    puts its own process object in the standard library's place, whose authentication key refuses
+    to be pickled for a standard library fork server. Both are undone here: the decoders are this
+    process's own (children of its fork server, which ends with it), not orphans of the pool.
+    """
+    current = multiprocessing.current_process()
+    # billiard's object: its public setters would store billiard's types, hence the private dict.
+    config = current._config  # type: ignore[attr-defined]
+    config["daemon"] = False
+    config["authkey"] = multiprocessing.process.AuthenticationString(  # type: ignore[attr-defined]
+        bytes(current.authkey)
+    )
+
+
 def start_decoder_server() -> None:
     """Start the decoders' fork server now (a worker at start-up), not during the first job."""
     if "forkserver" in multiprocessing.get_all_start_methods():

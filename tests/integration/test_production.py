@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def test_real_jpeg2000_series_through_postgresql_redis_and_a_separate_worker(
     shown = node.cli("jobs", "show", str(job.id)).stdout
     assert "load_decode" in shown and "segment" in shown and "write_seg" in shown
     assert "worker segnode-test@" in shown
+    # A Celery pool process is daemonic to the standard library: the decoders must start regardless.
+    cores = min(len(os.sched_getaffinity(0)), 20)
+    assert f"20 slices decoded by {cores} process(es)" in shown
 
 
 def test_orthanc_auto_routes_stable_ct_series_and_gets_the_seg_back(

@@ -7,7 +7,9 @@
 # Small on purpose so that it runs on a 2-core CPU in well under an hour: width 8, 16 phantoms of
 # 32 x 128 x 128 (3 mm pixels), ce+dice loss. On real data (AAPM 2017 thoracic challenge layout, once
 # downloaded), replace --data with dicom-rtstruct:/path/to/aapm2017 and drop the synthetic options;
-# see `segnode train --help`. The V-Net is 3D and `segnode train` trains 2D networks in this version.
+# see `segnode train --help`. The 3D V-Net trains through the same command (--arch vnet, patches of
+# --patch voxels; about 45 s an epoch at these sizes on one core) but is not in this run, whose
+# results the README reports.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 out=${1:-runs/comparison}

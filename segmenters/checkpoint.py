@@ -2,9 +2,9 @@
 
 A checkpoint is one ``torch.save`` file holding plain data only (loaded with ``weights_only=True``):
 the network's weights and its model card — architecture, the labels with their SNOMED CT codes, the
-in-plane spacing and intensity window it was trained with, a training data summary and validation
-metrics. The card is what the DICOM-SEG says about the algorithm, so a SEG always names the exact
-model that made it.
+in-plane spacing and intensity window it was trained with (and a 3D network's patch size), a
+training data summary, validation metrics and, once scored, test metrics. The card is what the
+DICOM-SEG says about the algorithm, so a SEG always names the exact model that made it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ class ModelCard:
     demo: bool = False
     training_data: str = ""
     validation_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)  # on the held-out test cases, if scored
+    # 3D: the sliding window, the patch size it was trained on (slices, rows, columns); None for 2D
+    # networks and for 3D cards written before the field existed.
+    patch_size: tuple[int, int, int] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -76,7 +80,15 @@ class ModelCard:
             )
             for s in data["structures"]
         )
-        return cls(**{**data, "structures": structures, "window": tuple(data["window"])})
+        patch = data.get("patch_size")
+        return cls(
+            **{
+                **data,
+                "structures": structures,
+                "window": tuple(data["window"]),
+                "patch_size": tuple(patch) if patch is not None else None,
+            }
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -154,7 +166,7 @@ class NetworkSegmenter:
             batch_size=self.batch_size,
             device=self.device,
             amp=self.amp,
-            patch_size=(64, 128, 128) if spec.spatial_dims == 3 else None,
+            patch_size=(self.card.patch_size or (64, 128, 128)) if spec.spatial_dims == 3 else None,
             multiple=spec.multiple,
         )
         if zoom is None:

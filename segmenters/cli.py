@@ -15,14 +15,17 @@ import torch
 
 from segmenters import datasets, evaluation, synthetic, training
 from segmenters.datasets import DATA_HELP
+from segmenters.networks import ARCHITECTURES
 
 EVAL_SEED = 10_000  # synthetic evaluation phantoms start here, far from the training seeds
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def _shape(text: str, option: str | None = None) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise click.BadParameter(f"expected SLICESxROWSxCOLUMNS such as 32x128x128; got {text!r}")
+        raise click.BadParameter(
+            f"expected SLICESxROWSxCOLUMNS such as 32x128x128; got {text!r}", param_hint=option
+        )
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
@@ -43,13 +46,22 @@ _SHAPE = click.option(
 
 @click.command(
     "train",
-    help="Train a 2D/2.5D segmentation network (the 3D V-Net is not supported in this version).\n\n"
+    help="Train a segmentation network: a 2D/2.5D one on slices, or the 3D V-Net (--arch vnet) on "
+    "patches of --patch voxels (the model card records the size; inference slides windows of it).\n\n"
     "The cases are split by patient into training, validation and test (70/15/15 %, by --seed; "
-    "split.json in --out lists them; the test cases are left for `segnode evaluate`). Writes "
-    "model.pt, model_card.json, history.csv, loss.png and dice_miou.png to --out.\n\n" + DATA_HELP,
+    "split.json in --out lists them). Writes model.pt, model_card.json, history.csv, loss.png and "
+    "dice_miou.png to --out; then scores the best epoch's model on the test cases as "
+    "`segnode evaluate` does, prints the table, writes test_metrics.csv and records the summary in "
+    "the model card (test_metrics).\n\n" + DATA_HELP,
 )
 @_DATA
-@click.option("--arch", default="unet", show_default=True, help="a 2D architecture of segmenters.networks")
+@click.option(
+    "--arch",
+    default="unet",
+    show_default=True,
+    type=click.Choice(sorted(ARCHITECTURES)),
+    help="an architecture of segmenters.networks (vnet is 3D)",
+)
 @click.option("--width", default=16, show_default=True, type=int)
 @click.option(
     "--epochs", default=30, show_default=True, type=int, help="at most; early stopping may end sooner"
@@ -58,14 +70,38 @@ _SHAPE = click.option(
 @click.option("--loss", default="ce", show_default=True, type=click.Choice(training.LOSSES))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--demo", is_flag=True, help="mark the model as a demo model (always so for synthetic data)")
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=int,
+    help="slices (2D) or patches (3D) per step; on a CPU a 3D network wants fewer, such as 2",
+)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--patience", default=10, show_default=True, type=int)
-@click.option("--context", default=1, show_default=True, type=int, help="2.5D neighbours on each side")
+@click.option(
+    "--context",
+    default=1,
+    show_default=True,
+    type=int,
+    help="2.5D neighbours on each side (2D networks; a 3D one sees them in its patch)",
+)
+@click.option(
+    "--patch",
+    default="32x96x96",
+    show_default=True,
+    help="3D networks: training patch and sliding window, SLICESxROWSxCOLUMNS, multiples of 16",
+)
 @click.option(
     "--pixel-spacing", default=1.0, show_default=True, type=float, help="in-plane mm to resample to"
 )
-@click.option("--crop", default=384, show_default=True, type=int, help="square crop/pad size in pixels")
+@click.option(
+    "--crop",
+    default=384,
+    show_default=True,
+    type=int,
+    help="square crop/pad size in pixels (3D: the patches are cut from it)",
+)
 @click.option("--flip-lr", is_flag=True, help="add left-right flips (labels of paired organs swapped)")
 @click.option("--no-augment", is_flag=True)
 @click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default)")
@@ -85,6 +121,7 @@ def train_command(
     lr: float,
     patience: int,
     context: int,
+    patch: str,
     pixel_spacing: float,
     crop: int,
     flip_lr: bool,
@@ -108,6 +145,7 @@ def train_command(
             learning_rate=lr,
             patience=patience,
             context_slices=context,
+            patch_size=_shape(patch, "--patch"),
             pixel_spacing_mm=pixel_spacing,
             crop_size=crop,
             flip_lr=flip_lr,
@@ -141,6 +179,19 @@ def train_command(
         f"best epoch {result.best_epoch}: val loss {best.val_loss:.4f}, Dice {best.val_dice:.3f}, "
         f"mIoU {best.val_miou:.3f}{' (stopped early)' if result.stopped_early else ''}; "
         f"wrote {result.checkpoint}"
+    )
+    if not test_ids:  # split_cases leaves none only below 3 cases, which are refused above
+        click.echo("no test cases in the split: the model is not scored on unseen cases")
+        return
+    rows = training.score_test(result.checkpoint, [found[i] for i in test_ids], device=device)
+    if not rows:
+        click.echo("the test cases' references name none of the model's structures: nothing to score")
+        return
+    scores = evaluation.summary(rows)
+    click.echo(evaluation.comparison_table(rows))
+    click.echo(
+        f"test ({len(test_ids)} cases): Dice {scores['dice']:.3f}, mIoU {scores['miou']:.3f}, "
+        f"HD95 {scores['hd95_mm']:.2f} mm; rows in {out_dir / 'test_metrics.csv'}"
     )
 
 

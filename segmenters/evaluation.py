@@ -99,15 +99,7 @@ def comparison_table(rows: Sequence[EvalRow]) -> str:
     found where there is none) show as inf, on purpose."""
     checkpoints = list(dict.fromkeys(r.checkpoint for r in rows))
     structures = list(dict.fromkeys(r.structure for r in rows))
-    means: dict[tuple[str, str], tuple[float, float, float, float]] = {}
-    for c in checkpoints:
-        for s in structures:
-            chosen = [r for r in rows if r.checkpoint == c and r.structure == s]
-            if chosen:
-                means[c, s] = tuple(  # type: ignore[assignment]
-                    float(np.mean([getattr(r, k) for r in chosen]))
-                    for k in ("dice", "iou", "hd95_mm", "msd_mm")
-                )
+    means = _means(rows)
     name_width = max([len("structure"), len("mIoU"), *(len(s) for s in structures)])
     group = 30
     header = "structure".ljust(name_width) + "".join(f" | {_short(c, group)}" for c in checkpoints)
@@ -134,6 +126,40 @@ def comparison_table(rows: Sequence[EvalRow]) -> str:
         miou.append(" | " + f"{'':6} {float(np.mean(ious)) if ious else math.nan:6.3f} {'':7} {'':7}")
     lines.append("mIoU".ljust(name_width) + "".join(miou))
     return "\n".join(lines)
+
+
+def summary(rows: Sequence[EvalRow]) -> dict[str, float]:
+    """One checkpoint's scores in a few numbers, the averages of ``comparison_table``'s columns: the
+    mean over structures of each structure's mean over cases, as ``dice``, ``miou``, ``hd95_mm`` and
+    ``msd_mm``, and ``dice_<structure>`` for each structure. A distance stays inf when a structure was
+    missed or hallucinated in any case (see ``segmenters.metrics``)."""
+    if not rows:
+        raise ValueError("no rows to summarise")
+    if len({r.checkpoint for r in rows}) > 1:
+        raise ValueError("summary takes the rows of one checkpoint")
+    means = _means(rows)
+    result = {
+        key: float(np.mean([m[k] for m in means.values()]))
+        for k, key in enumerate(("dice", "miou", "hd95_mm", "msd_mm"))
+    }
+    result.update({f"dice_{structure}": m[0] for (_, structure), m in means.items()})
+    return result
+
+
+def _means(rows: Sequence[EvalRow]) -> dict[tuple[str, str], tuple[float, float, float, float]]:
+    """(checkpoint, structure) -> mean Dice, IoU, HD95 and MSD over its cases."""
+    groups: dict[tuple[str, str], list[EvalRow]] = {}
+    for r in rows:
+        groups.setdefault((r.checkpoint, r.structure), []).append(r)
+    return {
+        key: (
+            float(np.mean([r.dice for r in chosen])),
+            float(np.mean([r.iou for r in chosen])),
+            float(np.mean([r.hd95_mm for r in chosen])),
+            float(np.mean([r.msd_mm for r in chosen])),
+        )
+        for key, chosen in groups.items()
+    }
 
 
 def _mm(value: float) -> str:

@@ -1,4 +1,5 @@
-"""Training a 2D (or 2.5D) segmentation network on CT slices, with the usual literature protocol.
+"""Training a segmentation network on CT slices (2D, 2.5D) or patches (the 3D V-Net), with the usual
+literature protocol.
 
 The defaults are those the thoracic organ-at-risk papers (AAPM 2017 challenge entries and the
 U-Net family after them) report: Adam at 1e-3 with exponential decay, batches of 8 slices,
@@ -11,45 +12,71 @@ meets (situs inversus aside), and a flip without swapping the labels would teach
 and right are interchangeable. With ``flip_lr`` on, a flipped slice has its left/right labels
 swapped (structures of the same type and opposite laterality).
 
-Only the 2D architectures are trained here: each slice (with ``context_slices`` neighbours on each
-side as extra channels) is a sample. The 3D V-Net needs patch sampling and is not supported by
-``segnode train`` in this version.
+Every case is prepared alike: resampled in-plane to ``pixel_spacing_mm`` (slice thickness is kept, as
+at inference), windowed to [0, 1] and centre-cropped or padded to ``crop_size``. Then one of two feeds
+cuts it into batches, and everything else (losses, early stopping, outputs) is shared:
+
+- 2D architectures: each slice (with ``context_slices`` neighbours on each side as extra channels)
+  is a sample; an epoch shows every slice where every structure's reference is defined once.
+- The 3D V-Net: patches of ``patch_size`` (slices, rows, columns; each a multiple of the
+  architecture's ``multiple``), half of them centred on a structure (:mod:`segmenters.patches`); an
+  epoch draws as many as hold the training cases' voxels once. Augmentation turns, scales and shifts
+  a patch as a whole in the axial plane, never out of it (slices are thicker than pixels are wide),
+  and cuts it from a larger box so that what turns in is anatomy, not padding. Voxels on slices where
+  some reference is not defined are ignored by the loss (the 2D feed skips such slices). Validation
+  labels each whole case by sliding windows of the training patch size
+  (:func:`~segmenters.networks.inference.predict_volume`), as the node will serve it; the card records
+  the patch size for that. The validation loss is the loss over a tiling of each case in patches: it
+  covers every voxel, is the objective training minimises (so early stopping compares like with
+  like) and needs no whole-volume logits, which for a real CT would be gigabytes.
+  ``batch_size`` counts patches and keeps the protocol's 8: a full-width V-Net (width 32) needs
+  about 0.5 GB per 32 x 96 x 96 patch for a training step, 4 GB for 8, which a training GPU holds;
+  on a CPU such a step takes about a minute on one core, so there fewer (``--batch-size 2``) or
+  smaller patches are the practical choice.
 
 Outputs in ``out_dir``: ``model.pt`` (``checkpoint.save_checkpoint``: the best epoch's weights and
 the model card), ``model_card.json``, ``history.csv`` (one row per epoch) and two plots:
 ``loss.png`` (blue: training loss, orange: validation loss) and ``dice_miou.png`` (blue:
-validation Dice, orange: validation mIoU; y axis 0 to 1).
+validation Dice, orange: validation mIoU; y axis 0 to 1). ``score_test`` adds ``test_metrics.csv``
+and the test summary in the card, once training is over.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import itertools
 import logging
 import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from segmenters import metrics
+from segmenters import evaluation, metrics, patches
 from segmenters.base import Structure
-from segmenters.checkpoint import ModelCard, choose_device, save_checkpoint
+from segmenters.checkpoint import ModelCard, choose_device, load_checkpoint, save_checkpoint
 from segmenters.datasets import Case
 from segmenters.networks import ARCHITECTURES, build_network
+from segmenters.networks.inference import predict_volume
 from segmenters.plots import write_line_plot
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("ce", "dice", "ce+dice")
+IGNORE = 255  # label of voxels the loss skips: slices where a reference is undefined, padding of 3D boxes
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> loss
+Scores = tuple[float, dict[str, float], dict[str, float]]  # validation loss, Dice and IoU per structure
 
 
 @dataclass(frozen=True)
@@ -59,15 +86,16 @@ class TrainConfig:
     architecture: str = "unet"
     width: int = 32
     dropout: float = 0.1
-    context_slices: int = 1  # 2.5D: neighbours on each side as extra channels (0: plain 2D)
+    context_slices: int = 1  # 2.5D: neighbours on each side as extra channels (0: plain 2D; 3D: always 0)
+    patch_size: tuple[int, int, int] = (32, 96, 96)  # 3D: training patch and sliding window (D, H, W)
     max_epochs: int = 100
-    batch_size: int = 8
+    batch_size: int = 8  # slices (2D) or patches (3D) per step
     learning_rate: float = 1e-3  # Adam
     lr_decay: float = 0.95  # exponential: the rate is multiplied by this after every epoch
     loss: str = "ce"  # "ce" | "dice" | "ce+dice"
     augment: bool = True
     rotation_deg: float = 10.0
-    translation: float = 0.1  # fraction of the image size
+    translation: float = 0.1  # fraction of the image (2D) or patch (3D) size
     scale: tuple[float, float] = (0.9, 1.1)
     flip_lr: bool = False  # off: the thorax has laterality (see the module docstring)
     patience: int = 10  # epochs without a better validation loss before stopping
@@ -88,12 +116,21 @@ class TrainConfig:
             raise ValueError(
                 f"no architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}"
             )
-        if spec.spatial_dims != 2:
-            raise ValueError(
-                f"{self.architecture} is 3D; training supports the 2D architectures in this version"
-            )
         if self.crop_size < spec.multiple or self.crop_size % spec.multiple:
             raise ValueError(f"crop_size must be a multiple of {spec.multiple} for {self.architecture}")
+        if spec.spatial_dims == 3:
+            # A 3D network sees the neighbouring slices in its patch: no context channels, whatever was
+            # asked (the default 1 is the 2D protocol's).
+            object.__setattr__(self, "context_slices", 0)
+            patch = tuple(self.patch_size)
+            if len(patch) != 3 or any(p < spec.multiple or p % spec.multiple for p in patch):
+                raise ValueError(
+                    f"patch_size must be three multiples of {spec.multiple} for {self.architecture}; "
+                    f"got {self.patch_size}"
+                )
+            if max(patch[1:]) > self.crop_size:
+                raise ValueError(f"a patch's rows and columns must not exceed crop_size; got {patch}")
+            object.__setattr__(self, "patch_size", (int(patch[0]), int(patch[1]), int(patch[2])))
         if self.loss not in LOSSES:
             raise ValueError(f"loss is one of {LOSSES}; got {self.loss!r}")
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -102,6 +139,8 @@ class TrainConfig:
             raise ValueError("learning_rate must not be negative and lr_decay lies in (0, 1]")
         if self.context_slices < 0:
             raise ValueError("context_slices must not be negative")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale is a range of positive factors (low, high); got {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +176,20 @@ class _Prepared:
     z_ranges: dict[int, tuple[int, int]]  # model label -> slices it is scored on
 
 
+class _Feed(Protocol):
+    """What the training loop needs from its data, whatever the network's dimensions."""
+
+    steps: int  # batches per epoch
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches: inputs (N, C, ...) on the device, augmented, and their labels."""
+        ...
+
+    def validate(self, model: torch.nn.Module, objective: Objective) -> Scores:
+        """The validation loss, and Dice and IoU per structure (means over the validation cases)."""
+        ...
+
+
 def train(
     cases_train: Sequence[Case],
     cases_val: Sequence[Case],
@@ -162,9 +215,8 @@ def train(
     num_classes = max(s.label for s in structures) + 1
     train_set = [_prepare(c, structures, config) for c in cases_train]
     val_set = [_prepare(c, structures, config) for c in cases_val]
-    samples = [(i, k) for i, p in enumerate(train_set) for k in range(*p.slices)]
-    if not samples:
-        raise ValueError("no training slice has every structure's reference defined")
+    feed_type = _SliceFeed if ARCHITECTURES[config.architecture].spatial_dims == 2 else _PatchFeed
+    feed: _Feed = feed_type(train_set, val_set, structures, config, device)
     model = build_network(
         config.architecture,
         2 * config.context_slices + 1,
@@ -174,8 +226,10 @@ def train(
     ).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=config.lr_decay)
-    swap = _mirror_lut(structures, num_classes) if config.flip_lr else None
     foreground = sorted(s.label for s in structures)
+
+    def objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _loss(logits, y, config.loss, foreground)
 
     history: list[EpochStats] = []
     best_loss, best_epoch, best_state, waited, stopped_early = math.inf, 0, None, 0, False
@@ -183,28 +237,22 @@ def train(
         started = time.monotonic()
         lr = optimiser.param_groups[0]["lr"]
         model.train()
-        order = rng.permutation(len(samples))
-        steps = math.ceil(len(order) / config.batch_size)
         total, seen = 0.0, 0
-        for step in range(steps):
-            batch = [samples[j] for j in order[step * config.batch_size : (step + 1) * config.batch_size]]
-            x, y = _batch(train_set, batch, config.context_slices, device)
-            if config.augment:
-                x, y = _augment(x, y, config, rng, swap)
-            loss = _loss(model(x), y, config.loss, foreground)
+        for step, (x, y) in enumerate(feed.epoch(rng), start=1):
+            loss = objective(model(x), y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
+            total += float(loss.detach()) * len(x)
+            seen += len(x)
             if progress:
-                _bar(stream, epoch, config.max_epochs, step + 1, steps, total / seen)
+                _bar(stream, epoch, config.max_epochs, step, feed.steps, total / seen)
         scheduler.step()
-        val_loss, dice, iou = _validate(model, val_set, structures, config, device, foreground)
+        val_loss, dice, iou = feed.validate(model, objective)
         stats = EpochStats(
             epoch=epoch,
             lr=lr,
-            train_loss=total / len(samples),
+            train_loss=total / seen,
             val_loss=val_loss,
             val_dice=float(np.mean(list(dice.values()))),
             val_miou=float(np.mean(list(iou.values()))),
@@ -232,6 +280,39 @@ def train(
     best = history[best_epoch - 1] if best_epoch else history[-1]
     card = _card(config, structures, cases_train, cases_val, best)
     return _write_outputs(out_dir, model, card, history, best_epoch or best.epoch, stopped_early, structures)
+
+
+def score_test(
+    checkpoint: Path, cases_test: Sequence[Case], device: str = "auto"
+) -> list[evaluation.EvalRow]:
+    """Score a trained checkpoint on the held-out test cases and record the result beside it.
+
+    The cases run through :func:`segmenters.evaluation.evaluate`, so the model is judged as the node
+    serves it (on each case's own grid, resampled there and back), not on the training grid. Writes
+    ``test_metrics.csv`` (one row per case and structure) next to the checkpoint and puts the summary
+    (``evaluation.summary``, keys prefixed ``test_``, with ``test_cases``) in the card's
+    ``test_metrics``, in ``model.pt`` and ``model_card.json`` alike, so the two never disagree. A
+    distance that is infinite (a structure missed or invented in some case) is left out of the card,
+    whose JSON would otherwise hold ``Infinity``, which strict JSON readers refuse; the CSV has it.
+    """
+    if not cases_test:
+        raise ValueError("no test cases to score")
+    out_dir = checkpoint.parent
+    rows = evaluation.evaluate([checkpoint], cases_test, out_dir / "test_metrics.csv", device=device)
+    model, card = load_checkpoint(checkpoint)
+    summary = {"test_cases": float(len(cases_test))}
+    if rows:  # none when the references name none of the model's structures
+        summary.update(
+            {
+                (k if k.startswith("dice_") else f"test_{k}"): v
+                for k, v in evaluation.summary(rows).items()
+                if math.isfinite(v)
+            }
+        )
+    card = dataclasses.replace(card, test_metrics=summary)
+    save_checkpoint(checkpoint, model, card)
+    (out_dir / "model_card.json").write_text(card.to_json() + "\n")
+    return rows
 
 
 # --- preparation ----------------------------------------------------------------------------------
@@ -286,24 +367,10 @@ def _crop_or_pad(a: np.ndarray, size: int, fill: float) -> np.ndarray:
     return out
 
 
-def _batch(
-    data: Sequence[_Prepared], batch: Sequence[tuple[int, int]], context: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slices with their neighbours as channels (edge slices repeat, as ``predict_volume`` does)."""
-    offsets = np.arange(-context, context + 1)
-    xs, ys = [], []
-    for i, k in batch:
-        n = data[i].x.shape[0]
-        xs.append(data[i].x[np.clip(k + offsets, 0, n - 1)])
-        ys.append(data[i].y[k])
-    x = torch.from_numpy(np.stack(xs)).to(device)
-    y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
-    return x, y
-
-
-def _mirror_lut(structures: Sequence[Structure], num_classes: int) -> torch.Tensor:
-    """Label swap for a left-right flip: each structure to its opposite-laterality twin."""
-    lut = torch.arange(num_classes)
+def _mirror_lut(structures: Sequence[Structure]) -> torch.Tensor:
+    """Label swap for a left-right flip: each structure to its opposite-laterality twin, every other
+    uint8 value (background, unpaired structures, ``IGNORE``) to itself."""
+    lut = torch.arange(256)
     for s in structures:
         if s.laterality is None:
             continue
@@ -319,89 +386,271 @@ def _augment(
     config: TrainConfig,
     rng: np.random.Generator,
     swap: torch.Tensor | None,
+    size: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random rotation, scaling and translation per slice (and a flip, when enabled)."""
-    n = x.shape[0]
+    """A random rotation, scaling and translation in the axial plane per sample (and a left-right
+    flip, when enabled), for slices (N, C, H, W) and patches (N, C, D, H, W) alike: a patch turns as a
+    whole about the slice axis, never out of plane (slices are thicker than pixels are wide).
+
+    ``size`` is the output's spatial size when the input is a larger box centred on it: turning and
+    shifting then fetch image from the box's margin rather than padding. ``None``: the input's size.
+    Translations are fractions of the output's size.
+    """
+    n, shape = x.shape[0], tuple(x.shape[2:])
+    out = tuple(size) if size is not None else shape
     angle = np.deg2rad(rng.uniform(-config.rotation_deg, config.rotation_deg, n))
     scale = rng.uniform(config.scale[0], config.scale[1], n)
     shift = rng.uniform(-config.translation, config.translation, (n, 2)) * 2.0  # grid units span 2
     flip = rng.random(n) < 0.5 if config.flip_lr else np.zeros(n, dtype=bool)
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
     sign = np.where(flip, -1.0, 1.0)
-    theta = np.stack(
-        [np.stack([cos * sign, -sin, shift[:, 0]], axis=1), np.stack([sin * sign, cos, shift[:, 1]], axis=1)],
-        axis=1,
-    )
+    # affine_grid's coordinates span -1 to 1 across the output and across the input: the factors
+    # (output / input size, 1 when they agree) keep the transform in pixels when the input is larger.
+    (ow, oh), (iw, ih) = (out[-1], out[-2]), (shape[-1], shape[-2])
+    row_x = [cos * sign * (ow / iw), -sin * (oh / iw), shift[:, 0] * (ow / iw)]
+    row_y = [sin * sign * (ow / ih), cos * (oh / ih), shift[:, 1] * (oh / ih)]
+    if x.ndim == 4:
+        theta = np.stack([np.stack(row_x, axis=1), np.stack(row_y, axis=1)], axis=1)
+    else:  # (x, y, z) rows and columns; the slice axis is only cut to size
+        zero = np.zeros(n)
+        theta = np.stack(
+            [
+                np.stack([*row_x[:2], zero, row_x[2]], axis=1),
+                np.stack([*row_y[:2], zero, row_y[2]], axis=1),
+                np.stack([zero, zero, zero + out[0] / shape[0], zero], axis=1),
+            ],
+            axis=1,
+        )
     grid = F.affine_grid(
-        torch.as_tensor(theta, dtype=x.dtype, device=x.device), list(x.shape), align_corners=False
+        torch.as_tensor(theta, dtype=x.dtype, device=x.device), [n, x.shape[1], *out], align_corners=False
     )
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # 0 is air
     y = F.grid_sample(y[:, None].to(x.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     labels = y[:, 0].round().long()
     if swap is not None and flip.any():
-        flipped = torch.as_tensor(flip, device=labels.device)
-        labels = torch.where(flipped[:, None, None], swap.to(labels.device)[labels], labels)
+        flipped = torch.as_tensor(flip, device=labels.device).view(-1, *([1] * (labels.ndim - 1)))
+        labels = torch.where(flipped, swap.to(labels.device)[labels], labels)
     return x, labels
+
+
+def _augment_margin(config: TrainConfig, patch: Sequence[int]) -> tuple[int, int]:
+    """Pixels to add on each side of a patch's rows and columns so that ``_augment`` (rotation up to
+    ``rotation_deg``, scaling down to ``scale[0]``, translation) samples only inside the box."""
+    sin = math.sin(math.radians(min(abs(config.rotation_deg), 90.0)))
+    rows, cols = patch[-2], patch[-1]
+    reach_rows = (rows + cols * sin) / config.scale[0] + 2 * config.translation * rows
+    reach_cols = (cols + rows * sin) / config.scale[0] + 2 * config.translation * cols
+    return max(0, math.ceil((reach_rows - rows) / 2)), max(0, math.ceil((reach_cols - cols) / 2))
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, kind: str, foreground: Sequence[int]) -> torch.Tensor:
     if kind == "ce":
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, ignore_index=IGNORE)
     dice = _soft_dice_loss(logits, y, foreground)
-    return dice if kind == "dice" else F.cross_entropy(logits, y) + dice
+    return dice if kind == "dice" else F.cross_entropy(logits, y, ignore_index=IGNORE) + dice
 
 
 def _soft_dice_loss(logits: torch.Tensor, y: torch.Tensor, foreground: Sequence[int]) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes, over the whole batch (smoothing 1 voxel, so a
-    class absent from both prediction and reference scores about 1, not 0/0)."""
-    probs = logits.softmax(dim=1)[:, list(foreground)]
-    target = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2)[:, list(foreground)].to(probs.dtype)
-    dims = (0, 2, 3)
+    class absent from both prediction and reference scores about 1, not 0/0); ``IGNORE`` voxels count
+    in neither. Slices (N, C, H, W) or patches (N, C, D, H, W)."""
+    valid = y != IGNORE
+    probs = logits.softmax(dim=1)[:, list(foreground)] * valid.unsqueeze(1)
+    target = F.one_hot(torch.where(valid, y, 0), logits.shape[1]).movedim(-1, 1)
+    target = target[:, list(foreground)].to(probs.dtype)
+    dims = (0, *range(2, logits.ndim))
     overlap = (probs * target).sum(dims)
     total = probs.sum(dims) + target.sum(dims)
     return 1.0 - ((2.0 * overlap + 1.0) / (total + 1.0)).mean()
 
 
-@torch.no_grad()
-def _validate(
-    model: torch.nn.Module,
-    data: Sequence[_Prepared],
-    structures: Sequence[Structure],
-    config: TrainConfig,
-    device: torch.device,
-    foreground: Sequence[int],
-) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Validation loss (over the slices where every reference is defined), and per-structure
-    Dice and IoU (means over cases, each structure on its own z range) of the argmax labels."""
-    model.eval()
-    loss_sum, count = 0.0, 0
-    dice: dict[str, list[float]] = {s.name: [] for s in structures}
-    iou: dict[str, list[float]] = {s.name: [] for s in structures}
-    for i, p in enumerate(data):
-        n = p.x.shape[0]
-        pred = np.zeros(p.y.shape, dtype=np.uint8)
-        for start in range(0, n, config.batch_size):
-            batch = [(i, k) for k in range(start, min(start + config.batch_size, n))]
-            x, y = _batch(data, batch, config.context_slices, device)
-            logits = model(x)
-            pred[start : start + len(batch)] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-            inside = [j for j, (_, k) in enumerate(batch) if p.slices[0] <= k < p.slices[1]]
-            if inside:
-                loss = _loss(logits[inside], y[inside], config.loss, foreground)
-                loss_sum += float(loss) * len(inside)
-                count += len(inside)
-        for s in structures:
-            lo, hi = p.z_ranges.get(s.label, (0, n))
+class _Scores:
+    """Dice and IoU per structure of predicted label maps, each structure on the slices where its
+    reference is defined, averaged over the validation cases."""
+
+    def __init__(self, structures: Sequence[Structure]) -> None:
+        self.structures = structures
+        self.dice: dict[str, list[float]] = {s.name: [] for s in structures}
+        self.iou: dict[str, list[float]] = {s.name: [] for s in structures}
+
+    def add(self, pred: np.ndarray, p: _Prepared) -> None:
+        for s in self.structures:
+            lo, hi = p.z_ranges.get(s.label, (0, p.y.shape[0]))
             d, u = metrics.dice_iou(pred[lo:hi] == s.label, p.y[lo:hi] == s.label)
-            dice[s.name].append(d)
-            iou[s.name].append(u)
-    model.train()
-    val_loss = loss_sum / count if count else math.nan
-    return (
-        val_loss,
-        {k: float(np.mean(v)) for k, v in dice.items()},
-        {k: float(np.mean(v)) for k, v in iou.items()},
-    )
+            self.dice[s.name].append(d)
+            self.iou[s.name].append(u)
+
+    def result(self, loss_sum: float, count: int) -> Scores:
+        return (
+            loss_sum / count if count else math.nan,
+            {k: float(np.mean(v)) for k, v in self.dice.items()},
+            {k: float(np.mean(v)) for k, v in self.iou.items()},
+        )
+
+
+# --- 2D: slices -----------------------------------------------------------------------------------
+
+
+class _SliceFeed:
+    """2D and 2.5D: every slice where every reference is defined, once an epoch, in shuffled batches."""
+
+    def __init__(
+        self,
+        train_set: Sequence[_Prepared],
+        val_set: Sequence[_Prepared],
+        structures: Sequence[Structure],
+        config: TrainConfig,
+        device: torch.device,
+    ) -> None:
+        self.train_set, self.val_set, self.structures = train_set, val_set, structures
+        self.config, self.device = config, device
+        self.swap = _mirror_lut(structures) if config.flip_lr else None
+        self.samples = [(i, k) for i, p in enumerate(train_set) for k in range(*p.slices)]
+        if not self.samples:
+            raise ValueError("no training slice has every structure's reference defined")
+        self.steps = math.ceil(len(self.samples) / config.batch_size)
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size = self.config.batch_size
+        order = rng.permutation(len(self.samples))
+        for step in range(self.steps):
+            batch = [self.samples[j] for j in order[step * size : (step + 1) * size]]
+            x, y = _batch(self.train_set, batch, self.config.context_slices, self.device)
+            if self.config.augment:
+                x, y = _augment(x, y, self.config, rng, self.swap)
+            yield x, y
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, objective: Objective) -> Scores:
+        """Validation loss over the slices where every reference is defined; Dice and IoU of the
+        argmax labels of every slice."""
+        model.eval()
+        loss_sum, count = 0.0, 0
+        scores = _Scores(self.structures)
+        size = self.config.batch_size
+        for i, p in enumerate(self.val_set):
+            n = p.x.shape[0]
+            pred = np.zeros(p.y.shape, dtype=np.uint8)
+            for start in range(0, n, size):
+                batch = [(i, k) for k in range(start, min(start + size, n))]
+                x, y = _batch(self.val_set, batch, self.config.context_slices, self.device)
+                logits = model(x)
+                pred[start : start + len(batch)] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                inside = [j for j, (_, k) in enumerate(batch) if p.slices[0] <= k < p.slices[1]]
+                if inside:
+                    loss = objective(logits[inside], y[inside])
+                    loss_sum += float(loss) * len(inside)
+                    count += len(inside)
+            scores.add(pred, p)
+        model.train()
+        return scores.result(loss_sum, count)
+
+
+def _batch(
+    data: Sequence[_Prepared], batch: Sequence[tuple[int, int]], context: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices with their neighbours as channels (edge slices repeat, as ``predict_volume`` does)."""
+    offsets = np.arange(-context, context + 1)
+    xs, ys = [], []
+    for i, k in batch:
+        n = data[i].x.shape[0]
+        xs.append(data[i].x[np.clip(k + offsets, 0, n - 1)])
+        ys.append(data[i].y[k])
+    x = torch.from_numpy(np.stack(xs)).to(device)
+    y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
+    return x, y
+
+
+# --- 3D: patches ----------------------------------------------------------------------------------
+
+
+class _PatchFeed:
+    """3D: random patches (:class:`segmenters.patches.PatchSampler`), augmented as whole boxes;
+    validation by sliding windows over whole cases (see the module docstring)."""
+
+    def __init__(
+        self,
+        train_set: Sequence[_Prepared],
+        val_set: Sequence[_Prepared],
+        structures: Sequence[Structure],
+        config: TrainConfig,
+        device: torch.device,
+    ) -> None:
+        self.val_set, self.structures, self.config, self.device = val_set, structures, config, device
+        self.patch = config.patch_size
+        self.multiple = ARCHITECTURES[config.architecture].multiple
+        self.margin = _augment_margin(config, self.patch) if config.augment else (0, 0)
+        self.swap = _mirror_lut(structures) if config.flip_lr else None
+        self.train_x = [p.x for p in train_set]
+        self.train_y = [_defined_only(p) for p in train_set]
+        self.val_y = [_defined_only(p) for p in val_set]
+        self.sampler = patches.PatchSampler(
+            self.train_y,
+            [p.slices for p in train_set],
+            [s.label for s in structures],
+            self.patch,
+            np.random.default_rng(config.seed),
+        )
+        self.per_epoch = self.sampler.patches_per_epoch()
+        self.steps = math.ceil(self.per_epoch / config.batch_size)
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        (depth, rows, cols), (m_rows, m_cols) = self.patch, self.margin
+        box = (depth, rows + 2 * m_rows, cols + 2 * m_cols)
+        for first in range(0, self.per_epoch, self.config.batch_size):
+            xs, ys = [], []
+            for _ in range(min(self.config.batch_size, self.per_epoch - first)):
+                i, (z, r, c) = self.sampler.draw(rng)
+                start = (z, r - m_rows, c - m_cols)
+                xs.append(patches.crop_box(self.train_x[i], start, box, 0.0))
+                ys.append(patches.crop_box(self.train_y[i], start, box, IGNORE))
+            x = torch.from_numpy(np.stack(xs)[:, None]).to(self.device)
+            y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(self.device)
+            if self.config.augment:
+                x, y = _augment(x, y, self.config, rng, self.swap, size=self.patch)
+            yield x, y
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, objective: Objective) -> Scores:
+        """Dice and IoU of each whole case labelled as the node labels it, by sliding windows; the loss
+        over a tiling of each case in patches, weighted by the voxels it scores."""
+        model.eval()
+        scores = _Scores(self.structures)
+        loss_sum, count = 0.0, 0
+        for p, y_defined in zip(self.val_set, self.val_y, strict=True):
+            pred = predict_volume(
+                model,
+                p.x,
+                window=(0.0, 1.0),  # p.x is windowed already
+                batch_size=self.config.batch_size,
+                device=self.device,
+                patch_size=self.patch,
+                multiple=self.multiple,
+            )
+            scores.add(pred, p)
+            starts = [patches.tile_starts(n, k) for n, k in zip(p.x.shape, self.patch, strict=True)]
+            tiles = list(itertools.product(*starts))
+            for first in range(0, len(tiles), self.config.batch_size):
+                chunk = tiles[first : first + self.config.batch_size]
+                y_np = np.stack([patches.crop_box(y_defined, t, self.patch, IGNORE) for t in chunk])
+                scored = int(np.count_nonzero(y_np != IGNORE))
+                if not scored:
+                    continue
+                x = np.stack([patches.crop_box(p.x, t, self.patch, 0.0) for t in chunk])[:, None]
+                y = torch.from_numpy(y_np.astype(np.int64)).to(self.device)
+                loss = objective(model(torch.from_numpy(x).to(self.device)), y)
+                loss_sum += float(loss) * scored
+                count += scored
+        model.train()
+        return scores.result(loss_sum, count)
+
+
+def _defined_only(p: _Prepared) -> np.ndarray:
+    """The labels with ``IGNORE`` on the slices where some structure's reference is not defined."""
+    y = p.y.copy()
+    y[: p.slices[0]] = IGNORE
+    y[p.slices[1] :] = IGNORE
+    return y
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -419,6 +668,9 @@ def _card(
         f"{len(cases_train)} training and {len(cases_val)} validation cases{source}; "
         f"{config.loss} loss, best epoch {best.epoch}, seed {config.seed}"
     )
+    three_d = ARCHITECTURES[config.architecture].spatial_dims == 3
+    if three_d:
+        summary += ", patches of {}x{}x{}".format(*config.patch_size)
     validation = {"val_loss": best.val_loss, "val_dice": best.val_dice, "val_miou": best.val_miou}
     validation.update({f"dice_{name}": value for name, value in best.dice.items()})
     return ModelCard(
@@ -433,6 +685,7 @@ def _card(
         demo=config.demo,
         training_data=summary,
         validation_metrics=validation,
+        patch_size=config.patch_size if three_d else None,
     )
 
 

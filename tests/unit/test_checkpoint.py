@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 from segmenters.base import ANATOMICAL_STRUCTURE, Concept, Segmenter, Structure, Volume
 from segmenters.checkpoint import ModelCard, NetworkSegmenter, load_checkpoint, save_checkpoint
 from segmenters.networks import build_network
+
+DEMO = Path(__file__).resolve().parents[2] / "segmenters" / "demo"
 
 STRUCTURES = (
     Structure(
@@ -71,3 +74,19 @@ def test_checkpoint_of_another_format_is_refused(tmp_path: Path) -> None:
     torch.save({"format": 99}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a segnode checkpoint"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_cards_carry_test_metrics_and_a_patch_size_and_older_cards_still_load(tmp_path: Path) -> None:
+    old = ModelCard.from_dict(json.loads((DEMO / "model_card.json").read_text()))
+    assert old.patch_size is None and old.test_metrics == {} and old.architecture == "unet"
+    torch.manual_seed(0)
+    c = card(
+        architecture="vnet",
+        width=4,
+        context_slices=0,
+        patch_size=(16, 32, 32),
+        test_metrics={"test_dice": 0.5},
+    )
+    save_checkpoint(tmp_path / "v.pt", build_network("vnet", 1, c.num_classes, width=4), c)
+    assert load_checkpoint(tmp_path / "v.pt")[1] == c
+    assert json.loads(c.to_json())["patch_size"] == [16, 32, 32]

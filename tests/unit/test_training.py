@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
+import segmenters.checkpoint
 from segmenters import datasets, synthetic
-from segmenters.checkpoint import load_checkpoint
+from segmenters.base import Volume
+from segmenters.checkpoint import NetworkSegmenter, load_checkpoint
 from segmenters.cli import evaluate_command, train_command
 from segmenters.evaluation import comparison_table, evaluate
 from segmenters.plots import PNG_SIGNATURE
-from segmenters.training import TrainConfig, TrainResult, train
+from segmenters.training import TrainConfig, TrainResult, _augment, _mirror_lut, train
 
 THORAX = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-thorax-lung1-002"
 SHAPE, SPACING = (8, 48, 48), (32.0, 8.0, 8.0)  # a whole phantom thorax, coarsely
+SHAPE_3D, SPACING_3D = (16, 48, 48), (16.0, 8.0, 8.0)  # the same at twice the slices, for the V-Net
+PATCH = (16, 32, 32)
 STRUCTURES = synthetic.THORAX_STRUCTURES
 
 
@@ -46,6 +52,21 @@ def cases() -> list[datasets.Case]:
 @pytest.fixture(scope="module")
 def trained(cases: list[datasets.Case], tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return train(cases[:4], cases[4:], STRUCTURES, tiny(), tmp_path_factory.mktemp("model"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def cases_3d() -> list[datasets.Case]:
+    return datasets.synthetic_cases(6, SHAPE_3D, SPACING_3D, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_vnet(cases_3d: list[datasets.Case], tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    # V-Net's tiny 3D network (ELU, batch norm over two patches) needs a larger step, as in test_networks.
+    config = tiny(
+        architecture="vnet", width=4, max_epochs=5, batch_size=2, learning_rate=1e-2, patch_size=PATCH
+    )
+    out = tmp_path_factory.mktemp("vnet")
+    return train(cases_3d[:4], cases_3d[4:], STRUCTURES, config, out, progress=False)
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -99,12 +120,75 @@ def test_early_stopping_stops_when_the_validation_loss_does_not_improve(
     assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
 
 
-def test_config_rejects_3d_and_bad_crops() -> None:
-    with pytest.raises(ValueError, match="3D"):
-        TrainConfig(architecture="vnet")
+def test_vnet_trains_on_patches_and_serves_with_its_patch_size(
+    trained_vnet: TrainResult, cases_3d: list[datasets.Case], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    losses = [h.train_loss for h in trained_vnet.history]
+    assert len(losses) == 5 and losses[-1] < 0.7 * losses[0], losses
+    assert trained_vnet.history[-1].val_loss < trained_vnet.history[0].val_loss
+    out = trained_vnet.checkpoint.parent
+    assert {p.name for p in trained_vnet.files} >= {"model.pt", "history.csv", "loss.png", "dice_miou.png"}
+    card = trained_vnet.card
+    assert card.architecture == "vnet" and card.patch_size == PATCH and card.context_slices == 0
+    assert json.loads((out / "model_card.json").read_text())["patch_size"] == list(PATCH)
+    assert "16x32x32" in card.training_data
+
+    windows: list[object] = []
+    real = segmenters.checkpoint.predict_volume
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        windows.append(kwargs["patch_size"])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segmenters.checkpoint, "predict_volume", spy)
+    segmenter = NetworkSegmenter(trained_vnet.checkpoint, device="cpu", batch_size=2)
+    assert segmenter.card == card
+    case = cases_3d[4]
+    labels = segmenter.predict(Volume(case.hu, case.spacing))
+    assert labels.shape == case.hu.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {s.label for s in STRUCTURES} | {0}
+    odd = segmenter.predict(Volume(case.hu[:11, 3:43, 5:45], case.spacing))  # no multiple of the patch
+    assert odd.shape == (11, 40, 40)
+    assert windows == [PATCH, PATCH]
+
+
+def test_config_checks_patches_and_crops() -> None:
+    assert TrainConfig(architecture="vnet").context_slices == 0  # a 3D patch holds its neighbours
+    assert TrainConfig(architecture="vnet").patch_size == (32, 96, 96)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        TrainConfig(architecture="vnet", patch_size=(32, 96, 90))
+    with pytest.raises(ValueError, match="three"):
+        TrainConfig(architecture="vnet", patch_size=(32, 96))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="crop_size"):
+        TrainConfig(architecture="vnet", crop_size=64, patch_size=(32, 96, 96))
     with pytest.raises(ValueError, match="multiple"):
         TrainConfig(crop_size=50)
+    with pytest.raises(ValueError, match="scale"):
+        TrainConfig(scale=(0.0, 1.1))
     assert not TrainConfig().flip_lr
+
+
+def test_augmenting_a_box_with_a_margin_cuts_out_the_patch_and_flips_with_the_labels() -> None:
+    # No turn, scaling or shift: each patch is the centre of its box, mirrored (labels swapped) when
+    # flipped, in 3D (a box 40 x 48 around a 32 x 32 patch) as in 2D.
+    config = TrainConfig(rotation_deg=0.0, scale=(1.0, 1.0), translation=0.0, flip_lr=True)
+    swap = _mirror_lut(STRUCTURES)
+    x = torch.rand(6, 1, 4, 40, 48)
+    y = torch.randint(0, len(STRUCTURES) + 1, (6, 4, 40, 48))
+    out_x, out_y = _augment(x, y, config, np.random.default_rng(0), swap, size=(4, 32, 32))
+    assert out_x.shape == (6, 1, 4, 32, 32) and out_y.shape == (6, 4, 32, 32)
+    centre_x, centre_y = x[..., 4:36, 8:40], y[..., 4:36, 8:40]
+    flipped = [bool(torch.equal(out_y[i], swap[centre_y[i].flip(-1)])) for i in range(6)]
+    assert any(flipped) and not all(flipped)
+    for i, flip in enumerate(flipped):
+        expected = centre_x[i].flip(-1) if flip else centre_x[i]
+        assert torch.allclose(out_x[i], expected, atol=1e-4)
+        assert torch.equal(out_y[i], swap[centre_y[i].flip(-1)] if flip else centre_y[i])
+    # Turned and shifted, image and labels move together.
+    labels = torch.zeros(4, 4, 48, 48, dtype=torch.long)
+    labels[:, :, 12:30, 16:40] = 4
+    image, moved = _augment(labels[:, None].float(), labels, TrainConfig(), np.random.default_rng(1), None)
+    assert torch.equal(image[:, 0] > 2.0, moved == 4) and not torch.equal(moved, labels)
 
 
 def test_split_cases_is_deterministic_patient_level_and_never_empty() -> None:
@@ -132,6 +216,27 @@ def test_evaluate_writes_one_row_per_checkpoint_case_and_structure(
     assert "mIoU" in table and "Right lung" in table and "classical" in table
 
 
+def assert_test_scored(out: Path, split: dict[str, list[str]]) -> None:
+    """test_metrics.csv holds a row per test case and structure; both cards carry its summary."""
+    with open(out / "test_metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["case"] for r in rows} == set(split["test"])
+    assert len(rows) == len(STRUCTURES) * len(split["test"])
+    _, card = load_checkpoint(out / "model.pt")
+    assert card.test_metrics["test_cases"] == len(split["test"])
+    assert card.test_metrics["test_dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]))
+    assert {"test_miou", "dice_Heart"} <= set(card.test_metrics)
+    # An infinite distance (a structure missed in some case) stays in the CSV, out of the card.
+    finite = all(math.isfinite(float(r["hd95_mm"])) for r in rows)
+    assert ("test_hd95_mm" in card.test_metrics) == finite
+    strict = json.loads((out / "model_card.json").read_text(), parse_constant=_refuse)
+    assert strict["test_metrics"] == card.test_metrics
+
+
+def _refuse(constant: str) -> float:
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def test_commands_train_and_evaluate(tmp_path: Path) -> None:
     runner = CliRunner()
     data = ["--data", "synthetic:3", "--synthetic-shape", "8x32x32"]
@@ -141,11 +246,30 @@ def test_commands_train_and_evaluate(tmp_path: Path) -> None:
     assert (tmp_path / "m" / "model.pt").is_file()
     split = json.loads((tmp_path / "m" / "split.json").read_text())
     assert all(len(split[k]) == 1 for k in ("train", "val", "test"))
+    assert "mIoU" in result.output and "test (1 cases)" in result.output
+    assert_test_scored(tmp_path / "m", split)
     out = tmp_path / "r.csv"
     result = runner.invoke(evaluate_command, [str(tmp_path / "m" / "model.pt"), *data, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "mIoU" in result.output and out.is_file()
     assert "nifti:FOLDER" in runner.invoke(train_command, ["--help"]).output
+
+
+def test_command_trains_the_vnet_and_scores_its_test_cases(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = ["--data", "synthetic:7", "--synthetic-shape", "16x32x32"]  # 12 mm pixels, 16 mm slices
+    small = ["--width", "4", "--epochs", "1", "--pixel-spacing", "12", "--crop", "32", "--batch-size", "2"]
+    out = tmp_path / "vnet"
+    args = [*data, *small, "--arch", "vnet", "--patch", "16x32x32", "--quiet", "--out", str(out)]
+    result = runner.invoke(train_command, args)
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["test"]) == 1 and len(split["train"]) == 5
+    assert_test_scored(out, split)
+    _, card = load_checkpoint(out / "model.pt")
+    assert card.architecture == "vnet" and card.patch_size == (16, 32, 32)
+    refused = runner.invoke(train_command, [*args[:-1], str(tmp_path / "x"), "--patch", "16x32x30"])
+    assert refused.exit_code == 2 and "multiples of 16" in refused.output
 
 
 def test_nifti_pair_reads_back_a_phantom(tmp_path: Path) -> None:

@@ -251,34 +251,78 @@ def read_rtstruct_folder(folder: Path, roi_map: Mapping[str, int] = AAPM_ROI_MAP
 def read_dicom_seg(
     ct_folder: Path, seg_file: Path, structures: Sequence[Structure] | None = None, case_id: str | None = None
 ) -> Case:
-    """A case from a CT series and a DICOM-SEG of it: segment number n becomes label n.
+    """A case from a CT series and a DICOM-SEG of it.
 
-    Label names are the segment labels, unless ``structures`` names them. Where segments overlap
-    the higher segment number wins.
+    Without ``structures``, segment number n becomes label n, named by its segment label. With
+    ``structures``, each segment becomes the label of the structure with the same coded type and
+    laterality, and segments that no structure codes (a tumour, say) are left out: a SEG numbers
+    its segments 1..n whatever label values made them (segnode's own SEGs leave out the structures
+    a series lacks), so only the codes say which is which. Where segments overlap the higher
+    segment number wins.
     """
     import highdicom as hd
 
     datasets, hu, spacing = read_ct_series(ct_folder)
     seg = hd.seg.segread(seg_file)
-    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
-    if max(numbers) > 255:
-        raise ValueError(f"{seg_file}: segment numbers above 255 do not fit a uint8 label map")
+    targets = _segment_targets(seg.SegmentSequence, structures, seg_file)
     referenced = {uid for _, _, uid in seg.get_source_image_uids()}
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    labels = np.zeros(hu.shape, dtype=np.uint8)
     rows = [k for k, uid in enumerate(uids) if uid in referenced]
-    if rows:
+    if not rows:
+        raise ValueError(f"{seg_file} references none of the images in {ct_folder}")
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    numbers = sorted(targets)
+    if numbers:
         pixels = seg.get_pixels_by_source_instance(
             [uids[k] for k in rows], segment_numbers=numbers, assert_missing_frames_are_empty=True
         )
+        part = np.zeros((len(rows), *hu.shape[1:]), dtype=np.uint8)
         for index, number in enumerate(numbers):
-            part = labels[rows]
-            part[pixels[..., index] > 0] = number
-            labels[rows] = part
-    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
-    if structures:
-        names.update({s.label: s.name for s in structures})
+            part[pixels[..., index] > 0] = targets[number][0]
+        labels[rows] = part
+    names = dict(targets.values())
     return Case(case_id or Path(seg_file).stem, hu, labels, spacing, names)
+
+
+def _segment_targets(
+    segments: Sequence[Dataset], structures: Sequence[Structure] | None, seg_file: Path
+) -> dict[int, tuple[int, str]]:
+    """Segment number -> (label value, name) of each segment the case keeps."""
+    if not structures:
+        targets = {int(s.SegmentNumber): (int(s.SegmentNumber), str(s.SegmentLabel)) for s in segments}
+        if max(targets, default=0) > 255:
+            raise ValueError(f"{seg_file}: segment numbers above 255 do not fit a uint8 label map")
+        return targets
+    # The first of two structures coded alike wins.
+    by_code = {_structure_key(structure): structure for structure in reversed(structures)}
+    targets = {}
+    for item in segments:
+        key = _segment_key(item)
+        match = by_code.get(key)
+        if match is None:
+            log.warning(
+                "%s: segment %s (%s) codes none of the structures; left out",
+                seg_file,
+                item.SegmentNumber,
+                item.SegmentLabel,
+            )
+            continue
+        targets[int(item.SegmentNumber)] = (match.label, match.name)
+    return targets
+
+
+def _structure_key(structure: Structure) -> tuple[str, ...]:
+    """(scheme, value) of the structure's type, then of its laterality if it has one."""
+    concepts = (structure.type,) if structure.laterality is None else (structure.type, structure.laterality)
+    return tuple(part for c in concepts for part in (c.scheme, c.value))
+
+
+def _segment_key(item: Dataset) -> tuple[str, ...]:
+    """(scheme, value) of a segment's property type, then of its modifiers (laterality) as the
+    Segment Description macro nests them in the type's code item: comparable with _structure_key."""
+    code = item.SegmentedPropertyTypeCodeSequence[0]
+    concepts = [code, *code.get("SegmentedPropertyTypeModifierCodeSequence", [])]
+    return tuple(part for c in concepts for part in (str(c.CodingSchemeDesignator), str(c.CodeValue)))
 
 
 # --- splits and data specs ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import click
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from node.config import Settings, load_settings
+from node.config import SegmenterSettings, Settings, load_settings
 from node.db import engine as db
 from node.db.engine import SchemaOutOfDateError, session_scope
 from node.db.jobs import JobNotFoundError, retry
@@ -150,11 +150,14 @@ def config_check(ctx: click.Context) -> None:
         for r in settings.rules
         if r.segmenter not in installed
     ]
-    problems += [
-        f"segmenter {name!r}: checkpoint {net.checkpoint} does not exist"
-        for name, net in settings.segmenters.items()
-        if not net.checkpoint.is_file()
-    ]
+    for name, declared in settings.segmenters.items():
+        if declared.checkpoint is not None and not declared.checkpoint.is_file():
+            problems.append(f"segmenter {name!r}: checkpoint {declared.checkpoint} does not exist")
+        if declared.base is not None and declared.base not in registry.available():
+            problems.append(
+                f"segmenter {name!r}: base {declared.base!r} is not installed "
+                f"(installed: {', '.join(sorted(registry.available()))})"
+            )
     scp = settings.scp
     click.echo(f"DICOM listener: AE {scp.ae_title} on {scp.host}:{scp.port}")
     allowed = ", ".join(scp.allowed_calling_aes) or "any calling AE"
@@ -172,8 +175,8 @@ def config_check(ctx: click.Context) -> None:
             f"send to {', '.join(rule.destinations) or '-'}"
         )
         click.echo(f"  when: {_describe(rule)}")
-    for name, net in settings.segmenters.items():
-        click.echo(f"Segmenter {name!r}: network {net.checkpoint} on {net.device}, mixed precision {net.amp}")
+    for name, declared in settings.segmenters.items():
+        click.echo(f"Segmenter {name!r}: {_describe_segmenter(declared)}")
     for name, dest in settings.destinations.items():
         click.echo(f"Destination {name!r}: C-STORE to {dest.ae_title}@{dest.host}:{dest.port}")
     if problems:
@@ -199,6 +202,19 @@ def _describe(rule: Any) -> str:
     if rule.sop_class_uids:
         parts.append(f"SOP class in {', '.join(rule.sop_class_uids)}")
     return ", ".join(parts)
+
+
+def _describe_segmenter(declared: SegmenterSettings) -> str:
+    if declared.checkpoint is not None:
+        what = (
+            f"network {declared.checkpoint} on {declared.device}, mixed precision {declared.amp}, "
+            f"{declared.batch_size} slices a batch"
+        )
+    else:
+        what = f"installed segmenter {declared.base}"
+    if not declared.crop_to_body:
+        return what
+    return f"{what}, cropped to the body (classical outline) with a {declared.crop_margin_mm:g} mm margin"
 
 
 def _redact(url: str) -> str:

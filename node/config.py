@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -89,13 +89,49 @@ class Rule(BaseModel):
         return value
 
 
-class NetworkSegmenterSettings(BaseModel):
-    """A trained network a rule can name: its checkpoint and how to run it."""
+class SegmenterSettings(BaseModel):
+    """A segmenter a rule can name beside the installed ones: a trained network's checkpoint, or an
+    installed segmenter (``base``) cropped to the patient's body; a checkpoint can be cropped too.
 
-    checkpoint: Path
+    One schema for both, so a rule names either the same way. ``device``, ``amp`` and
+    ``batch_size`` tell the node how to run a checkpoint; an installed segmenter runs as installed.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
+    checkpoint: Path | None = None
+    base: str | None = Field(None, min_length=1)
     device: str = "auto"  # auto: CUDA when the worker has a GPU (CUDA_VISIBLE_DEVICES picks it)
     amp: bool = True  # mixed precision on the GPU
     batch_size: int = Field(8, ge=1)
+    # Run on the body's bounding box only, labels outside the body cleared (segmenters.cropping).
+    crop_to_body: bool = False
+    # Air kept around the body's box for the network to see (segmenters.cropping.DEFAULT_MARGIN_MM).
+    crop_margin_mm: float = Field(40.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SegmenterSettings:
+        if (self.checkpoint is None) == (self.base is None):
+            raise ValueError(
+                "give exactly one of checkpoint (a trained network's file) "
+                "or base (an installed segmenter such as demo-thorax-unet)"
+            )
+        if self.base is not None:
+            for_networks = sorted({"device", "amp", "batch_size"} & self.model_fields_set)
+            if for_networks:
+                raise ValueError(
+                    f"{', '.join(for_networks)} apply to a checkpoint; base {self.base!r} runs as installed"
+                )
+            if self.base == "classical":
+                raise ValueError("the classical segmenter finds the body itself: it has nothing to crop")
+            if not self.crop_to_body:
+                raise ValueError(
+                    f"base {self.base!r} without crop_to_body: true is {self.base!r} itself; "
+                    "name it in the rule instead"
+                )
+        if "crop_margin_mm" in self.model_fields_set and not self.crop_to_body:
+            raise ValueError("crop_margin_mm applies only with crop_to_body: true")
+        return self
 
 
 class WorkerSettings(BaseModel):
@@ -127,8 +163,9 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
-    # Trained networks by the name rules use; built-in segmenters ("classical") need no entry.
-    segmenters: dict[str, NetworkSegmenterSettings] = Field(default_factory=dict)
+    # Segmenters by the name rules use, beside the installed ones ("classical", "demo-thorax-unet",
+    # entry points), which need no entry: trained checkpoints, and body-cropped segmenters.
+    segmenters: dict[str, SegmenterSettings] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     api_host: str = "127.0.0.1"
     api_port: int = Field(8080, ge=0, le=65535)
@@ -142,6 +179,17 @@ class Settings(BaseSettings):
         names = [r.name for r in self.rules]
         if len(names) != len(set(names)):
             raise ValueError("rule names must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _bases_are_installed_segmenters(self) -> Settings:
+        # One way to crop a checkpoint (crop_to_body on its own entry), and no chains or cycles.
+        for name, segmenter in self.segmenters.items():
+            if segmenter.base in self.segmenters:
+                raise ValueError(
+                    f"segmenter {name!r}: base {segmenter.base!r} is declared in this file; a base is an "
+                    "installed segmenter (to crop a checkpoint, set crop_to_body on its own entry)"
+                )
         return self
 
     @property

@@ -122,10 +122,16 @@ def seg_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
 
 
 def series_description(algorithm: AlgorithmInfo) -> str:
-    """What a technologist reads in the PACS series list (LO: at most 64 characters)."""
-    prefix, suffix = "AI segmentation (", ")"
+    """What a technologist reads in the PACS series list (LO: at most 64 characters).
+
+    The algorithm's name and version matter most (which model, cropped or not), so when they do
+    not fit the words "segmentation" give way first (the modality, SEG, says it), then the end.
+    """
     name = f"{algorithm.name} {algorithm.version}"
-    return prefix + name[: 64 - len(prefix) - len(suffix)] + suffix
+    for prefix in ("AI segmentation (", "AI ("):
+        if len(prefix) + len(name) + 1 <= 64:
+            return f"{prefix}{name})"
+    return f"AI ({name[: 64 - len('AI ()')]})"
 
 
 def write_seg(ds: Dataset, path: Path) -> None:

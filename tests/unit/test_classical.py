@@ -25,6 +25,7 @@ from segmenters.classical import (
     LEFT_LUNG,
     RIGHT_LUNG,
     ClassicalSegmenter,
+    body_mask,
 )
 from segmenters.rtstruct import RT_STRUCTURE_SET_STORAGE, read_rtstruct_masks
 
@@ -294,6 +295,19 @@ def test_phantom_slices_ordered_head_to_foot(segmenter: ClassicalSegmenter) -> N
         hu=volume.hu[::-1].copy(), spacing=volume.spacing, axes_lps=((0.0, 0.0, -1.0), *volume.axes_lps[1:])
     )
     assert np.array_equal(segmenter.predict(flipped)[::-1], segmenter.predict(volume))
+
+
+def test_body_mask_is_the_outline_predict_labels(
+    segmenter: ClassicalSegmenter, thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]]
+) -> None:
+    # The outline alone, for a network to be cropped to (segmenters.cropping): on real CT and on a
+    # phantom on a couch, exactly the voxels predict labels.
+    volume, labels, _ = thorax
+    np.testing.assert_array_equal(body_mask(volume), labels > 0)
+    phantom, _, _ = _phantom((1.0, 0.0, 0.0))
+    body = body_mask(phantom)
+    np.testing.assert_array_equal(body, segmenter.predict(phantom) > 0)
+    assert body.dtype == bool and body[:, 44, 64].all() and not body[:, 80:, :].any()
 
 
 @pytest.mark.parametrize("shape", [(30, 64, 64), (1, 16, 16)])

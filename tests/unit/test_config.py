@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from node.config import load_settings
+from segmenters.cropping import DEFAULT_MARGIN_MM
 
 CONFIG = """
 data_dir: /srv/segnode
@@ -63,3 +64,55 @@ def test_invalid_values_are_refused(bad: dict[str, object]) -> None:
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml")
+
+
+# --- segmenters a rule can name ---------------------------------------------------------------
+
+
+def test_segmenters_declare_a_checkpoint_or_a_cropped_installed_one() -> None:
+    settings = load_settings(
+        None,
+        segmenters={
+            "thorax": {"checkpoint": "/models/thorax.pt", "device": "cpu", "crop_to_body": True},
+            "demo-cropped": {"base": "demo-thorax-unet", "crop_to_body": True, "crop_margin_mm": 25},
+        },
+        rules=[{"name": "chest", "segmenter": "demo-cropped"}],
+    )
+    thorax, demo = settings.segmenters["thorax"], settings.segmenters["demo-cropped"]
+    assert thorax.checkpoint == Path("/models/thorax.pt") and thorax.base is None
+    assert thorax.crop_to_body and thorax.crop_margin_mm == DEFAULT_MARGIN_MM
+    assert demo.base == "demo-thorax-unet" and demo.checkpoint is None and demo.crop_margin_mm == 25
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"crop_to_body": True}, "give exactly one of checkpoint .* or base"),
+        ({"checkpoint": "m.pt", "base": "demo-thorax-unet"}, "give exactly one of checkpoint .* or base"),
+        ({"base": "demo-thorax-unet"}, "without crop_to_body: true is 'demo-thorax-unet' itself"),
+        (
+            {"base": "demo-thorax-unet", "crop_to_body": True, "device": "cuda"},
+            "device apply to a checkpoint",
+        ),
+        ({"base": "classical", "crop_to_body": True}, "finds the body itself"),
+        ({"checkpoint": "m.pt", "crop_margin_mm": 10}, "crop_margin_mm applies only with crop_to_body"),
+        ({"checkpoint": "m.pt", "crop_to_body": True, "crop_margin_mm": -1}, "greater than or equal to 0"),
+        ({"checkpoint": "m.pt", "crop_to_bdy": True}, "crop_to_bdy\n  Extra inputs are not permitted"),
+    ],
+)
+def test_segmenter_declarations_that_make_no_sense_are_refused(
+    entry: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        load_settings(None, segmenters={"thorax": entry})
+
+
+def test_a_base_declared_in_the_same_file_is_refused() -> None:
+    with pytest.raises(ValidationError, match="base 'thorax' is declared in this file"):
+        load_settings(
+            None,
+            segmenters={
+                "thorax": {"checkpoint": "m.pt"},
+                "thorax-cropped": {"base": "thorax", "crop_to_body": True},
+            },
+        )

@@ -275,7 +275,13 @@ def test_rle_is_refused_for_binary(series: SeriesVolume) -> None:
 def test_series_description_fits_lo() -> None:
     long = AlgorithmInfo("a-very-long-segmenter-name-" * 4, "12.3.4", ALGORITHM.family)
     text = series_description(long)
-    assert len(text) == 64 and text.startswith("AI segmentation (") and text.endswith(")")
+    assert len(text) == 64 and text.startswith("AI (a-very-long-") and text.endswith(")")
+
+
+def test_series_description_keeps_name_and_version_before_its_words() -> None:
+    cropped = AlgorithmInfo("segnode-demo-thorax-unet (demo model) (body-cropped)", "1.0", ALGORITHM.family)
+    assert series_description(cropped) == "AI (segnode-demo-thorax-unet (demo model) (body-cropped) 1.0)"
+    assert series_description(ALGORITHM) == "AI segmentation (segnode-classical 1.0)"
 
 
 def test_write_seg_replaces_atomically(series: SeriesVolume, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ build their app from the same function and register the task bodies on it.
 from __future__ import annotations
 
 from celery import Celery
+from kombu.transport import sqlalchemy as sqlalchemy_transport
 
 from node.config import Settings
 
@@ -15,9 +16,25 @@ DELIVER_JOB = "segnode.deliver_job"
 QUEUE = "segnode"
 
 
+class EmbeddedBrokerTransport(sqlalchemy_transport.Transport):
+    """kombu's SQL transport (the embedded broker: a table), polled every 0.1 s instead of every 1 s.
+
+    Idle workers poll the table; at kombu's default of once a second that added up to a second to
+    every job and every delivery. One indexed query each 0.1 s costs nothing. The interval is a class
+    attribute because kombu hands every transport option of this transport to ``create_engine``,
+    which refuses ``polling_interval``.
+    """
+
+    polling_interval = 0.1
+
+
 def make_celery(settings: Settings) -> Celery:
     """The Celery app for ``settings``: JSON only, late acknowledgement, one task at a time per process."""
-    app = Celery("segnode", broker=settings.effective_broker_url, set_as_current=False)
+    url = settings.effective_broker_url
+    app = Celery("segnode", broker=url.removeprefix("sqla+"), set_as_current=False)
+    if url.startswith("sqla+"):
+        # Named by class, not by the URL's prefix, which would pick kombu's own class.
+        app.conf.broker_transport = EmbeddedBrokerTransport
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -119,8 +119,9 @@ class SegmenterSettings(BaseModel):
         if self.base is not None:
             for_networks = sorted({"device", "amp", "batch_size"} & self.model_fields_set)
             if for_networks:
+                verb = "applies" if len(for_networks) == 1 else "apply"
                 raise ValueError(
-                    f"{', '.join(for_networks)} apply to a checkpoint; base {self.base!r} runs as installed"
+                    f"{', '.join(for_networks)} {verb} to a checkpoint; base {self.base!r} runs as installed"
                 )
             if self.base == "classical":
                 raise ValueError("the classical segmenter finds the body itself: it has nothing to crop")

@@ -92,7 +92,11 @@ def test_segmenters_declare_a_checkpoint_or_a_cropped_installed_one() -> None:
         ({"base": "demo-thorax-unet"}, "without crop_to_body: true is 'demo-thorax-unet' itself"),
         (
             {"base": "demo-thorax-unet", "crop_to_body": True, "device": "cuda"},
-            "device apply to a checkpoint",
+            "device applies to a checkpoint",
+        ),
+        (
+            {"base": "demo-thorax-unet", "crop_to_body": True, "amp": False, "batch_size": 2},
+            "amp, batch_size apply to a checkpoint",
         ),
         ({"base": "classical", "crop_to_body": True}, "finds the body itself"),
         ({"checkpoint": "m.pt", "crop_margin_mm": 10}, "crop_margin_mm applies only with crop_to_body"),

@@ -426,3 +426,15 @@ def copy_with_series_uids(
             updates["SeriesInstanceUID"] = series_uid
         out.append(modify(dst, **updates) if updates else dst)
     return out
+
+
+def lung_and_bone_labels(hu: np.ndarray, right_lung: int, left_lung: int, bone: int) -> np.ndarray:
+    """A label map of a series made here, as a segmenter would give it: lung voxels of the image's
+    left half (the patient's right) ``right_lung``, of its right half ``left_lung``, bone ``bone``."""
+    labels = np.zeros(hu.shape, np.uint8)
+    lung = hu == LUNG_HU
+    half = hu.shape[2] // 2
+    labels[:, :, :half][lung[:, :, :half]] = right_lung
+    labels[:, :, half:][lung[:, :, half:]] = left_lung
+    labels[hu == BONE_HU] = bone
+    return labels

@@ -30,12 +30,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nd
     paths = f.make_ct_series(folder / "ct", n_slices=6, rows=32, cols=40)
     series = load_series(paths)
     hu = series.volume.hu
-    labels = np.zeros(hu.shape, np.uint8)
-    lung = hu == f.LUNG_HU
-    half = hu.shape[2] // 2
-    labels[:, :, :half][lung[:, :, :half]] = RIGHT_LUNG.label
-    labels[:, :, half:][lung[:, :, half:]] = LEFT_LUNG.label
-    labels[hu == f.BONE_HU] = BONE.label
+    labels = f.lung_and_bone_labels(hu, RIGHT_LUNG.label, LEFT_LUNG.label, BONE.label)
     labels[0] = 0  # an empty slice: the SEG leaves its frames out
     seg_file = folder / "seg.dcm"
     write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES), seg_file)

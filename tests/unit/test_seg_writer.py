@@ -56,13 +56,7 @@ def series(ct_paths: list[Path]) -> SeriesVolume:
 
 def phantom_labels(hu: np.ndarray) -> np.ndarray:
     """Right lung 2 (image left half: patient right), left lung 3, bone 7, like a segmenter would."""
-    labels = np.zeros(hu.shape, np.uint8)
-    lung = hu == f.LUNG_HU
-    half = hu.shape[2] // 2
-    labels[:, :, :half][lung[:, :, :half]] = RIGHT_LUNG.label
-    labels[:, :, half:][lung[:, :, half:]] = LEFT_LUNG.label
-    labels[hu == f.BONE_HU] = BONE.label
-    return labels
+    return f.lung_and_bone_labels(hu, RIGHT_LUNG.label, LEFT_LUNG.label, BONE.label)
 
 
 def dciodvfy(path: Path) -> list[str]:

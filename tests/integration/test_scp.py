@@ -6,6 +6,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -333,3 +337,51 @@ def test_reactors_poll_fast_for_one_association_and_at_the_default_for_several(s
     first.release()
     assert _poll_delays(scp, 0) == []
     assert reactor_pace.PACE.alone
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def test_instance_is_written_while_it_arrives_and_removed_when_its_sender_aborts(
+    scp: RunningScp, tmp_path: Path
+) -> None:
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=512, cols=512)  # ~0.5 MB
+    ds = dcmread(path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    encoded = encode(ds, False, True)
+    assert encoded is not None
+    request.DataSet = BytesIO(encoded)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id, max_pdu = assoc.accepted_contexts[0].context_id, assoc.acceptor.maximum_length
+    assert context_id is not None and max_pdu is not None
+    pdatas = list(message.encode_msg(context_id, max_pdu))
+    assert len(pdatas) > 2  # the command, then the data set in several P-DATA
+    for pdata in pdatas[:-1]:  # all but the last fragment
+        assoc.dul.send_pdu(pdata)
+    incoming = scp.root / ".incoming"
+
+    def spooled_bytes() -> int:
+        return sum(p.stat().st_size for p in incoming.glob("*.part"))
+
+    # Everything that arrived is already in a temporary file; nothing is recorded or in place.
+    assert _eventually(lambda: spooled_bytes() >= 400_000), spooled_bytes()
+    assert scp.instance_count() == 0
+    assoc.abort()
+    assert _eventually(lambda: not list(incoming.glob("*.part")))
+    assert scp.instance_count() == 0
+    assert not list(scp.root.rglob("*.dcm"))

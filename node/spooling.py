@@ -1,0 +1,142 @@
+"""C-STORE data sets written to the storage while they arrive, not after.
+
+pynetdicom collects a data set in memory and hands it to the handler when its last fragment has
+arrived; only then could the node write the file, wait for the disk, and answer. Here every
+association's DIMSE provider moves each C-STORE's data set into a :class:`SpoolingStream` as soon
+as its command set is decoded: the fragments still go to memory (the handler reads the header from
+there) and also to a temporary file in the storage, whose writeback starts at once. When the
+handler runs, the file is already written and mostly on its way to the disk.
+
+A data set that arrives whole in the same P-DATA as its command (a small instance) is not spooled;
+:meth:`Spooler.staged` writes it the ordinary way. Spools of an association that ends mid-instance,
+or of a request pynetdicom answers without calling the handler, are removed when it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+from node.part10 import file_preamble
+from node.storage import Spool, StagedFile, Storage, StorageFullError
+
+log = logging.getLogger(__name__)
+
+
+class SpoolingStream(BytesIO):
+    """A C-STORE data set in memory whose every write also goes to its spool file."""
+
+    def __init__(self, spool: Spool, received: bytes) -> None:
+        super().__init__()
+        self.spool = spool
+        self.write(received)
+
+    def write(self, data: Any) -> int:
+        written = super().write(data)
+        self.spool.write(data)
+        return written
+
+
+class Spooler:
+    """Makes the associations of one listener spool their C-STORE data sets into ``storage``.
+
+    Bind :meth:`opened` and :meth:`closed` to ``EVT_CONN_OPEN`` and ``EVT_CONN_CLOSE``; the
+    C-STORE handler takes each instance's file from :meth:`staged`.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._lock = threading.Lock()
+        self._unclaimed: dict[int, set[Spool]] = {}
+
+    def opened(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._unclaimed[id(assoc)] = set()
+        receive = assoc.dimse.receive_primitive
+        # An instance attribute: pynetdicom's state machine calls ``assoc.dimse.receive_primitive``.
+        assoc.dimse.receive_primitive = self._receiver(assoc, receive)  # type: ignore[method-assign,assignment]
+
+    def closed(self, event: evt.Event) -> None:
+        with self._lock:
+            left = self._unclaimed.pop(id(event.assoc), set())
+        for spool in left:
+            spool.discard()
+        if left:
+            log.info(
+                "association from %s ended: %d unfinished instance(s) discarded",
+                event.assoc.requestor.ae_title,
+                len(left),
+            )
+
+    def staged(self, event: evt.Event) -> StagedFile:
+        """The C-STORE's data set in a temporary file of the storage, flushing in the background.
+
+        Raises :class:`StorageFullError` below the free-space threshold.
+        """
+        request = cast(C_STORE, event.request)
+        stream = request.DataSet
+        if isinstance(stream, SpoolingStream):
+            with self._lock:
+                self._unclaimed.get(id(event.assoc), set()).discard(stream.spool)
+            return stream.spool.finish()
+        preamble = file_preamble(
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            event.assoc.requestor.ae_title,
+        )
+        return self.storage.stage([preamble, cast(BytesIO, stream).getbuffer()])
+
+    def _receiver(self, assoc: Association, receive: Callable[[P_DATA], None]) -> Callable[[P_DATA], None]:
+        syntaxes: dict[int, str] = {}  # filled on the first data set: contexts are negotiated later
+        arriving: list[SpoolingStream] = []  # the data set being spooled, if any
+
+        def receive_and_spool(primitive: P_DATA) -> None:
+            receive(primitive)
+            message = assoc.dimse.message
+            if message is None:  # no message, or one just completed and queued for its handler
+                if arriving:  # its fsync starts before the handler is even called
+                    arriving.pop().spool.finish()
+                return
+            if isinstance(message, C_STORE_RQ) and type(message.data_set) is BytesIO:
+                if not syntaxes:
+                    syntaxes.update(
+                        (cast(int, cx.context_id), str(cx.transfer_syntax[0]))
+                        for cx in assoc.accepted_contexts
+                    )
+                syntax = syntaxes.get(cast(int, message.context_id))
+                stream = self._spool(assoc, message, syntax) if syntax is not None else None
+                if stream is not None:
+                    message.data_set = stream
+                    arriving.append(stream)
+
+        return receive_and_spool
+
+    def _spool(self, assoc: Association, message: C_STORE_RQ, syntax: str) -> SpoolingStream | None:
+        """A spool for ``message``'s data set with what arrived so far; None if none can be made."""
+        command = message.command_set
+        preamble = file_preamble(
+            str(command.AffectedSOPClassUID),
+            str(command.AffectedSOPInstanceUID),
+            syntax,
+            assoc.requestor.ae_title,
+        )
+        try:
+            spool = self.storage.open_spool(preamble)
+        except OSError as err:  # full, or no temporary file: the handler stages and answers
+            if not isinstance(err, StorageFullError):
+                log.warning("cannot spool an instance (%s); it is kept in memory", err.strerror)
+            return None
+        with self._lock:
+            self._unclaimed.setdefault(id(assoc), set()).add(spool)
+        return SpoolingStream(spool, cast(BytesIO, message.data_set).getvalue())

@@ -1,0 +1,99 @@
+"""C-STORE responses packed directly, instead of through pydicom data sets.
+
+pynetdicom builds every response as a pydicom data set of eight elements, encodes it twice (once to
+learn the group length) and wraps it in P-DATA: 1.3 ms of CPU an instance on this 2-core machine,
+on the path of every acknowledgement, while the sender waits (measured on 300 CT slices; a tenth
+of segnode's ingest time). A C-STORE-RSP is a fixed command set (PS3.7 9.3.1.2) in implicit VR
+little endian: :func:`encode_store_response` packs it with ``struct`` in ~10 us, byte for byte what
+pynetdicom sends (tests/unit/test_store_response.py compares them).
+
+:func:`pack_store_responses` binds to ``EVT_CONN_OPEN``: the association's DIMSE provider then
+sends C-STORE responses this way; every other message goes through pynetdicom unchanged. The
+notification ``EVT_DIMSE_SENT`` is not raised for these responses: it only feeds pynetdicom's debug
+logging, which the node turns off (``node.scp.configure_pynetdicom``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
+from pynetdicom.pdu_primitives import P_DATA
+
+C_STORE_RSP = 0x8001
+NO_DATA_SET = 0x0101
+# Message control header of a PDV: command information, last fragment (PS3.8 E.2).
+LAST_COMMAND_FRAGMENT = b"\x03"
+# A PDV item's own header: item length (4 bytes), presentation context ID (1 byte).
+PDV_ITEM_HEADER = 6
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """A group 0000 element in implicit VR little endian: tag, 4-byte length, value."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid(value: object) -> bytes:
+    raw = str(value).encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: object) -> bytes:
+    raw = str(value).encode("ascii", errors="replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def encode_store_response(response: C_STORE) -> bytes:
+    """The command set of a C-STORE-RSP without Offending Element, encoded for the wire."""
+    elements = [
+        _element(0x0002, _uid(response.AffectedSOPClassUID)),
+        _element(0x0100, _us(C_STORE_RSP)),
+        _element(0x0120, _us(int(response.MessageIDBeingRespondedTo or 0))),
+        _element(0x0800, _us(NO_DATA_SET)),
+        _element(0x0900, _us(int(response.Status or 0))),
+    ]
+    if response.ErrorComment:
+        elements.append(_element(0x0902, _text(response.ErrorComment)))
+    elements.append(_element(0x1000, _uid(response.AffectedSOPInstanceUID)))
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _packs(response: C_STORE) -> bool:
+    """Whether ``response`` is a C-STORE response this module encodes (all the node sends)."""
+    return response.MessageIDBeingRespondedTo is not None and response.OffendingElement is None
+
+
+def pack_store_responses(event: evt.Event) -> None:
+    """Make the association's DIMSE provider pack its C-STORE responses (bind to EVT_CONN_OPEN)."""
+    dimse = event.assoc.dimse
+    # An instance attribute: pynetdicom's service classes call ``self.dimse.send_msg``.
+    dimse.send_msg = _sender(dimse, dimse.send_msg)  # type: ignore[method-assign,assignment]
+
+
+Sender = Callable[[DimsePrimitiveType, int], None]
+
+
+def _sender(dimse: DIMSEServiceProvider, send_msg: Sender) -> Sender:
+    def send(primitive: DimsePrimitiveType, context_id: int) -> None:
+        if not isinstance(primitive, C_STORE) or not _packs(primitive):
+            send_msg(primitive, context_id)
+            return
+        encoded = LAST_COMMAND_FRAGMENT + encode_store_response(primitive)
+        limit = dimse.maximum_pdu_size
+        if limit and len(encoded) + PDV_ITEM_HEADER > limit:  # the peer wants it fragmented
+            send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # pynetdicom checks for a list at run time; its annotation says tuple
+        pdata.presentation_data_value_list = [[context_id, encoded]]  # type: ignore[list-item]
+        dimse.dul.send_pdu(pdata)
+
+    return send

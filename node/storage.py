@@ -341,6 +341,9 @@ class Spool:
     def finish(self) -> StagedFile:
         """The spool as a staged file, fsynced on a flusher thread; the same one on every call
         (the receiving thread and the handler's may both ask, in either order)."""
+        staged = self._staged
+        if staged is not None:  # without the lock, which the flush holds while it waits for the disk
+            return staged
         with self._lock:
             if self._staged is None:
                 self._staged = StagedFile(self._flusher.submit(self._flush), self.size)

@@ -187,6 +187,8 @@ def configure_pynetdicom() -> None:
     # Its standard handlers decode and describe every PDU and DIMSE message for debug logging:
     # ~0.5 ms of CPU an instance, for lines the WARNING level below throws away.
     _config.LOG_HANDLER_LEVEL = "none"
+    # Its own writing of received data sets to files would leave node/spooling.py only the preamble.
+    _config.STORE_RECV_CHUNKED_DATASET = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     reactor_pace.install()
 

@@ -60,8 +60,10 @@ class Spooler:
 
     def opened(self, event: evt.Event) -> None:
         assoc = event.assoc
-        with self._lock:
+        with self._lock:  # an id left by an association whose receiving thread died: its spools go
+            stale = self._unclaimed.pop(id(assoc), set())
             self._unclaimed[id(assoc)] = set()
+        _discard_all(stale)
         receive = assoc.dimse.receive_primitive
         # An instance attribute: pynetdicom's state machine calls ``assoc.dimse.receive_primitive``.
         assoc.dimse.receive_primitive = self._receiver(assoc, receive)  # type: ignore[method-assign,assignment]
@@ -69,8 +71,7 @@ class Spooler:
     def closed(self, event: evt.Event) -> None:
         with self._lock:
             left = self._unclaimed.pop(id(event.assoc), set())
-        for spool in left:
-            spool.discard()
+        _discard_all(left)
         if left:
             log.info(
                 "association from %s ended: %d unfinished instance(s) discarded",
@@ -88,6 +89,11 @@ class Spooler:
         if isinstance(stream, SpoolingStream):
             with self._lock:
                 self._unclaimed.get(id(event.assoc), set()).discard(stream.spool)
+            try:  # the threshold holds at the end of an instance too, as for one staged here
+                self.storage.check_free_space()
+            except StorageFullError:
+                stream.spool.discard()
+                raise
             return stream.spool.finish()
         preamble = file_preamble(
             str(request.AffectedSOPClassUID),
@@ -100,15 +106,22 @@ class Spooler:
     def _receiver(self, assoc: Association, receive: Callable[[P_DATA], None]) -> Callable[[P_DATA], None]:
         syntaxes: dict[int, str] = {}  # filled on the first data set: contexts are negotiated later
         arriving: list[SpoolingStream] = []  # the data set being spooled, if any
+        tried: list[object] = []  # the message a spool was tried for (not again for each P-DATA)
 
         def receive_and_spool(primitive: P_DATA) -> None:
-            receive(primitive)
+            try:
+                receive(primitive)
+            except BaseException:  # pynetdicom's receiving thread ends: nothing will close the spool
+                self._drop(assoc, arriving)
+                raise
             message = assoc.dimse.message
             if message is None:  # no message, or one just completed and queued for its handler
+                tried.clear()
                 if arriving:  # its fsync starts before the handler is even called
-                    arriving.pop().spool.finish()
+                    self._complete(arriving)
                 return
-            if isinstance(message, C_STORE_RQ) and type(message.data_set) is BytesIO:
+            if isinstance(message, C_STORE_RQ) and not (tried and tried[0] is message):
+                tried[:] = [message]
                 if not syntaxes:
                     syntaxes.update(
                         (cast(int, cx.context_id), str(cx.transfer_syntax[0]))
@@ -122,21 +135,54 @@ class Spooler:
 
         return receive_and_spool
 
-    def _spool(self, assoc: Association, message: C_STORE_RQ, syntax: str) -> SpoolingStream | None:
-        """A spool for ``message``'s data set with what arrived so far; None if none can be made."""
-        command = message.command_set
-        preamble = file_preamble(
-            str(command.AffectedSOPClassUID),
-            str(command.AffectedSOPInstanceUID),
-            syntax,
-            assoc.requestor.ae_title,
-        )
+    def _complete(self, arriving: list[SpoolingStream]) -> None:
+        stream = arriving.pop()
         try:
+            stream.spool.finish()
+        except RuntimeError:  # the storage is closing: the handler's finish() fails and refuses it
+            log.warning("storage closing: an instance that just arrived is not flushed")
+
+    def _drop(self, assoc: Association, arriving: list[SpoolingStream]) -> None:
+        spools = {stream.spool for stream in arriving}
+        arriving.clear()
+        with self._lock:
+            self._unclaimed.get(id(assoc), set()).difference_update(spools)
+        _discard_all(spools)
+
+    def _spool(self, assoc: Association, message: C_STORE_RQ, syntax: str) -> SpoolingStream | None:
+        """A spool for ``message``'s data set with what arrived so far; None if none can be made.
+
+        Never raises: it runs in pynetdicom's receiving thread, and a request it cannot spool
+        (malformed, storage full) is kept in memory and answered by the handler as before.
+        """
+        try:
+            command = message.command_set
+            preamble = file_preamble(
+                _first(command.get("AffectedSOPClassUID")),
+                _first(command.get("AffectedSOPInstanceUID")),
+                syntax,
+                assoc.requestor.ae_title,
+            )
             spool = self.storage.open_spool(preamble)
-        except OSError as err:  # full, or no temporary file: the handler stages and answers
-            if not isinstance(err, StorageFullError):
-                log.warning("cannot spool an instance (%s); it is kept in memory", err.strerror)
+        except StorageFullError:
+            return None
+        except Exception as err:  # noqa: BLE001 - malformed command set, no temporary file, ...
+            log.warning("cannot spool an instance (%s); it is kept in memory", type(err).__name__)
             return None
         with self._lock:
             self._unclaimed.setdefault(id(assoc), set()).add(spool)
         return SpoolingStream(spool, cast(BytesIO, message.data_set).getvalue())
+
+
+def _first(value: object) -> str:
+    """A command set UID as pynetdicom reads it: the first of several values, "" when absent."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return str(value[0]) if len(value) else ""  # type: ignore[index,arg-type]
+    return str(value)
+
+
+def _discard_all(spools: set[Spool]) -> None:
+    for spool in spools:
+        spool.discard()  # never raises: the event's other handlers (reactor pace) still run

@@ -367,15 +367,26 @@ class Spool:
                 if _is_full(err):
                     raise StorageFullError(err.errno, DISK_FULL) from err
                 raise
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None  # forgotten first: a failed close has freed it anyway
+            try:
+                os.close(fd)
+            except OSError:
+                self.path.unlink(missing_ok=True)
+                raise
         return self.path
 
     def _close_and_remove(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.path.unlink(missing_ok=True)
+        """Close and remove the file; never raises (its callers run in pynetdicom's threads)."""
+        fd, self._fd = self._fd, None
+        try:
+            if fd is not None:
+                os.close(fd)
+        except OSError:
+            pass  # the descriptor is released whatever close reports
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("temporary file %s could not be removed (%s)", self.path.name, err.strerror)
 
 
 def _write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:

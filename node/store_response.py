@@ -36,13 +36,15 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
+# pydicom writes command set strings as ISO 8859-1 (its default character set); so do we, so that even
+# a UID a peer sent with stray non-ASCII bytes comes back as it went.
 def _uid(value: object) -> bytes:
-    raw = str(value).encode("ascii")
+    raw = str(value).encode("latin-1")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _text(value: object) -> bytes:
-    raw = str(value).encode("ascii", errors="replace")
+    raw = str(value).encode("latin-1")
     return raw + b" " if len(raw) % 2 else raw
 
 
@@ -51,7 +53,7 @@ def _us(value: int) -> bytes:
 
 
 def encode_store_response(response: C_STORE) -> bytes:
-    """The command set of a C-STORE-RSP without Offending Element, encoded for the wire."""
+    """The command set of a C-STORE-RSP with a Status and no Offending Element, for the wire."""
     elements = [
         _element(0x0002, _uid(response.AffectedSOPClassUID)),
         _element(0x0100, _us(C_STORE_RSP)),
@@ -59,7 +61,7 @@ def encode_store_response(response: C_STORE) -> bytes:
         _element(0x0800, _us(NO_DATA_SET)),
         _element(0x0900, _us(int(response.Status or 0))),
     ]
-    if response.ErrorComment:
+    if response.ErrorComment is not None:
         elements.append(_element(0x0902, _text(response.ErrorComment)))
     elements.append(_element(0x1000, _uid(response.AffectedSOPInstanceUID)))
     body = b"".join(elements)
@@ -68,7 +70,11 @@ def encode_store_response(response: C_STORE) -> bytes:
 
 def _packs(response: C_STORE) -> bool:
     """Whether ``response`` is a C-STORE response this module encodes (all the node sends)."""
-    return response.MessageIDBeingRespondedTo is not None and response.OffendingElement is None
+    return (
+        response.MessageIDBeingRespondedTo is not None
+        and response.Status is not None
+        and response.OffendingElement is None
+    )
 
 
 def pack_store_responses(event: evt.Event) -> None:
@@ -86,7 +92,11 @@ def _sender(dimse: DIMSEServiceProvider, send_msg: Sender) -> Sender:
         if not isinstance(primitive, C_STORE) or not _packs(primitive):
             send_msg(primitive, context_id)
             return
-        encoded = LAST_COMMAND_FRAGMENT + encode_store_response(primitive)
+        try:
+            encoded = LAST_COMMAND_FRAGMENT + encode_store_response(primitive)
+        except (UnicodeEncodeError, struct.error):  # beyond latin-1 or 64 KiB: pynetdicom's way decides
+            send_msg(primitive, context_id)
+            return
         limit = dimse.maximum_pdu_size
         if limit and len(encoded) + PDV_ITEM_HEADER > limit:  # the peer wants it fragmented
             send_msg(primitive, context_id)

@@ -37,6 +37,8 @@ def _pynetdicom_encoding(response: C_STORE) -> bytes:
         ("1.2.3.4.5", 0xA700, "storage full"),  # even-length comment
         ("1.2.3.4.56", 0xC000, "data set is truncated"),  # odd-length comment: padded with a space
         ("1.2.3.4.5", 0x0110, "instance could not be stored"),
+        ("1.2.3.4.5", 0xC000, ""),  # an empty comment is still an element
+        ("1.2.3.4.\u00e95", 0xC000, "non-ASCII byte in a peer's UID"),  # latin-1, as pydicom writes it
     ],
 )
 def test_packed_response_is_byte_for_byte_pynetdicoms(

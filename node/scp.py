@@ -23,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import reactor_pace
 from node.config import ScpSettings
 from node.part10 import TruncatedDataSetError, read_header
+from node.pdu_reads import read_whole_pdus
 from node.spooling import Spooler
 from node.storage import (
     InstanceFacts,
@@ -225,6 +226,7 @@ def start_scp(settings: ScpSettings, storage: Storage) -> ThreadedAssociationSer
         (evt.EVT_CONN_OPEN, _set_nodelay),
         (evt.EVT_CONN_OPEN, store.spooler.opened),
         (evt.EVT_CONN_OPEN, pack_store_responses),
+        (evt.EVT_CONN_OPEN, read_whole_pdus),
         (evt.EVT_CONN_CLOSE, store.spooler.closed),
         (evt.EVT_CONN_OPEN, reactor_pace.PACE.opened),
         (evt.EVT_CONN_CLOSE, reactor_pace.PACE.closed),

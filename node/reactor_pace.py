@@ -44,6 +44,9 @@ class ReactorPace:
             self._retune()
 
     def _retune(self) -> None:
+        # An association whose threads ended without EVT_CONN_CLOSE (pynetdicom raises none when its
+        # receiving thread dies on an exception) is over: it must not keep the others at 1 ms.
+        self._open = {a for a in self._open if a.ident is None or a.is_alive()}
         self.alone = len(self._open) <= 1
         delay = FAST_POLL_S if self.alone else DEFAULT_POLL_S
         for assoc in self._open:

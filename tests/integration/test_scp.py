@@ -339,6 +339,27 @@ def test_reactors_poll_fast_for_one_association_and_at_the_default_for_several(s
     assert reactor_pace.PACE.alone
 
 
+def test_an_association_whose_receiving_thread_died_no_longer_counts(scp: RunningScp) -> None:
+    # pynetdicom raises no EVT_CONN_CLOSE when its receiving thread ends on an exception; such an
+    # association must not keep the fast poll off for every later one.
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    first = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert first.is_established
+    assert _poll_delays(scp, 1) == [reactor_pace.FAST_POLL_S]
+    (served,) = scp.server.active_associations
+    served.dul.kill_dul()  # its receiving thread stops without closing anything
+    assert _eventually(lambda: not served.is_alive())
+    second = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    try:
+        assert second.is_established
+        assert _poll_delays(scp, 1) == [reactor_pace.FAST_POLL_S]
+        assert reactor_pace.PACE.alone
+    finally:
+        second.release()
+        first.abort()
+
+
 def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

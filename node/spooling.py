@@ -4,8 +4,8 @@ pynetdicom collects a data set in memory and hands it to the handler when its la
 arrived; only then could the node write the file, wait for the disk, and answer. Here every
 association's DIMSE provider moves each C-STORE's data set into a :class:`SpoolingStream` as soon
 as its command set is decoded: the fragments still go to memory (the handler reads the header from
-there) and also to a temporary file in the storage, whose writeback starts at once. When the
-handler runs, the file is already written and mostly on its way to the disk.
+there) and also to a temporary file in the storage, whose fsync starts as soon as the last one is
+in. When the handler runs, the file is already written and on its way to the disk.
 
 A data set that arrives whole in the same P-DATA as its command (a small instance) is not spooled;
 :meth:`Spooler.staged` writes it the ordinary way. Spools of an association that ends mid-instance,
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
+from pydicom.multival import MultiValue
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -163,12 +164,13 @@ class Spooler:
                 syntax,
                 assoc.requestor.ae_title,
             )
-            spool = self.storage.open_spool(preamble)
+            spool = self.storage.open_spool()
         except StorageFullError:
             return None
         except Exception as err:  # noqa: BLE001 - malformed command set, no temporary file, ...
             log.warning("cannot spool an instance (%s); it is kept in memory", type(err).__name__)
             return None
+        spool.write(preamble)
         with self._lock:
             self._unclaimed.setdefault(id(assoc), set()).add(spool)
         return SpoolingStream(spool, cast(BytesIO, message.data_set).getvalue())
@@ -178,8 +180,8 @@ def _first(value: object) -> str:
     """A command set UID as pynetdicom reads it: the first of several values, "" when absent."""
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return str(value[0]) if len(value) else ""  # type: ignore[index,arg-type]
+    if isinstance(value, MultiValue | list | tuple):
+        return str(value[0]) if len(value) else ""
     return str(value)
 
 

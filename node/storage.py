@@ -145,28 +145,27 @@ class Storage:
     def stage(self, pieces: Sequence[bytes | memoryview]) -> StagedFile:
         """Start writing an instance's file (``pieces``: its bytes, in order) to a temporary file.
 
-        Raises :class:`StorageFullError` at once below the free-space threshold. The pieces must
-        stay unchanged until the staged file is stored or discarded.
+        The writing and the fsync run on a flusher thread, while the caller goes on (the handler
+        reads the header meanwhile). Raises :class:`StorageFullError` at once below the free-space
+        threshold. The pieces must stay unchanged until the staged file is stored or discarded.
         """
-        self.check_free_space()
-        return StagedFile(self._flusher.submit(self._write_temp, pieces), sum(len(p) for p in pieces))
+        spool = self.open_spool()
+        return StagedFile(self._flusher.submit(spool.write_and_flush, pieces), sum(len(p) for p in pieces))
 
-    def open_spool(self, preamble: bytes) -> Spool:
-        """A temporary file for an instance still arriving, its ``preamble`` already written.
+    def open_spool(self) -> Spool:
+        """A new, empty temporary file for an instance; the one way files enter the storage.
 
         Raises :class:`StorageFullError` below the free-space threshold (nothing is created).
         """
         self.check_free_space()
-        temp = self._new_temp()
+        temp = self._incoming / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as err:
             if _is_full(err):
                 raise StorageFullError(err.errno, DISK_FULL) from err
             raise
-        spool = Spool(temp, fd, self._flusher)
-        spool.write(preamble)
-        return spool
+        return Spool(temp, fd, self._flusher)
 
     def store(
         self, data: StagedFile | Sequence[bytes | memoryview], facts: InstanceFacts, calling_ae: str
@@ -200,26 +199,6 @@ class Storage:
                 select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == sop_instance_uid)
             ).first()
         return found is not None
-
-    def _write_temp(self, pieces: Sequence[bytes | memoryview]) -> Path:
-        """Write ``pieces`` to a new temporary file and fsync it (on a flusher thread)."""
-        temp = self._new_temp()
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                _write_all(fd, pieces)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as err:
-            temp.unlink(missing_ok=True)
-            if _is_full(err):
-                raise StorageFullError(err.errno, DISK_FULL) from err
-            raise
-        return temp
-
-    def _new_temp(self) -> Path:
-        return self._incoming / f"{uuid.uuid4().hex}.part"
 
     def _place(self, staged: StagedFile, target: Path) -> None:
         """Rename the flushed temporary file to ``target`` and make the rename durable."""
@@ -305,7 +284,8 @@ class Storage:
 
 
 class Spool:
-    """An instance's temporary file, written while the instance is still arriving.
+    """An instance's temporary file, written while the instance is still arriving (or all at once
+    by :meth:`Storage.stage`).
 
     Each chunk goes to the page cache as it arrives, so that when the last one is in, only the
     fsync is left on the path of the acknowledgement: the copy of half a megabyte into the page
@@ -332,7 +312,9 @@ class Spool:
             if self._fd is None:
                 return
             try:
-                _write_all(self._fd, [chunk])
+                view = memoryview(chunk).cast("B")
+                while view:
+                    view = view[os.write(self._fd, view) :]
                 self.size += len(chunk)
             except OSError as err:
                 self._error = StorageFullError(err.errno, DISK_FULL) if _is_full(err) else err
@@ -353,6 +335,12 @@ class Spool:
         """Remove the temporary file: the instance was refused or never arrived whole."""
         with self._lock:
             self._close_and_remove()
+
+    def write_and_flush(self, pieces: Sequence[bytes | memoryview]) -> Path:
+        """Write a whole instance and fsync it (on a flusher thread, for :meth:`Storage.stage`)."""
+        for piece in pieces:
+            self.write(piece)
+        return self._flush()
 
     def _flush(self) -> Path:
         with self._lock:
@@ -387,17 +375,6 @@ class Spool:
             self.path.unlink(missing_ok=True)
         except OSError as err:
             log.warning("temporary file %s could not be removed (%s)", self.path.name, err.strerror)
-
-
-def _write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
-    views = [memoryview(p).cast("B") for p in pieces]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
 
 
 def _is_full(err: OSError) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import cast
 
 from sqlalchemy import (
     JSON,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -174,3 +176,9 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+# The tables themselves, for the few statements written in SQLAlchemy Core on the C-STORE path.
+STUDIES = cast(Table, Study.__table__)
+SERIES = cast(Table, Series.__table__)
+INSTANCES = cast(Table, Instance.__table__)

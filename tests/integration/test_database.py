@@ -15,6 +15,7 @@ from node.config import Settings, load_settings
 from node.db import engine as db
 from node.db.jobs import claim, mark_queued, retry, stale_jobs
 from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
+from node.instance_rows import InstanceRows
 from node.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
 from tests import peers
 
@@ -91,6 +92,49 @@ def test_storage_writes_records_and_keeps_duplicates_once(
             "1.2.3/1.2.3.4/1.2.3.4.1.dcm",
             "1.2.3/1.2.3.4/1.2.3.4.2.dcm",
         ]
+
+
+def test_instance_rows_count_once_and_outlive_a_lost_connection(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    engine = sessions.kw["bind"]
+    Storage(tmp_path / "store", engine, min_free_bytes=0).store([b"ct"], facts(n=1), "CT01")
+    with sessions() as session:
+        series_id = session.scalars(select(Series.id)).one()
+    rows = InstanceRows(engine)
+
+    def row(n: int) -> dict[str, object]:
+        return {
+            "series_id": series_id,
+            "sop_instance_uid": f"1.2.3.4.{n}",
+            "sop_class_uid": CT,
+            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+            "image_type": "ORIGINAL\\PRIMARY\\AXIAL",
+            "slice_thickness": 1.25,
+            "path": f"1.2.3/1.2.3.4/1.2.3.4.{n}.dcm",
+            "size_bytes": 2,
+            "received_at": utcnow(),
+        }
+
+    second = row(2)
+    assert rows.add(second) is True
+    assert rows.add(row(1)) is False  # recorded by the storage above: neither row nor count changes
+    # The connection dies under it (a database restart): that instance fails, the next gets a new one.
+    dead = rows._connection
+    assert dead is not None
+    dead.dbapi_connection.close()  # type: ignore[union-attr]
+    with pytest.raises(Exception, match=r"(?i)closed"):
+        rows.add(row(3))
+    assert rows.add(row(4)) is True
+    rows.close()
+    with sessions() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.instance_count == 3
+        assert series.last_received_at >= second["received_at"]  # type: ignore[operator]
+        stored = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+        assert sorted(stored) == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.4"]
+        assert stored["1.2.3.4.2"].received_at == second["received_at"]  # time zone kept, as the ORM reads it
+        assert stored["1.2.3.4.2"].slice_thickness == 1.25
 
 
 def test_storage_refuses_hostile_uids_and_a_full_disk(

@@ -13,11 +13,13 @@ tools for them cost more than the disk does here (measured on 300 CT slices of 5
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 from importlib.metadata import PackageNotFoundError, version
 from io import BytesIO
 from operator import index
+from typing import BinaryIO, cast
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
@@ -84,28 +86,41 @@ _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF  # the length of a value that ends at its delimiter
 
 
-def read_header(stream: BytesIO, transfer_syntax: UID) -> tuple[Dataset, bool]:
-    """The data set's elements before its pixel data, and whether pixel data is present.
+def read_header(source: BytesIO | mmap.mmap, transfer_syntax: UID, start: int = 0) -> tuple[Dataset, bool]:
+    """The elements of the data set in ``source`` from ``start`` to its end, before its pixel
+    data, and whether pixel data is present.
 
-    Every element's length is checked against the bytes received, without copying or decoding the
-    pixel data: a data set cut short raises :class:`TruncatedDataSetError` (a broken element:
-    pydicom's own error).
+    ``source`` is the data set in memory, or a received file mapped into memory (the data set
+    after its preamble and File Meta Information). Every element's length is checked against the
+    bytes received, without copying or decoding the pixel data: a data set cut short raises
+    :class:`TruncatedDataSetError` (a broken element: pydicom's own error).
     """
-    if transfer_syntax.is_deflated:
-        stream = BytesIO(zlib.decompress(stream.getbuffer(), -zlib.MAX_WBITS))
+    buffer = source.getbuffer() if isinstance(source, BytesIO) else memoryview(source)
+    try:
+        if transfer_syntax.is_deflated:
+            source = BytesIO(zlib.decompress(buffer[start:], -zlib.MAX_WBITS))
+            buffer.release()
+            buffer, start = source.getbuffer(), 0
+        return _read_header(source, buffer, start, transfer_syntax)
+    finally:
+        buffer.release()  # a mapped file cannot be closed while a view of it is held
+
+
+def _read_header(
+    source: BytesIO | mmap.mmap, buffer: memoryview, start: int, transfer_syntax: UID
+) -> tuple[Dataset, bool]:
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
-    buffer = stream.getbuffer()
-    stream.seek(0)
-    head = read_dataset(stream, implicit, little, stop_when=_at_pixels)
-    pixels_at = stream.tell()
+    source.seek(start)
+    head = read_dataset(cast(BinaryIO, source), implicit, little, stop_when=_at_pixels)
+    pixels_at = source.tell()
     if pixels_at + 4 <= len(buffer) and _tag(buffer, pixels_at, little) in _PIXEL_TAGS:
-        stream.seek(_skip_pixel_element(buffer, pixels_at, implicit, little))
-        _skim(stream, implicit, little)
+        source.seek(_skip_pixel_element(buffer, pixels_at, implicit, little))
+        _skim(source, len(buffer), implicit, little)
         return head, True
     # No pixel data: pydicom returns a short value where the bytes run out, so a data set cut
     # short in its header would pass unnoticed; walk it again, checking every length.
-    stream.seek(0)
-    _skim(stream, implicit, little)
+    source.seek(start)
+    _skim(source, len(buffer), implicit, little)
     return head, False
 
 
@@ -114,7 +129,7 @@ def _at_pixels(tag: int, _vr: str | None, _length: int) -> bool:
     return index(tag) >= _PIXEL_TAGS[0]
 
 
-def _skim(stream: BytesIO, implicit: bool, little: bool) -> None:
+def _skim(stream: BytesIO | mmap.mmap, size: int, implicit: bool, little: bool) -> None:
     """Walk the elements from the stream's position to its end, skipping every value.
 
     pydicom seeks past a skipped value, so a value longer than what is left leaves the position
@@ -127,8 +142,8 @@ def _skim(stream: BytesIO, implicit: bool, little: bool) -> None:
         last[:] = [stream.tell(), length]
         return False
 
-    read_dataset(stream, implicit, little, defer_size=0, stop_when=note)
-    end, size = stream.tell(), len(stream.getbuffer())
+    read_dataset(cast(BinaryIO, stream), implicit, little, defer_size=0, stop_when=note)
+    end = stream.tell()
     if end > size:
         raise TruncatedDataSetError(f"the data set is {end - size} bytes shorter than its elements announce")
     start, length = last

@@ -23,8 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import reactor_pace
 from node.config import ScpSettings
 from node.part10 import TruncatedDataSetError, read_header
-from node.pdu_reads import read_whole_pdus
-from node.spooling import Spooler
+from node.spooling import Spooler, received_data_set
 from node.storage import (
     InstanceFacts,
     InvalidUIDError,
@@ -141,8 +140,11 @@ class StoreHandler:
         request_uid: str,
     ) -> Dataset:
         try:
-            ds, has_pixels = read_header(stream, syntax)
+            with received_data_set(stream) as (source, start):
+                ds, has_pixels = read_header(source, syntax, start)
             facts = instance_facts(ds, str(syntax))
+        except OSError:  # its spool file could not be written: the staged file says why
+            return self._write_failure(staged, calling_ae, request_uid)
         except TruncatedDataSetError:
             log.warning("C-STORE from %s: instance %s is truncated", calling_ae, request_uid)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set is truncated")
@@ -168,6 +170,18 @@ class StoreHandler:
         if outcome is StoreOutcome.DUPLICATE:
             log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
         return _status(StoreStatus.SUCCESS)
+
+    def _write_failure(self, staged: StagedFile, calling_ae: str, request_uid: str) -> Dataset:
+        try:
+            staged.wait()
+        except StorageFullError as err:
+            log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
+            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
+        except Exception:
+            log.exception("C-STORE from %s: instance %s could not be written", calling_ae, request_uid)
+            return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
+        log.error("C-STORE from %s: instance %s could not be read back", calling_ae, request_uid)
+        return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -226,7 +240,6 @@ def start_scp(settings: ScpSettings, storage: Storage) -> ThreadedAssociationSer
         (evt.EVT_CONN_OPEN, _set_nodelay),
         (evt.EVT_CONN_OPEN, store.spooler.opened),
         (evt.EVT_CONN_OPEN, pack_store_responses),
-        (evt.EVT_CONN_OPEN, read_whole_pdus),
         (evt.EVT_CONN_CLOSE, store.spooler.closed),
         (evt.EVT_CONN_OPEN, reactor_pace.PACE.opened),
         (evt.EVT_CONN_CLOSE, reactor_pace.PACE.closed),

@@ -15,8 +15,10 @@ or of a request pynetdicom answers without calling the handler, are removed when
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from typing import Any, cast
 
@@ -28,23 +30,46 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from node.part10 import file_preamble
+from node.pdu_reads import Divert, data_fragments, install_reader
 from node.storage import Spool, StagedFile, Storage, StorageFullError
 
 log = logging.getLogger(__name__)
 
 
 class SpoolingStream(BytesIO):
-    """A C-STORE data set in memory whose every write also goes to its spool file."""
+    """A C-STORE data set on its way to its spool file; nothing of it is kept in memory.
 
-    def __init__(self, spool: Spool, received: bytes) -> None:
+    A ``BytesIO`` because pynetdicom holds a message's data set as one; it only ever writes to it.
+    The handler reads the data set back from the file (:func:`received_data_set`).
+    """
+
+    def __init__(self, spool: Spool, start: int, context_id: int) -> None:
         super().__init__()
         self.spool = spool
-        self.write(received)
+        self.start = start  # where the data set begins in the file, after the preamble
+        self.context_id = context_id
 
     def write(self, data: Any) -> int:
-        written = super().write(data)
         self.spool.write(data)
-        return written
+        return len(memoryview(data))
+
+
+@contextmanager
+def received_data_set(stream: BytesIO) -> Iterator[tuple[BytesIO | mmap.mmap, int]]:
+    """A C-STORE's data set to read: the spool file mapped into memory, or the stream itself
+    for an instance that was not spooled; with the offset where the data set starts.
+
+    Raises ``OSError`` when the spool file cannot be read back (its write failed: the staged
+    file says why).
+    """
+    if not isinstance(stream, SpoolingStream):
+        yield stream, 0
+        return
+    with (
+        open(stream.spool.path, "rb") as file,
+        mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+    ):
+        yield mapped, stream.start
 
 
 class Spooler:
@@ -65,9 +90,11 @@ class Spooler:
             stale = self._unclaimed.pop(id(assoc), set())
             self._unclaimed[id(assoc)] = set()
         _discard_all(stale)
-        receive = assoc.dimse.receive_primitive
+        receiver, divert = self._receiver(assoc, assoc.dimse.receive_primitive)
         # An instance attribute: pynetdicom's state machine calls ``assoc.dimse.receive_primitive``.
-        assoc.dimse.receive_primitive = self._receiver(assoc, receive)  # type: ignore[method-assign,assignment]
+        assoc.dimse.receive_primitive = receiver  # type: ignore[method-assign,assignment]
+        if assoc.dul.socket is not None:
+            install_reader(assoc.dul.socket, divert)
 
     def closed(self, event: evt.Event) -> None:
         with self._lock:
@@ -104,7 +131,11 @@ class Spooler:
         )
         return self.storage.stage([preamble, cast(BytesIO, stream).getbuffer()])
 
-    def _receiver(self, assoc: Association, receive: Callable[[P_DATA], None]) -> Callable[[P_DATA], None]:
+    def _receiver(
+        self, assoc: Association, receive: Callable[[P_DATA], None]
+    ) -> tuple[Callable[[P_DATA], None], Divert]:
+        """pynetdicom's ``receive_primitive`` wrapped to spool, and the association's PDU
+        reader's ``divert``: both run in its receiving thread."""
         syntaxes: dict[int, str] = {}  # filled on the first data set: contexts are negotiated later
         arriving: list[SpoolingStream] = []  # the data set being spooled, if any
         tried: list[object] = []  # the message a spool was tried for (not again for each P-DATA)
@@ -134,7 +165,19 @@ class Spooler:
                     message.data_set = stream
                     arriving.append(stream)
 
-        return receive_and_spool
+        def divert(body: memoryview) -> bool:
+            """Write a P-DATA of middle fragments of the data set being spooled; True if done."""
+            if not arriving:
+                return False
+            stream = arriving[-1]
+            fragments = data_fragments(body, stream.context_id)
+            if fragments is None:
+                return False
+            for fragment in fragments:
+                stream.write(fragment)
+            return True
+
+        return receive_and_spool, divert
 
     def _complete(self, arriving: list[SpoolingStream]) -> None:
         stream = arriving.pop()
@@ -171,9 +214,10 @@ class Spooler:
             log.warning("cannot spool an instance (%s); it is kept in memory", type(err).__name__)
             return None
         spool.write(preamble)
+        spool.write(cast(BytesIO, message.data_set).getvalue())  # what arrived with the command
         with self._lock:
             self._unclaimed.setdefault(id(assoc), set()).add(spool)
-        return SpoolingStream(spool, cast(BytesIO, message.data_set).getvalue())
+        return SpoolingStream(spool, len(preamble), cast(int, message.context_id))
 
 
 def _first(value: object) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -125,6 +126,32 @@ def test_series_in_each_syntax_is_stored_as_received(scp: RunningScp, tmp_path: 
         stored = dcmread(stored_path)
         assert stored.file_meta.TransferSyntaxUID == syntax
         assert stored.PixelData == original.PixelData
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """A Part 10 file's bytes after its File Meta Information (whose group length is at 140)."""
+    raw = path.read_bytes()
+    (meta_length,) = struct.unpack_from("<I", raw, 140)
+    return raw[144 + meta_length :]
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+def test_slices_of_many_pdus_are_kept_byte_for_byte(scp: RunningScp, tmp_path: Path, syntax: str) -> None:
+    # 0.5 MB a slice: four or five P-DATA each, whose middle fragments bypass pynetdicom's decoding.
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=3, rows=512, cols=512, transfer_syntax=syntax)
+    result = peers.storescu(paths, scp.port, aet="SEGNODE", extra_args=["-R", PROPOSE[syntax]])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert scp.instance_count() == 3
+    for sent in paths:
+        original = dcmread(sent, stop_before_pixels=True)
+        stored = (
+            scp.root
+            / original.StudyInstanceUID
+            / original.SeriesInstanceUID
+            / f"{original.SOPInstanceUID}.dcm"
+        )
+        assert _data_set_bytes(stored) == _data_set_bytes(sent)
+    assert not list((scp.root / ".incoming").iterdir())
 
 
 def test_real_jpeg2000_series_is_stored(scp: RunningScp, tmp_path: Path) -> None:

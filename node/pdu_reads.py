@@ -20,6 +20,7 @@ the association's network timeout, and keeps pynetdicom's idle timer running.
 from __future__ import annotations
 
 import select
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -97,6 +98,8 @@ class PduReader:
             sock = self.transport.socket
             if sock is None:
                 return False
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return True  # decrypted already: select sees only what is still on the socket
             try:
                 readable, _, _ = select.select([sock], [], [], STOP_CHECK_S)
             except (OSError, ValueError):  # closed by another thread (an abort)

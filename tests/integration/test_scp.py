@@ -331,10 +331,13 @@ def test_tls_listener_accepts_dicom_over_tls_only(
     )
     assert made.returncode == 0, made.stderr
     scp = scp_factory(min_free_bytes=0, tls_certificate=cert, tls_private_key=key)
-    paths = factory.make_ct_series(tmp_path / "ct", n_slices=2)
+    # 0.5 MB slices: several P-DATA each, some of them read ahead into the TLS layer's buffer.
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=3, rows=512, cols=512)
+    started = time.monotonic()
     secure = peers.storescu(paths, scp.port, aet="SEGNODE", extra_args=["+tla", "+cf", str(cert)])
     assert secure.returncode == 0, secure.stdout + secure.stderr
-    assert scp.instance_count() == 2
+    assert scp.instance_count() == 3
+    assert time.monotonic() - started < 20  # no slice waited on the socket for data already decrypted
     plain = peers.storescu(paths, scp.port, aet="SEGNODE", timeout=60)
     assert plain.returncode != 0
 

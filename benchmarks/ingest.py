@@ -8,7 +8,8 @@ Side by side in one run, each into fresh storage:
   - Orthanc (its own storage and SQLite index),
   - the floor: copying the same files with fsync + rename, no network.
 Then four storescu senders at once (four series, a quarter of the slices each) to segnode, against
-one sender for the same instances.
+one sender for the same instances. Each receiver starts after ``sync``: nothing another one left
+in the page cache is written back during its turn (storescp and Orthanc sync nothing themselves).
 
 Every DCMTK program and Orthanc runs with TCP_NODELAY=1 in its environment: Debian's DCMTK 3.6.7
 leaves Nagle's algorithm on otherwise, which costs ~45 ms an instance on loopback. segnode sets
@@ -102,19 +103,29 @@ def with_orthanc(work: Path, run: Callable[[int], float]) -> float:
         orthanc.stop(graceful=False)
 
 
+def settled(measure: Callable[[], float]) -> float:
+    """``measure()`` once the page cache holds nothing dirty: storescp and Orthanc leave their
+    158 MB to the kernel's writeback, which would otherwise run during the next receiver's turn
+    and slow whichever comes next (segnode's fsyncs most)."""
+    os.sync()
+    return measure()
+
+
 def run_once(run_dir: Path, single: list[Path], quarters: list[list[Path]]) -> dict[str, float]:
     """One round of every receiver, each into fresh storage under ``run_dir``."""
     everything = [x for q in quarters for x in q]
     timings = {
-        "fsync copy floor": fsync_copy(single, run_dir / "floor"),
-        "DCMTK storescp": with_storescp(run_dir / "storescp", lambda p: send(single, p, "STORESCP")),
-        "Orthanc": with_orthanc(run_dir / "orthanc", lambda p: send(single, p, "ORTHANC")),
-        "segnode": with_segnode(run_dir / "segnode", lambda p: send(single, p, "SEGNODE")),
-        "segnode, 4 senders": with_segnode(
-            run_dir / "segnode4", lambda p: send_parallel(quarters, p, "SEGNODE")
+        "fsync copy floor": settled(lambda: fsync_copy(single, run_dir / "floor")),
+        "DCMTK storescp": settled(
+            lambda: with_storescp(run_dir / "storescp", lambda p: send(single, p, "STORESCP"))
         ),
-        "segnode, 1 sender, same 4 series": with_segnode(
-            run_dir / "segnode1", lambda p: send(everything, p, "SEGNODE")
+        "Orthanc": settled(lambda: with_orthanc(run_dir / "orthanc", lambda p: send(single, p, "ORTHANC"))),
+        "segnode": settled(lambda: with_segnode(run_dir / "segnode", lambda p: send(single, p, "SEGNODE"))),
+        "segnode, 4 senders": settled(
+            lambda: with_segnode(run_dir / "segnode4", lambda p: send_parallel(quarters, p, "SEGNODE"))
+        ),
+        "segnode, 1 sender, same 4 series": settled(
+            lambda: with_segnode(run_dir / "segnode1", lambda p: send(everything, p, "SEGNODE"))
         ),
     }
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -15,6 +15,8 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom import uid as tsuid
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -88,24 +90,39 @@ def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)
 
 
+def _ascii(ds: Dataset, keyword: str) -> str:
+    """A UI or CS value (ASCII by definition) as pydicom would give it, values joined by ``\\``,
+    read from the undecoded element: pydicom's conversion and validation of the ten values the
+    node keeps cost 0.2 ms an instance, more than the rest of reading the header."""
+    element = ds.get_item(keyword)
+    if not isinstance(element, RawDataElement):
+        return _text(ds, keyword)
+    if not element.value:
+        return ""
+    text = element.value.decode("latin-1")  # pydicom's default for these VRs
+    if element.VR == "UI" or (element.VR is None and keyword.endswith("UID")):
+        return "\\".join(v.rstrip("\0 ") for v in text.split("\\"))
+    return "\\".join(v.strip(" ") for v in text.split("\\"))
+
+
 def instance_facts(ds: Dataset, transfer_syntax_uid: str) -> InstanceFacts:
-    thickness = ds.get("SliceThickness")
+    thickness = _ascii(ds, "SliceThickness").split("\\")[0].strip()
     return InstanceFacts(
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        sop_class_uid=_text(ds, "SOPClassUID"),
+        study_uid=_ascii(ds, "StudyInstanceUID"),
+        series_uid=_ascii(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_ascii(ds, "SOPInstanceUID"),
+        sop_class_uid=_ascii(ds, "SOPClassUID"),
         transfer_syntax_uid=transfer_syntax_uid,
-        modality=_text(ds, "Modality"),
-        image_type=_text(ds, "ImageType"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined"),
-        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        modality=_ascii(ds, "Modality"),
+        image_type=_ascii(ds, "ImageType"),
+        series_description=_text(ds, "SeriesDescription"),  # LO: its character set decides
+        body_part=_ascii(ds, "BodyPartExamined"),
+        slice_thickness=float(thickness) if thickness else None,
     )
 
 

@@ -1,0 +1,66 @@
+"""The facts read from undecoded elements are the values pydicom's conversion gives, in both VR encodings."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pytest
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+from node.scp import _ascii, _text, instance_facts
+
+CASES = [
+    ("StudyInstanceUID", "1.2.3"),  # odd length: padded with a null on the wire
+    ("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2"),
+    ("Modality", "CT"),
+    ("Modality", "C"),  # padded with a space
+    ("Modality", ""),
+    ("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"]),
+    ("ImageType", ["DERIVED", "SECONDARY", "LOCALIZER"]),
+    ("BodyPartExamined", "ABDOMEN"),
+    ("SliceThickness", "0.625"),
+    ("SliceThickness", "5"),
+]
+
+
+def _encoded(keyword: str, value: object, implicit: bool) -> bytes:
+    ds = Dataset()
+    setattr(ds, keyword, value)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize(("keyword", "value"), CASES)
+def test_undecoded_values_read_as_pydicom_converts_them(keyword: str, value: object, implicit: bool) -> None:
+    raw = _encoded(keyword, value, implicit)
+    assert _ascii(read_dataset(BytesIO(raw), implicit, True), keyword) == _text(
+        read_dataset(BytesIO(raw), implicit, True), keyword
+    )
+
+
+def test_facts_of_a_ct_header() -> None:
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+    ds.SOPClassUID, ds.Modality, ds.ImageType = (
+        "1.2.840.10008.5.1.4.1.1.2",
+        "CT",
+        ["ORIGINAL", "PRIMARY", "AXIAL"],
+    )
+    ds.SpecificCharacterSet, ds.SeriesDescription = "ISO_IR 100", "Thorax für Bestrahlung"
+    ds.BodyPartExamined, ds.SliceThickness = "CHEST", "1.25"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    facts = instance_facts(read_dataset(BytesIO(buffer.getvalue()), False, True), "1.2.840.10008.1.2.1")
+    assert (facts.study_uid, facts.series_uid, facts.sop_instance_uid) == ("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert facts.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
+    assert facts.series_description == "Thorax für Bestrahlung"  # decoded with its character set
+    assert (facts.modality, facts.body_part, facts.slice_thickness) == ("CT", "CHEST", 1.25)
+    missing = instance_facts(Dataset(), "1.2.840.10008.1.2")
+    assert (missing.study_uid, missing.slice_thickness, missing.image_type) == ("", None, "")

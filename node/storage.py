@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,10 @@ DISK_FULL = "the storage disk is full"
 # Threads that write and fsync staged files: one per association that can be storing at once is
 # plenty (a flush is a disk wait, not CPU).
 FLUSH_THREADS = 8
+# Free space is read again after this long, or at once when it was within the margin of the
+# threshold: statvfs costs ~0.06 ms and is asked twice an instance.
+FREE_SPACE_RECHECK_S = 0.1
+FREE_SPACE_MARGIN = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class Storage:
         self._series_ids: dict[str, int] = {}
         self._rows = InstanceRows(engine)
         self._flusher = ThreadPoolExecutor(max_workers=FLUSH_THREADS, thread_name_prefix="segnode-flush")
+        self._free_space: tuple[float, int] = (-FREE_SPACE_RECHECK_S, 0)  # when last read, how much
         self._discard_leftovers()
 
     def close(self) -> None:
@@ -125,7 +131,18 @@ class Storage:
         return Path(facts.study_uid) / facts.series_uid / f"{facts.sop_instance_uid}.dcm"
 
     def check_free_space(self) -> None:
+        """Raise :class:`StorageFullError` below the threshold.
+
+        Asked twice for every instance; the file system is asked at most every
+        ``FREE_SPACE_RECHECK_S`` while it had more than ``FREE_SPACE_MARGIN`` above the threshold
+        (more than the node can write in that time), every time closer to it.
+        """
+        now = time.monotonic()
+        checked_at, free = self._free_space
+        if now - checked_at < FREE_SPACE_RECHECK_S and free - self.min_free_bytes > FREE_SPACE_MARGIN:
+            return
         free = shutil.disk_usage(self.root).free
+        self._free_space = (now, free)
         if free < self.min_free_bytes:
             raise StorageFullError(
                 errno.ENOSPC, f"only {free // 1_000_000} MB free in the storage folder, below the threshold"

@@ -13,26 +13,30 @@ threads waking 5,000 times a second each fight for the GIL that the handlers nee
 four senders: 2.0 s at 1 ms, 2.3 s at 0.2 ms, for the same 300 instances). So the short poll
 applies only while one association is open. See benchmarks/ingest.py.
 
-The association reactor's poll is replaced by a wait on its message queue: it wakes the moment
-the receiving thread queues a request, and otherwise every ``ASSOCIATION_WAIT_S`` for the checks
+Both polls are now waits. The association reactor waits on its message queue: it wakes the
+moment the receiving thread queues a request, and otherwise every ``IDLE_WAIT_S`` for the checks
 its loop also makes (release, abort). Its 5,000 sleeps a second cost ~0.5 ms of CPU an instance
 on two cores shared with the sender, where the node is CPU-bound (segnode/Orthanc 1.06-1.09 ->
-0.99-1.00, four senders against one 0.99 -> 1.05).
+0.96-1.00). The DUL thread waits on its socket, so a request is read the moment it arrives; on
+a plain TCP socket for up to ``IDLE_WAIT_S``, as C-STORE responses do not pass through its queue
+(node/store_response.py writes them itself), over TLS for its poll interval as before.
 """
 
 from __future__ import annotations
 
+import select
+import ssl
 import threading
 import time
 from types import SimpleNamespace
 
-from pynetdicom import association, evt
+from pynetdicom import association, dul, evt
 
 FAST_POLL_S = 0.0002
 DEFAULT_POLL_S = 0.001  # pynetdicom's own, for both threads
-# The longest an association reactor waits for a message before its other checks; a peer's
-# release is answered at most this much later.
-ASSOCIATION_WAIT_S = 0.002
+# The longest a reactor thread waits for its next message or PDU before its loop's other checks;
+# a peer's release is answered at most twice this much later.
+IDLE_WAIT_S = 0.002
 
 
 class ReactorPace:
@@ -72,17 +76,36 @@ class ReactorPace:
         messages = dimse.msg_queue
         with messages.not_empty:  # the queue's own condition, notified by every put
             if not messages.queue:
-                messages.not_empty.wait(ASSOCIATION_WAIT_S)
+                messages.not_empty.wait(IDLE_WAIT_S)
 
 
 PACE = ReactorPace()
 
 
-def install() -> None:
-    """Give pynetdicom's association module a ``time`` whose ``sleep`` is :meth:`ReactorPace.sleep`.
+def dul_sleep(seconds: float) -> None:
+    """``time.sleep`` as pynetdicom's DUL threads see it: a wait for data on their socket."""
+    thread = threading.current_thread()
+    transport = thread.socket if isinstance(thread, dul.DULServiceProvider) else None
+    sock = transport.socket if transport is not None else None
+    if sock is None:
+        time.sleep(seconds)
+        return
+    # Over TLS the responses still come through the DUL's queue: it looks there at its own pace.
+    wait = seconds if isinstance(sock, ssl.SSLSocket) else IDLE_WAIT_S
+    try:
+        select.select([sock], [], [], wait)
+    except (OSError, ValueError):  # closed meanwhile: pynetdicom's next look at it finds out
+        time.sleep(seconds)
 
-    The reactor's poll is a literal with no setting, so this is the one way to change it; every
-    other use of ``time`` in that module is untouched. Idempotent.
+
+def install() -> None:
+    """Give pynetdicom's association and DUL modules a ``time`` whose ``sleep`` waits as above
+    (:meth:`ReactorPace.sleep`, :func:`dul_sleep`).
+
+    Their polls have no setting for what they wait on, so this is the one way to change it; every
+    other use of ``time`` in those modules is untouched. Idempotent.
     """
     if getattr(association.time, "sleep", None) != PACE.sleep:
         association.time = SimpleNamespace(**{**vars(time), "sleep": PACE.sleep})  # type: ignore[assignment]
+    if getattr(dul.time, "sleep", None) != dul_sleep:
+        dul.time = SimpleNamespace(**{**vars(time), "sleep": dul_sleep})  # type: ignore[assignment]

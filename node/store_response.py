@@ -11,10 +11,18 @@ pynetdicom sends (tests/unit/test_store_response.py compares them).
 sends C-STORE responses this way; every other message goes through pynetdicom unchanged. The
 notification ``EVT_DIMSE_SENT`` is not raised for these responses: it only feeds pynetdicom's debug
 logging, which the node turns off (``node.scp.configure_pynetdicom``).
+
+On a plain TCP connection in data transfer the association's thread writes the response to the
+socket itself, instead of queueing it for the DUL thread, which would have to wake up and run its
+state machine to send it (~0.2 ms an instance; the state does not change for P-DATA). While a
+C-STORE is open no other thread writes to that socket (pynetdicom negotiates no asynchronous
+operations, so the peer sends nothing needing an answer before this one). Not over TLS: one TLS
+connection must not be read and written by two threads at once, and the DUL thread reads it.
 """
 
 from __future__ import annotations
 
+import ssl
 import struct
 from collections.abc import Callable
 
@@ -29,6 +37,9 @@ NO_DATA_SET = 0x0101
 LAST_COMMAND_FRAGMENT = b"\x03"
 # A PDV item's own header: item length (4 bytes), presentation context ID (1 byte).
 PDV_ITEM_HEADER = 6
+P_DATA_TF = 0x04
+# The upper layer's state in which P-DATA flows both ways (PS3.8 9.2): "Sta6" in pynetdicom.
+DATA_TRANSFER = "Sta6"
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -68,6 +79,12 @@ def encode_store_response(response: C_STORE) -> bytes:
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+def p_data_tf(context_id: int, pdv_value: bytes) -> bytes:
+    """A P-DATA-TF PDU of one PDV item (PS3.8 9.3.5): ``pdv_value`` starts with its control header."""
+    item = struct.pack(">IB", len(pdv_value) + 1, context_id) + pdv_value
+    return struct.pack(">BBI", P_DATA_TF, 0, len(item)) + item
+
+
 def _packs(response: C_STORE) -> bool:
     """Whether ``response`` is a C-STORE response this module encodes (all the node sends)."""
     return (
@@ -100,6 +117,16 @@ def _sender(dimse: DIMSEServiceProvider, send_msg: Sender) -> Sender:
         limit = dimse.maximum_pdu_size
         if limit and len(encoded) + PDV_ITEM_HEADER > limit:  # the peer wants it fragmented
             send_msg(primitive, context_id)
+            return
+        transport = dimse.dul.socket
+        sock = transport.socket if transport is not None else None
+        if (
+            transport is not None
+            and sock is not None
+            and not isinstance(sock, ssl.SSLSocket)
+            and dimse.dul.state_machine.current_state == DATA_TRANSFER
+        ):
+            transport.send(p_data_tf(context_id, encoded))  # failures reach the DUL as Evt17
             return
         pdata = P_DATA()
         # pynetdicom checks for a list at run time; its annotation says tuple

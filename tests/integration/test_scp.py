@@ -21,7 +21,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, association
+from pynetdicom import AE, _config, association, dul
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -352,6 +352,7 @@ def _poll_delays(scp: RunningScp, count: int) -> list[float]:
 
 def test_reactors_poll_fast_for_one_association_and_at_the_default_for_several(scp: RunningScp) -> None:
     assert association.time.sleep == reactor_pace.PACE.sleep  # the reactor's 1 ms poll follows the pace
+    assert dul.time.sleep == reactor_pace.dul_sleep  # the DUL thread waits on its socket
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CT, [ExplicitVRLittleEndian])
     first = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")

@@ -38,7 +38,7 @@ def _sleep_in_reactor(messages: queue.Queue[object], put_after: float | None = N
 
 
 def test_a_queued_message_wakes_the_reactor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reactor_pace, "ASSOCIATION_WAIT_S", 5.0)
+    monkeypatch.setattr(reactor_pace, "IDLE_WAIT_S", 5.0)
     assert _sleep_in_reactor(queue.Queue(), put_after=0.1) < 2.0  # woken by the put, not the 5 s bound
     waiting: queue.Queue[object] = queue.Queue()
     waiting.put((1, "C-STORE-RQ"))
@@ -48,7 +48,7 @@ def test_a_queued_message_wakes_the_reactor_at_once(monkeypatch: pytest.MonkeyPa
 def test_without_a_message_the_wait_ends_for_the_other_checks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(reactor_pace, "ASSOCIATION_WAIT_S", 0.2)
+    monkeypatch.setattr(reactor_pace, "IDLE_WAIT_S", 0.2)
     assert 0.2 <= _sleep_in_reactor(queue.Queue()) < 2.0
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 
-from node.store_response import encode_store_response
+from node.store_response import encode_store_response, p_data_tf
 
 
 def _response(instance_uid: str, status: int, comment: str | None) -> C_STORE:
@@ -46,3 +48,14 @@ def test_packed_response_is_byte_for_byte_pynetdicoms(
 ) -> None:
     response = _response(instance_uid, status, comment)
     assert encode_store_response(response) == _pynetdicom_encoding(response)
+
+
+@pytest.mark.parametrize("context_id", [1, 3, 255])
+def test_framed_response_is_pynetdicoms_p_data_tf(context_id: int) -> None:
+    response = _response("1.2.3.4.5", 0x0000, None)
+    value = b"\x03" + encode_store_response(response)
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[context_id, value]]  # type: ignore[list-item]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    assert p_data_tf(context_id, value) == pdu.encode()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, update
+from sqlalchemy import Engine, bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -34,6 +36,10 @@ INSTANCE_COLUMNS = (
     "size_bytes",
     "received_at",
 )
+
+
+class RowNotRecordedError(RuntimeError):
+    """The transaction holding an instance's row failed; the instance is not recorded."""
 
 
 class _DriverStatement:
@@ -60,50 +66,99 @@ class _DriverStatement:
         cursor.execute(self.sql, [params[name] for name in self._names] if self._names else params)
 
 
+@dataclass
+class _Pending:
+    """A row waiting for its transaction; ``added`` and ``error`` are set when it is done."""
+
+    row: Mapping[str, Any]
+    done: bool = False
+    added: bool = False
+    error: BaseException | None = None
+
+
 class InstanceRows:
     """Adds instance rows on one connection of ``engine`` kept for it; safe across threads.
 
+    Rows that arrive while a transaction is committing wait and go together in the next one
+    (a group commit): with four senders, four handlers otherwise queued for the one connection,
+    each behind the others' fsyncs (record 0.4 ms alone, 3.3 ms waiting with four senders).
     Call :meth:`close` when the node stops, to give the connection back.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # INSERT ... ON CONFLICT DO NOTHING (both dialects): a duplicate leaves the transaction
+        # and the other rows of its batch alone, where PostgreSQL aborts on a failed statement.
+        dialect_insert: Any = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[engine.dialect.name]
         self._insert = _DriverStatement(
-            insert(INSTANCES).values({name: bindparam(name) for name in INSTANCE_COLUMNS}), engine
+            dialect_insert(INSTANCES)
+            .values({name: bindparam(name) for name in INSTANCE_COLUMNS})
+            .on_conflict_do_nothing(index_elements=[INSTANCES.c.sop_instance_uid])
+            .inline(),  # no RETURNING of the new id
+            engine,
         )
         self._count = _DriverStatement(
             update(SERIES)
             .where(SERIES.c.id == bindparam("series"))
-            .values(instance_count=SERIES.c.instance_count + 1, last_received_at=bindparam("now")),
+            .values(
+                instance_count=SERIES.c.instance_count + bindparam("added"),
+                last_received_at=bindparam("now"),
+            ),
             engine,
         )
-        self._integrity_error = engine.dialect.loaded_dbapi.IntegrityError
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the one thread committing
+        self._waiting_lock = threading.Lock()
+        self._waiting: list[_Pending] = []
         self._connection: PoolProxiedConnection | None = None
+        self.transactions = 0  # committed so far: fewer than rows when rows went together
 
     def add(self, row: Mapping[str, Any]) -> bool:
-        """Insert ``row`` (every column of :data:`INSTANCE_COLUMNS`) and count it in its series,
-        in one committed transaction. False, and nothing changed, when its SOP Instance UID is
-        already recorded."""
-        count = {"series": row["series_id"], "now": row["received_at"]}
+        """Insert ``row`` (every column of :data:`INSTANCE_COLUMNS`) and count it in its series;
+        committed on return. False, and nothing changed, when its SOP Instance UID is already
+        recorded. Raises :class:`RowNotRecordedError` when the transaction failed."""
+        pending = _Pending(row)
+        with self._waiting_lock:
+            self._waiting.append(pending)
         with self._lock:
+            if not pending.done:  # not taken by the transaction that just ended: commit all waiting
+                with self._waiting_lock:
+                    batch, self._waiting = self._waiting, []
+                self._commit(batch)
+        if pending.error is not None:
+            raise RowNotRecordedError(
+                f"the instance row was not committed: {pending.error}"
+            ) from pending.error
+        return pending.added
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
             connection = self._connection or self.engine.raw_connection()
             self._connection = connection
+            counts: dict[int, list[Any]] = {}  # series id -> [rows added, latest time]
+            cursor = connection.cursor()
             try:
-                cursor = connection.cursor()
-                try:
-                    self._insert.execute(cursor, row)
-                    self._count.execute(cursor, count)
-                finally:
-                    cursor.close()
-                connection.commit()
-            except self._integrity_error:
-                connection.rollback()
-                return False
-            except BaseException:
-                self._drop_connection()  # in doubt (server gone, disk error): a fresh one next time
+                for pending in batch:
+                    self._insert.execute(cursor, pending.row)
+                    pending.added = cursor.rowcount == 1  # 0: already recorded (ON CONFLICT)
+                    if pending.added:
+                        count = counts.setdefault(pending.row["series_id"], [0, pending.row["received_at"]])
+                        count[0] += 1
+                        count[1] = max(count[1], pending.row["received_at"])
+                for series_id, (added, latest) in counts.items():
+                    self._count.execute(cursor, {"series": series_id, "added": added, "now": latest})
+            finally:
+                cursor.close()
+            connection.commit()
+            self.transactions += 1
+        except BaseException as err:  # every row of the batch fails with it
+            self._drop_connection()  # in doubt (server gone, disk error): a fresh one next time
+            for pending in batch:
+                pending.added, pending.error, pending.done = False, err, True
+            if not isinstance(err, Exception):
                 raise
-        return True
+            return
+        for pending in batch:
+            pending.done = True
 
     def close(self) -> None:
         with self._lock:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from node.config import Settings, load_settings
 from node.db import engine as db
 from node.db.jobs import claim, mark_queued, retry, stale_jobs
 from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
-from node.instance_rows import InstanceRows
+from node.instance_rows import InstanceRows, RowNotRecordedError
 from node.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
 from tests import peers
 
@@ -123,7 +125,7 @@ def test_instance_rows_count_once_and_outlive_a_lost_connection(
     dead = rows._connection
     assert dead is not None
     dead.dbapi_connection.close()  # type: ignore[union-attr]
-    with pytest.raises(Exception, match=r"(?i)closed"):
+    with pytest.raises(RowNotRecordedError, match=r"(?i)closed"):
         rows.add(row(3))
     assert rows.add(row(4)) is True
     rows.close()
@@ -135,6 +137,48 @@ def test_instance_rows_count_once_and_outlive_a_lost_connection(
         assert sorted(stored) == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.4"]
         assert stored["1.2.3.4.2"].received_at == second["received_at"]  # time zone kept, as the ORM reads it
         assert stored["1.2.3.4.2"].slice_thickness == 1.25
+
+
+def test_rows_from_many_threads_go_together_and_each_is_counted_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    engine = sessions.kw["bind"]
+    Storage(tmp_path / "store", engine, min_free_bytes=0).store([b"ct"], facts(n=0), "CT01")
+    with sessions() as session:
+        series_id = session.scalars(select(Series.id)).one()
+    rows = InstanceRows(engine)
+    start = threading.Barrier(8)
+
+    def add_rows(thread: int) -> list[bool]:
+        start.wait()
+        results = []
+        for n in range(1, 26):  # every thread also adds rows the others add: 25 distinct in all
+            results.append(
+                rows.add(
+                    {
+                        "series_id": series_id,
+                        "sop_instance_uid": f"1.2.3.4.{n if n % 5 == 0 else 100 * thread + n}",
+                        "sop_class_uid": CT,
+                        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                        "image_type": "ORIGINAL",
+                        "slice_thickness": None,
+                        "path": f"x/{thread}/{n}.dcm",
+                        "size_bytes": 1,
+                        "received_at": utcnow(),
+                    }
+                )
+            )
+        return results
+
+    with ThreadPoolExecutor(8) as pool:
+        added = [r for results in pool.map(add_rows, range(8)) for r in results]
+    rows.close()
+    distinct = 8 * 20 + 5  # 20 of each thread's own, 5 shared by all
+    assert sum(added) == distinct  # each shared row added by exactly one thread
+    assert rows.transactions < len(added)  # rows that waited went in one transaction together
+    with sessions() as session:
+        assert session.scalars(select(Series.instance_count)).one() == distinct + 1
+        assert len(session.scalars(select(Instance.id)).all()) == distinct + 1
 
 
 def test_storage_refuses_hostile_uids_and_a_full_disk(

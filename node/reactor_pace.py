@@ -87,11 +87,13 @@ def dul_sleep(seconds: float) -> None:
     thread = threading.current_thread()
     transport = thread.socket if isinstance(thread, dul.DULServiceProvider) else None
     sock = transport.socket if transport is not None else None
-    if sock is None:
+    if sock is None or not isinstance(thread, dul.DULServiceProvider):
         time.sleep(seconds)
         return
-    # Over TLS the responses still come through the DUL's queue: it looks there at its own pace.
-    wait = seconds if isinstance(sock, ssl.SSLSocket) else IDLE_WAIT_S
+    # Only the listener's responses skip the DUL's queue, and not over TLS: other DUL threads
+    # (the tests' and any requestor's) look at their queue at their own pace.
+    direct = thread.assoc.is_acceptor and not isinstance(sock, ssl.SSLSocket)
+    wait = IDLE_WAIT_S if direct else seconds
     try:
         select.select([sock], [], [], wait)
     except (OSError, ValueError):  # closed meanwhile: pynetdicom's next look at it finds out

@@ -13,7 +13,7 @@ tools for them cost more than the disk does here (measured on 300 CT slices of 5
 
 from __future__ import annotations
 
-import mmap
+import io
 import struct
 import zlib
 from importlib.metadata import PackageNotFoundError, version
@@ -86,41 +86,31 @@ _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF  # the length of a value that ends at its delimiter
 
 
-def read_header(source: BytesIO | mmap.mmap, transfer_syntax: UID, start: int = 0) -> tuple[Dataset, bool]:
+def read_header(source: BinaryIO | BytesIO, transfer_syntax: UID, start: int = 0) -> tuple[Dataset, bool]:
     """The elements of the data set in ``source`` from ``start`` to its end, before its pixel
     data, and whether pixel data is present.
 
-    ``source`` is the data set in memory, or a received file mapped into memory (the data set
+    ``source`` is a seekable stream: the data set in memory, or a received file (the data set
     after its preamble and File Meta Information). Every element's length is checked against the
-    bytes received, without copying or decoding the pixel data: a data set cut short raises
+    bytes received, without reading or decoding the pixel data: a data set cut short raises
     :class:`TruncatedDataSetError` (a broken element: pydicom's own error).
     """
-    buffer = source.getbuffer() if isinstance(source, BytesIO) else memoryview(source)
-    try:
-        if transfer_syntax.is_deflated:
-            source = BytesIO(zlib.decompress(buffer[start:], -zlib.MAX_WBITS))
-            buffer.release()
-            buffer, start = source.getbuffer(), 0
-        return _read_header(source, buffer, start, transfer_syntax)
-    finally:
-        buffer.release()  # a mapped file cannot be closed while a view of it is held
-
-
-def _read_header(
-    source: BytesIO | mmap.mmap, buffer: memoryview, start: int, transfer_syntax: UID
-) -> tuple[Dataset, bool]:
+    if transfer_syntax.is_deflated:
+        source.seek(start)
+        source, start = BytesIO(zlib.decompress(source.read(), -zlib.MAX_WBITS)), 0
+    size = source.seek(0, io.SEEK_END)
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
     source.seek(start)
     head = read_dataset(cast(BinaryIO, source), implicit, little, stop_when=_at_pixels)
     pixels_at = source.tell()
-    if pixels_at + 4 <= len(buffer) and _tag(buffer, pixels_at, little) in _PIXEL_TAGS:
-        source.seek(_skip_pixel_element(buffer, pixels_at, implicit, little))
-        _skim(source, len(buffer), implicit, little)
+    if pixels_at + 4 <= size and _tag(source, pixels_at, little) in _PIXEL_TAGS:
+        source.seek(_skip_pixel_element(source, size, pixels_at, implicit, little))
+        _skim(source, size, implicit, little)
         return head, True
     # No pixel data: pydicom returns a short value where the bytes run out, so a data set cut
     # short in its header would pass unnoticed; walk it again, checking every length.
     source.seek(start)
-    _skim(source, len(buffer), implicit, little)
+    _skim(source, size, implicit, little)
     return head, False
 
 
@@ -129,7 +119,7 @@ def _at_pixels(tag: int, _vr: str | None, _length: int) -> bool:
     return index(tag) >= _PIXEL_TAGS[0]
 
 
-def _skim(stream: BytesIO | mmap.mmap, size: int, implicit: bool, little: bool) -> None:
+def _skim(stream: BinaryIO | BytesIO, size: int, implicit: bool, little: bool) -> None:
     """Walk the elements from the stream's position to its end, skipping every value.
 
     pydicom seeks past a skipped value, so a value longer than what is left leaves the position
@@ -153,33 +143,41 @@ def _skim(stream: BytesIO | mmap.mmap, size: int, implicit: bool, little: bool) 
         )
 
 
-def _tag(buffer: memoryview, at: int, little: bool) -> int:
-    group, element = struct.unpack_from("<HH" if little else ">HH", buffer, at)
-    return int(group) << 16 | int(element)
+def _unpack(source: BinaryIO | BytesIO, at: int, layout: str) -> tuple[int, ...]:
+    source.seek(at)
+    raw = source.read(struct.calcsize(layout))
+    if len(raw) < struct.calcsize(layout):
+        raise TruncatedDataSetError("the data set ends inside an element header")
+    return struct.unpack(layout, raw)
 
 
-def _skip_pixel_element(buffer: memoryview, at: int, implicit: bool, little: bool) -> int:
+def _tag(source: BinaryIO | BytesIO, at: int, little: bool) -> int:
+    group, element = _unpack(source, at, "<HH" if little else ">HH")
+    return group << 16 | element
+
+
+def _skip_pixel_element(source: BinaryIO | BytesIO, size: int, at: int, implicit: bool, little: bool) -> int:
     """The position after the pixel data element at ``at``: native or encapsulated (PS3.5 A.4)."""
     order = "<" if little else ">"
     if implicit:
-        (length,) = struct.unpack_from(order + "I", buffer, at + 4)
+        (length,) = _unpack(source, at + 4, order + "I")
         position = at + 8
     else:  # OB, OW, OF or OD: the long form, with two reserved bytes
-        (length,) = struct.unpack_from(order + "I", buffer, at + 8)
+        (length,) = _unpack(source, at + 8, order + "I")
         position = at + 12
     if length != _UNDEFINED:
-        if position + length > len(buffer):
+        if position + length > size:
             raise TruncatedDataSetError(
-                f"the pixel data is {position + length - len(buffer)} bytes shorter than announced"
+                f"the pixel data is {position + length - size} bytes shorter than announced"
             )
-        return position + int(length)
-    while position + 8 <= len(buffer):  # items of fragments up to the sequence delimiter
-        tag = _tag(buffer, position, little)
-        (length,) = struct.unpack_from(order + "I", buffer, position + 4)
+        return position + length
+    while position + 8 <= size:  # items of fragments up to the sequence delimiter
+        tag = _tag(source, position, little)
+        (length,) = _unpack(source, position + 4, order + "I")
         position += 8
         if tag == _SEQUENCE_DELIMITER:
             return position
         if tag != _ITEM:
             raise ValueError(f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) inside encapsulated pixel data")
-        position += int(length)
+        position += length
     raise TruncatedDataSetError("the encapsulated pixel data ends before its sequence delimiter")

@@ -13,16 +13,18 @@ P-DATA first: a fragment it takes (the spooler takes the middle fragments of the
 writing, node/spooling.py) goes from this buffer to the file, and pynetdicom never sees that PDU.
 The command, the first fragments before a spool exists, the last fragment and every other PDU
 reach pynetdicom unchanged, so its state machine, its DIMSE messages and its handlers work as
-before. While it diverts, the reader waits for the next PDU on the socket itself, as long as
-the association's network timeout, and keeps pynetdicom's idle timer running.
+before. A PDU is diverted only while the next one is already arriving, the association is in
+data transfer and pynetdicom has nothing queued to send or act on: the reader never waits on the
+socket in pynetdicom's place, so an abort, a release or a timeout is handled as before. It keeps
+pynetdicom's idle timer running for the PDUs it diverts.
 """
 
 from __future__ import annotations
 
 import select
+import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable
 
 from pynetdicom.transport import AssociationSocket
@@ -31,8 +33,11 @@ P_DATA_TF = 0x04
 PDU_HEADER = 6  # type, reserved, 4-byte length
 # Message control header bits of a PDV (PS3.8 E.2): bit 0 command, bit 1 last fragment.
 COMMAND_OR_LAST = 0x03
-# How often a reader waiting for the next PDU looks whether its association is being stopped.
-STOP_CHECK_S = 0.05
+# The upper layer's state in which P-DATA flows both ways (PS3.8 9.2): "Sta6" in pynetdicom.
+DATA_TRANSFER = "Sta6"
+# A PDU's buffer is allocated whole up to this size; a larger announced length (beyond any
+# maximum PDU the node negotiates) is read as it arrives, so a forged header allocates nothing.
+PREALLOCATE_LIMIT = 4 * 1024 * 1024
 
 Divert = Callable[[memoryview], bool]
 
@@ -62,18 +67,26 @@ class PduReader:
                 return header
             (length,) = struct.unpack_from(">I", header, 2)
             body = self._read(length)
-            # Only when pynetdicom has acted on every PDU it read before: fragments stay in order.
-            dul = self.transport.assoc.dul
-            if len(body) < length or not dul.event_queue.empty() or not self.divert(memoryview(body)):
+            if len(body) < length or not self._may_divert() or not self.divert(memoryview(body)):
                 self._body = body
                 return header
-            dul._idle_timer.restart()  # a diverted PDU is traffic too (pynetdicom restarts it per PDU)
-            if not self._wait_for_data():
-                return bytearray()  # to pynetdicom: the connection closed
+            self.transport.assoc.dul._idle_timer.restart()  # traffic too (pynetdicom restarts it per PDU)
+
+    def _may_divert(self) -> bool:
+        """Whether pynetdicom would do nothing but decode this PDU now, and the next is arriving."""
+        dul = self.transport.assoc.dul
+        return (
+            dul.event_queue.empty()  # it acted on every PDU it read before: fragments stay in order
+            and dul.to_provider_queue.empty()  # nothing of its own to send (an abort, a response)
+            and dul.state_machine.current_state == DATA_TRANSFER
+            and self._next_pdu_arriving()
+        )
 
     def _read(self, nr_bytes: int) -> bytearray:
         sock = self.transport.socket
         assert sock is not None  # pynetdicom reads only from a connected socket
+        if nr_bytes > PREALLOCATE_LIMIT:
+            return self._read_as_it_arrives(sock, nr_bytes)
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         received = 0
@@ -89,26 +102,27 @@ class PduReader:
             del buffer[received:]
         return buffer
 
-    def _wait_for_data(self) -> bool:
-        """Whether the next PDU began arriving within the network timeout, the association going on."""
-        assoc = self.transport.assoc
-        timeout = assoc.network_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not assoc.dul._kill_thread:
-            sock = self.transport.socket
-            if sock is None:
-                return False
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return True  # decrypted already: select sees only what is still on the socket
-            try:
-                readable, _, _ = select.select([sock], [], [], STOP_CHECK_S)
-            except (OSError, ValueError):  # closed by another thread (an abort)
-                return False
-            if readable:
-                return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-        return False
+    @staticmethod
+    def _read_as_it_arrives(sock: socket.socket, nr_bytes: int) -> bytearray:
+        buffer = bytearray()
+        while len(buffer) < nr_bytes:
+            piece = sock.recv(min(nr_bytes - len(buffer), PREALLOCATE_LIMIT))
+            if not piece:
+                break
+            buffer += piece
+        return buffer
+
+    def _next_pdu_arriving(self) -> bool:
+        sock = self.transport.socket
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted already: select sees only what is still on the socket
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):  # closed by another thread (an abort)
+            return False
+        return bool(readable)
 
 
 def install_reader(transport: AssociationSocket, divert: Divert | None = None) -> PduReader:

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom import uid as tsuid
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
@@ -35,6 +36,7 @@ from node.storage import (
     StoreOutcome,
 )
 from node.store_response import pack_store_responses
+from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,13 @@ def _ascii(ds: Dataset, keyword: str) -> str:
     element = ds.get_item(keyword)
     if not isinstance(element, RawDataElement):
         return _text(ds, keyword)
+    vr = element.VR or dictionary_VR(element.tag)  # implicit VR: the dictionary's
+    if vr not in ("UI", "CS", "DS"):  # UN (some gateways send it) and anything odd: pydicom decides
+        return _text(ds, keyword)
     if not element.value:
         return ""
     text = element.value.decode("latin-1")  # pydicom's default for these VRs
-    if element.VR == "UI" or (element.VR is None and keyword.endswith("UID")):
+    if vr == "UI":
         return "\\".join(v.rstrip("\0 ") for v in text.split("\\"))
     return "\\".join(v.strip(" ") for v in text.split("\\"))
 
@@ -170,6 +175,9 @@ class StoreHandler:
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")
         if facts.sop_instance_uid != request_uid:
             return _status(StoreStatus.CANNOT_UNDERSTAND, "SOPInstanceUID differs from the C-STORE request")
+        if not is_valid_uid(facts.sop_class_uid):  # recorded, and routed on: a UID like the others
+            log.warning("C-STORE from %s: instance %s has an invalid SOPClassUID", calling_ae, request_uid)
+            return _status(StoreStatus.CANNOT_UNDERSTAND, "SOPClassUID is not a valid DICOM UID")
         if facts.sop_class_uid in IMAGE_SOP_CLASSES and not has_pixels:
             log.warning("C-STORE from %s: image %s has no Pixel Data", calling_ae, request_uid)
             return _status(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data")

@@ -15,12 +15,11 @@ or of a request pynetdicom answers without calling the handler, are removed when
 from __future__ import annotations
 
 import logging
-import mmap
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pydicom.multival import MultiValue
 from pynetdicom import evt
@@ -55,9 +54,9 @@ class SpoolingStream(BytesIO):
 
 
 @contextmanager
-def received_data_set(stream: BytesIO) -> Iterator[tuple[BytesIO | mmap.mmap, int]]:
-    """A C-STORE's data set to read: the spool file mapped into memory, or the stream itself
-    for an instance that was not spooled; with the offset where the data set starts.
+def received_data_set(stream: BytesIO) -> Iterator[tuple[BinaryIO | BytesIO, int]]:
+    """A C-STORE's data set to read: its spool file (read back from the page cache), or the stream
+    itself for an instance that was not spooled; with the offset where the data set starts.
 
     Raises ``OSError`` when the spool file cannot be read back (its write failed: the staged
     file says why).
@@ -65,11 +64,8 @@ def received_data_set(stream: BytesIO) -> Iterator[tuple[BytesIO | mmap.mmap, in
     if not isinstance(stream, SpoolingStream):
         yield stream, 0
         return
-    with (
-        open(stream.spool.path, "rb") as file,
-        mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-    ):
-        yield mapped, stream.start
+    with open(stream.spool.path, "rb") as file:
+        yield file, stream.start
 
 
 class Spooler:

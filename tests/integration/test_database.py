@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -179,6 +180,55 @@ def test_rows_from_many_threads_go_together_and_each_is_counted_once(
     with sessions() as session:
         assert session.scalars(select(Series.instance_count)).one() == distinct + 1
         assert len(session.scalars(select(Instance.id)).all()) == distinct + 1
+
+
+def test_a_row_the_database_refuses_fails_alone_in_its_group(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    engine = sessions.kw["bind"]
+    Storage(tmp_path / "store", engine, min_free_bytes=0).store([b"ct"], facts(n=0), "CT01")
+    with sessions() as session:
+        series_id = session.scalars(select(Series.id)).one()
+    rows = InstanceRows(engine)
+
+    def row(n: int, series: int) -> dict[str, object]:
+        return {
+            "series_id": series,
+            "sop_instance_uid": f"1.2.3.4.{n}",
+            "sop_class_uid": CT,
+            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+            "image_type": "ORIGINAL",
+            "slice_thickness": None,
+            "path": f"x/{n}.dcm",
+            "size_bytes": 1,
+            "received_at": utcnow(),
+        }
+
+    def add(n: int, series: int) -> bool | Exception:
+        try:
+            return rows.add(row(n, series))
+        except RowNotRecordedError as err:
+            return err
+
+    with ThreadPoolExecutor(3) as pool:
+        with rows._lock:  # held: the three rows queue up and go as one group
+            results = [
+                pool.submit(add, n, series) for n, series in ((1, series_id), (2, 999_999), (3, series_id))
+            ]
+            deadline = time.monotonic() + 10
+            while len(rows._waiting) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(rows._waiting) == 3
+    first, refused, third = (r.result(timeout=30) for r in results)
+    assert first is True and third is True
+    assert isinstance(refused, RowNotRecordedError)  # no such series: the foreign key refuses it
+    rows.close()
+    with pytest.raises(RowNotRecordedError, match="closed"):
+        rows.add(row(4, series_id))
+    with sessions() as session:
+        assert session.scalars(select(Series.instance_count)).one() == 3
+        stored = sorted(session.scalars(select(Instance.sop_instance_uid)))
+        assert stored == ["1.2.3.4.0", "1.2.3.4.1", "1.2.3.4.3"]
 
 
 def test_storage_refuses_hostile_uids_and_a_full_disk(

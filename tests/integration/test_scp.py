@@ -210,9 +210,15 @@ def _send(port: int, path: Path, *, chunked: bool = False) -> int:
     return int(status.Status)
 
 
-def test_hostile_uid_is_refused_and_never_becomes_a_path(scp: RunningScp, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyword", ["SeriesInstanceUID", "SOPClassUID"])
+def test_hostile_uid_is_refused_and_never_becomes_a_path(
+    scp: RunningScp, tmp_path: Path, keyword: str
+) -> None:
     (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1)
-    factory.set_hostile_uid(path, "SeriesInstanceUID", "../../etc")
+    factory.set_hostile_uid(path, keyword, "../../etc")
+    ds = dcmread(path)
+    ds.file_meta.MediaStorageSOPClassUID = CT  # proposed and requested as CT; only the data set lies
+    ds.save_as(path)
     assert _send(scp.port, path, chunked=True) == StoreStatus.CANNOT_UNDERSTAND
     assert scp.instance_count() == 0
     assert not (scp.root.parent / "etc").exists()

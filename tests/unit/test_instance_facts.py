@@ -64,3 +64,10 @@ def test_facts_of_a_ct_header() -> None:
     assert (facts.modality, facts.body_part, facts.slice_thickness) == ("CT", "CHEST", 1.25)
     missing = instance_facts(Dataset(), "1.2.840.10008.1.2")
     assert (missing.study_uid, missing.slice_thickness, missing.image_type) == ("", None, "")
+
+
+def test_values_sent_as_un_are_read_as_their_dictionary_vr() -> None:
+    # Explicit VR with UN for a UID (some gateways and anonymisers write it): NUL-padded like a UI.
+    value = b"1.2.3\x00"
+    raw = b"\x20\x00\x0d\x00UN\x00\x00" + len(value).to_bytes(4, "little") + value
+    assert _ascii(read_dataset(BytesIO(raw), False, True), "StudyInstanceUID") == "1.2.3"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from io import BytesIO
 from pathlib import Path
 
@@ -114,6 +115,28 @@ def test_a_data_set_cut_short_is_truncated(tmp_path: Path, syntax: str, keep: fl
     body, read_syntax = _data_set_bytes(path)
     with pytest.raises(TruncatedDataSetError):
         read_header(BytesIO(body[: int(len(body) * keep)]), read_syntax)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless, DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize("keep", [1.0, 0.999, 0.5])
+def test_a_received_file_is_read_after_its_preamble(tmp_path: Path, syntax: str, keep: float) -> None:
+    # How the handler reads a spooled instance: the file on disk, the data set after 300 bytes.
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)
+    if syntax != ExplicitVRLittleEndian:
+        (path,) = factory.transcode([path], syntax)
+    body, read_syntax = _data_set_bytes(path)
+    spooled = tmp_path / "spooled.part"
+    spooled.write_bytes(b"p" * 300 + body[: int(len(body) * keep)])
+    with spooled.open("rb") as file:
+        if keep == 1.0:
+            header, has_pixels = read_header(file, read_syntax, start=300)
+            assert has_pixels and header.SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID
+        elif syntax == DeflatedExplicitVRLittleEndian:
+            with pytest.raises((TruncatedDataSetError, zlib.error)):  # the stream itself is cut
+                read_header(file, read_syntax, start=300)
+        else:
+            with pytest.raises(TruncatedDataSetError):
+                read_header(file, read_syntax, start=300)
 
 
 def test_a_header_cut_inside_a_value_is_truncated(tmp_path: Path) -> None:

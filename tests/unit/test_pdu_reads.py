@@ -32,17 +32,25 @@ def _send_in_pieces(sock: socket.socket, data: bytes, piece: int, close: bool) -
     return thread
 
 
-def _transport(sock: socket.socket, network_timeout: float | None = 5.0) -> AssociationSocket:
+def _transport(sock: socket.socket, state: str = "Sta6") -> AssociationSocket:
     """The parts of pynetdicom's association the reader uses, around a real socket."""
     restarts: list[float] = []
     dul = SimpleNamespace(
         event_queue=queue.Queue(),
+        to_provider_queue=queue.Queue(),
+        state_machine=SimpleNamespace(current_state=state),
         _idle_timer=SimpleNamespace(restart=lambda: restarts.append(time.monotonic())),
-        _kill_thread=False,
         restarts=restarts,
     )
-    assoc = SimpleNamespace(dul=dul, network_timeout=network_timeout)
-    return cast(AssociationSocket, SimpleNamespace(socket=sock, assoc=assoc))
+    return cast(AssociationSocket, SimpleNamespace(socket=sock, assoc=SimpleNamespace(dul=dul)))
+
+
+def _roomy_socketpair() -> tuple[socket.socket, socket.socket]:
+    """A socket pair whose buffers hold a whole test stream: what is sent has arrived."""
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return ours, theirs
 
 
 def _pdv(context: int, control: int, value: bytes) -> bytes:
@@ -76,7 +84,7 @@ def test_a_peer_closing_mid_pdu_gives_what_arrived() -> None:
 
 
 def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pynetdicom() -> None:
-    ours, theirs = socket.socketpair()
+    ours, theirs = _roomy_socketpair()
     first, second, last = b"a" * 70_000, b"b" * 131_000, b"c" * 999
     release = struct.pack(">BBI", 0x05, 0, 4) + b"\x00" * 4
     stream = (
@@ -87,7 +95,7 @@ def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pyne
         + _p_data(_pdv(CONTEXT, LAST, last))
         + release
     )
-    sender = _send_in_pieces(theirs, stream, piece=4096, close=False)
+    theirs.sendall(stream)  # all arrived: each diverted P-DATA has the next one behind it
     diverted: list[bytes] = []
 
     def divert(body: memoryview) -> bool:
@@ -104,7 +112,6 @@ def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pyne
         header = reader.recv(6)
         (length,) = struct.unpack_from(">I", header, 2)
         seen.append(bytes(header) + bytes(reader.recv(length)))
-    sender.join()
     assert seen[0] == _p_data(_pdv(CONTEXT, COMMAND_LAST, b"command"))
     assert seen[1] == _p_data(_pdv(CONTEXT + 2, MIDDLE, b"other context"))
     assert seen[2] == _p_data(_pdv(CONTEXT, LAST, last))
@@ -115,28 +122,43 @@ def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pyne
     theirs.close()
 
 
-def test_nothing_is_diverted_while_pynetdicom_has_pdus_to_act_on() -> None:
-    ours, theirs = socket.socketpair()
-    middle = _p_data(_pdv(CONTEXT, MIDDLE, b"m" * 100))
-    theirs.sendall(middle)
-    transport = _transport(ours)
-    transport.assoc.dul.event_queue.put("Evt10")  # an earlier PDU not yet acted on
+def _handed_over(transport: AssociationSocket, pdu: bytes) -> bool:
+    """Whether a reader that would divert any P-DATA gives ``pdu`` to pynetdicom instead."""
     reader = PduReader(transport, lambda body: data_fragments(body, CONTEXT) is not None)
     header = reader.recv(6)
-    assert bytes(header) + bytes(reader.recv(len(middle) - 6)) == middle
-    ours.close()
-    theirs.close()
+    return bytes(header) + bytes(reader.recv(len(pdu) - 6)) == pdu
 
 
-def test_a_sender_silent_after_a_diverted_fragment_ends_the_association_at_the_network_timeout() -> None:
-    ours, theirs = socket.socketpair()
-    theirs.sendall(_p_data(_pdv(CONTEXT, MIDDLE, b"m" * 100)))
-    reader = PduReader(_transport(ours, network_timeout=0.3), lambda body: True)
+def test_nothing_is_diverted_unless_pynetdicom_would_only_decode_it() -> None:
+    middle = _p_data(_pdv(CONTEXT, MIDDLE, b"m" * 100))
+    for stuck in ("event_queue", "to_provider_queue", "state"):
+        ours, theirs = _roomy_socketpair()
+        theirs.sendall(middle + middle)  # the next PDU is there: only the condition under test holds it
+        transport = _transport(ours, state="Sta13" if stuck == "state" else "Sta6")
+        if stuck != "state":
+            getattr(transport.assoc.dul, stuck).put("an earlier PDU or an A-ABORT")
+        assert _handed_over(transport, middle), stuck
+        ours.close()
+        theirs.close()
+
+
+def test_a_fragment_whose_next_pdu_is_not_arriving_goes_to_pynetdicom_without_waiting() -> None:
+    ours, theirs = _roomy_socketpair()
+    middle = _p_data(_pdv(CONTEXT, MIDDLE, b"m" * 100))
+    theirs.sendall(middle)  # and then the sender is silent: no wait in pynetdicom's place
     started = time.monotonic()
-    assert reader.recv(6) == b""  # to pynetdicom: the connection closed (Evt17), the spool is removed
-    assert 0.3 <= time.monotonic() - started < 2
+    assert _handed_over(_transport(ours), middle)
+    assert time.monotonic() - started < 1
     ours.close()
     theirs.close()
+
+
+def test_a_forged_pdu_length_allocates_only_what_arrives() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"x" * 1000)
+    theirs.close()
+    assert PduReader(_transport(ours)).recv(0xFFFFFFF0) == b"x" * 1000  # not a 4 GiB buffer
+    ours.close()
 
 
 def test_malformed_or_mixed_pdv_items_are_not_fragments() -> None:

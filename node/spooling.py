@@ -161,17 +161,20 @@ class Spooler:
                     message.data_set = stream
                     arriving.append(stream)
 
-        def divert(body: memoryview) -> bool:
-            """Write a P-DATA of middle fragments of the data set being spooled; True if done."""
+        def divert(body: memoryview) -> Callable[[], None] | None:
+            """Middle fragments of the data set being spooled: the function that writes them."""
             if not arriving:
-                return False
+                return None
             stream = arriving[-1]
             fragments = data_fragments(body, stream.context_id)
             if fragments is None:
-                return False
-            for fragment in fragments:
-                stream.write(fragment)
-            return True
+                return None
+
+            def write() -> None:
+                for fragment in fragments:
+                    stream.write(fragment)
+
+            return write
 
         return receive_and_spool, divert
 

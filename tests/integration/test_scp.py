@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -217,7 +218,7 @@ def test_hostile_uid_is_refused_and_never_becomes_a_path(
     (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1)
     factory.set_hostile_uid(path, keyword, "../../etc")
     ds = dcmread(path)
-    ds.file_meta.MediaStorageSOPClassUID = CT  # proposed and requested as CT; only the data set lies
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT)  # proposed and requested as CT; only the data set lies
     ds.save_as(path)
     assert _send(scp.port, path, chunked=True) == StoreStatus.CANNOT_UNDERSTAND
     assert scp.instance_count() == 0

@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -98,12 +99,11 @@ def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pyne
     theirs.sendall(stream)  # all arrived: each diverted P-DATA has the next one behind it
     diverted: list[bytes] = []
 
-    def divert(body: memoryview) -> bool:
+    def divert(body: memoryview) -> Callable[[], None] | None:
         fragments = data_fragments(body, CONTEXT)
         if fragments is None:
-            return False
-        diverted.extend(bytes(f) for f in fragments)
-        return True
+            return None
+        return lambda: diverted.extend(bytes(f) for f in fragments)
 
     transport = _transport(ours)
     reader = PduReader(transport, divert)
@@ -124,7 +124,7 @@ def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pyne
 
 def _handed_over(transport: AssociationSocket, pdu: bytes) -> bool:
     """Whether a reader that would divert any P-DATA gives ``pdu`` to pynetdicom instead."""
-    reader = PduReader(transport, lambda body: data_fragments(body, CONTEXT) is not None)
+    reader = PduReader(transport, lambda body: (lambda: None) if data_fragments(body, CONTEXT) else None)
     header = reader.recv(6)
     return bytes(header) + bytes(reader.recv(len(pdu) - 6)) == pdu
 

@@ -90,15 +90,16 @@ def read_header(source: BinaryIO | BytesIO, transfer_syntax: UID, start: int = 0
     """The elements of the data set in ``source`` from ``start`` to its end, before its pixel
     data, and whether pixel data is present.
 
-    ``source`` is a seekable stream: the data set in memory, or a received file (the data set
-    after its preamble and File Meta Information). Every element's length is checked against the
-    bytes received, without reading or decoding the pixel data: a data set cut short raises
-    :class:`TruncatedDataSetError` (a broken element: pydicom's own error).
+    ``source`` is a seekable stream: the data set in memory, or a received file mapped into
+    memory (the data set after its preamble and File Meta Information). Every element's length is
+    checked against the bytes received, without reading or decoding the pixel data: a data set cut
+    short raises :class:`TruncatedDataSetError` (a broken element: pydicom's own error).
     """
     if transfer_syntax.is_deflated:
         source.seek(start)
         source, start = BytesIO(zlib.decompress(source.read(), -zlib.MAX_WBITS)), 0
-    size = source.seek(0, io.SEEK_END)
+    source.seek(0, io.SEEK_END)
+    size = source.tell()
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
     source.seek(start)
     head = read_dataset(cast(BinaryIO, source), implicit, little, stop_when=_at_pixels)
@@ -132,7 +133,12 @@ def _skim(stream: BinaryIO | BytesIO, size: int, implicit: bool, little: bool) -
         last[:] = [stream.tell(), length]
         return False
 
-    read_dataset(cast(BinaryIO, stream), implicit, little, defer_size=0, stop_when=note)
+    try:
+        read_dataset(cast(BinaryIO, stream), implicit, little, defer_size=0, stop_when=note)
+    except ValueError as err:  # a mapped file refuses to seek past its end, where a stream goes
+        if "seek out of range" not in str(err):
+            raise
+        raise TruncatedDataSetError("the data set is shorter than its elements announce") from err
     end = stream.tell()
     if end > size:
         raise TruncatedDataSetError(f"the data set is {end - size} bytes shorter than its elements announce")

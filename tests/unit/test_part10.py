@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import zlib
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pydicom
 import pytest
@@ -127,16 +129,26 @@ def test_a_received_file_is_read_after_its_preamble(tmp_path: Path, syntax: str,
     body, read_syntax = _data_set_bytes(path)
     spooled = tmp_path / "spooled.part"
     spooled.write_bytes(b"p" * 300 + body[: int(len(body) * keep)])
-    with spooled.open("rb") as file:
+    with spooled.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        source = cast(BinaryIO, mapped)
         if keep == 1.0:
-            header, has_pixels = read_header(file, read_syntax, start=300)
+            header, has_pixels = read_header(source, read_syntax, start=300)
             assert has_pixels and header.SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID
         elif syntax == DeflatedExplicitVRLittleEndian:
             with pytest.raises((TruncatedDataSetError, zlib.error)):  # the stream itself is cut
-                read_header(file, read_syntax, start=300)
+                read_header(source, read_syntax, start=300)
         else:
             with pytest.raises(TruncatedDataSetError):
-                read_header(file, read_syntax, start=300)
+                read_header(source, read_syntax, start=300)
+
+
+def test_a_mapped_sr_cut_inside_a_value_is_truncated(tmp_path: Path) -> None:
+    body, syntax = _data_set_bytes(factory.make_basic_sr(tmp_path / "sr"))
+    spooled = tmp_path / "spooled.part"
+    spooled.write_bytes(b"p" * 300 + body[: len(body) - 3])
+    with spooled.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with pytest.raises(TruncatedDataSetError):
+            read_header(cast(BinaryIO, mapped), syntax, start=300)
 
 
 def test_a_header_cut_inside_a_value_is_truncated(tmp_path: Path) -> None:

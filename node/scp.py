@@ -146,8 +146,7 @@ class StoreHandler:
         try:  # the file is flushed while the header is read
             staged = self.spooler.staged(event)
         except StorageFullError as err:
-            log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
-            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
+            return _not_stored(err, calling_ae, request_uid)
         status = self._store(staged, stream, syntax, calling_ae, request_uid)
         if int(status.Status) != StoreStatus.SUCCESS:
             staged.discard()  # refused before or while storing: nothing of it is kept
@@ -186,27 +185,28 @@ class StoreHandler:
         except InvalidUIDError as err:
             log.warning("C-STORE from %s refused: %s", calling_ae, err)
             return _status(StoreStatus.CANNOT_UNDERSTAND, str(err))
-        except StorageFullError as err:
-            log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
-            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
-        except Exception:
-            log.exception("C-STORE from %s: instance %s could not be stored", calling_ae, request_uid)
-            return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
+        except Exception as err:  # noqa: BLE001 - every fault of the storage is answered by name
+            return _not_stored(err, calling_ae, request_uid)
         if outcome is StoreOutcome.DUPLICATE:
             log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
         return _status(StoreStatus.SUCCESS)
 
     def _write_failure(self, staged: StagedFile, calling_ae: str, request_uid: str) -> Dataset:
+        """The answer for a spool file that cannot be read back: why its write failed."""
         try:
             staged.wait()
-        except StorageFullError as err:
-            log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
-            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
-        except Exception:
-            log.exception("C-STORE from %s: instance %s could not be written", calling_ae, request_uid)
-            return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
-        log.error("C-STORE from %s: instance %s could not be read back", calling_ae, request_uid)
-        return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
+        except Exception as err:  # noqa: BLE001 - answered by name below
+            return _not_stored(err, calling_ae, request_uid)
+        return _not_stored(OSError("written but not readable"), calling_ae, request_uid)
+
+
+def _not_stored(err: Exception, calling_ae: str, request_uid: str) -> Dataset:
+    """The answer for an instance the storage could not keep: out of resources when it is full."""
+    if isinstance(err, StorageFullError):
+        log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
+        return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
+    log.error("C-STORE from %s: instance %s could not be stored", calling_ae, request_uid, exc_info=err)
+    return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
 
 
 def _set_nodelay(event: evt.Event) -> None:

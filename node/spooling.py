@@ -3,9 +3,10 @@
 pynetdicom collects a data set in memory and hands it to the handler when its last fragment has
 arrived; only then could the node write the file, wait for the disk, and answer. Here every
 association's DIMSE provider moves each C-STORE's data set into a :class:`SpoolingStream` as soon
-as its command set is decoded: the fragments still go to memory (the handler reads the header from
-there) and also to a temporary file in the storage, whose fsync starts as soon as the last one is
-in. When the handler runs, the file is already written and on its way to the disk.
+as its command set is decoded: the fragments go to a temporary file in the storage (the middle ones
+straight from the association's PDU reader, node/pdu_reads.py), whose fsync starts as soon as the
+last one is in. When the handler runs, the file is already written and on its way to the disk; it
+reads the header back from that file (:func:`received_data_set`).
 
 A data set that arrives whole in the same P-DATA as its command (a small instance) is not spooled;
 :meth:`Spooler.staged` writes it the ordinary way. Spools of an association that ends mid-instance,

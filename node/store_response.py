@@ -31,15 +31,14 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.pdu_primitives import P_DATA
 
+from node.pdu_reads import DATA_TRANSFER, P_DATA_TF
+
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
 # Message control header of a PDV: command information, last fragment (PS3.8 E.2).
 LAST_COMMAND_FRAGMENT = b"\x03"
 # A PDV item's own header: item length (4 bytes), presentation context ID (1 byte).
 PDV_ITEM_HEADER = 6
-P_DATA_TF = 0x04
-# The upper layer's state in which P-DATA flows both ways (PS3.8 9.2): "Sta6" in pynetdicom.
-DATA_TRANSFER = "Sta6"
 
 
 def _element(element: int, value: bytes) -> bytes:

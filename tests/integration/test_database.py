@@ -62,6 +62,29 @@ def settings_for(tmp_path: Path, **kw: object) -> Settings:
     return load_settings(None, data_dir=str(tmp_path), quiet_period_s=1, **kw)
 
 
+def _series_with_one_instance(sessions: sessionmaker[Session], tmp_path: Path, n: int) -> int:
+    """The id of a series the storage created with its instance ``1.2.3.4.<n>``."""
+    Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0).store([b"ct"], facts(n=n), "CT01")
+    with sessions() as session:
+        return session.scalars(select(Series.id)).one()
+
+
+def _row(series_id: int, n: int, **values: object) -> dict[str, object]:
+    """An instance row of :class:`InstanceRows` for ``1.2.3.4.<n>``."""
+    return {
+        "series_id": series_id,
+        "sop_instance_uid": f"1.2.3.4.{n}",
+        "sop_class_uid": CT,
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "image_type": "ORIGINAL",
+        "slice_thickness": None,
+        "path": f"1.2.3/1.2.3.4/1.2.3.4.{n}.dcm",
+        "size_bytes": 1,
+        "received_at": utcnow(),
+        **values,
+    }
+
+
 def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
     engine = db.make_engine(db_url)
     with pytest.raises(db.SchemaOutOfDateError, match="segnode db upgrade"):
@@ -100,24 +123,11 @@ def test_storage_writes_records_and_keeps_duplicates_once(
 def test_instance_rows_count_once_and_outlive_a_lost_connection(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    engine = sessions.kw["bind"]
-    Storage(tmp_path / "store", engine, min_free_bytes=0).store([b"ct"], facts(n=1), "CT01")
-    with sessions() as session:
-        series_id = session.scalars(select(Series.id)).one()
-    rows = InstanceRows(engine)
+    series_id = _series_with_one_instance(sessions, tmp_path, n=1)
+    rows = InstanceRows(sessions.kw["bind"])
 
     def row(n: int) -> dict[str, object]:
-        return {
-            "series_id": series_id,
-            "sop_instance_uid": f"1.2.3.4.{n}",
-            "sop_class_uid": CT,
-            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "image_type": "ORIGINAL\\PRIMARY\\AXIAL",
-            "slice_thickness": 1.25,
-            "path": f"1.2.3/1.2.3.4/1.2.3.4.{n}.dcm",
-            "size_bytes": 2,
-            "received_at": utcnow(),
-        }
+        return _row(series_id, n, slice_thickness=1.25)
 
     second = row(2)
     assert rows.add(second) is True
@@ -143,33 +153,14 @@ def test_instance_rows_count_once_and_outlive_a_lost_connection(
 def test_rows_from_many_threads_go_together_and_each_is_counted_once(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    engine = sessions.kw["bind"]
-    Storage(tmp_path / "store", engine, min_free_bytes=0).store([b"ct"], facts(n=0), "CT01")
-    with sessions() as session:
-        series_id = session.scalars(select(Series.id)).one()
-    rows = InstanceRows(engine)
+    series_id = _series_with_one_instance(sessions, tmp_path, n=0)
+    rows = InstanceRows(sessions.kw["bind"])
     start = threading.Barrier(8)
 
     def add_rows(thread: int) -> list[bool]:
         start.wait()
-        results = []
-        for n in range(1, 26):  # every thread also adds rows the others add: 25 distinct in all
-            results.append(
-                rows.add(
-                    {
-                        "series_id": series_id,
-                        "sop_instance_uid": f"1.2.3.4.{n if n % 5 == 0 else 100 * thread + n}",
-                        "sop_class_uid": CT,
-                        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                        "image_type": "ORIGINAL",
-                        "slice_thickness": None,
-                        "path": f"x/{thread}/{n}.dcm",
-                        "size_bytes": 1,
-                        "received_at": utcnow(),
-                    }
-                )
-            )
-        return results
+        # every thread also adds rows the others add: 25 distinct in all
+        return [rows.add(_row(series_id, n if n % 5 == 0 else 100 * thread + n)) for n in range(1, 26)]
 
     with ThreadPoolExecutor(8) as pool:
         added = [r for results in pool.map(add_rows, range(8)) for r in results]
@@ -185,28 +176,12 @@ def test_rows_from_many_threads_go_together_and_each_is_counted_once(
 def test_a_row_the_database_refuses_fails_alone_in_its_group(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    engine = sessions.kw["bind"]
-    Storage(tmp_path / "store", engine, min_free_bytes=0).store([b"ct"], facts(n=0), "CT01")
-    with sessions() as session:
-        series_id = session.scalars(select(Series.id)).one()
-    rows = InstanceRows(engine)
-
-    def row(n: int, series: int) -> dict[str, object]:
-        return {
-            "series_id": series,
-            "sop_instance_uid": f"1.2.3.4.{n}",
-            "sop_class_uid": CT,
-            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "image_type": "ORIGINAL",
-            "slice_thickness": None,
-            "path": f"x/{n}.dcm",
-            "size_bytes": 1,
-            "received_at": utcnow(),
-        }
+    series_id = _series_with_one_instance(sessions, tmp_path, n=0)
+    rows = InstanceRows(sessions.kw["bind"])
 
     def add(n: int, series: int) -> bool | Exception:
         try:
-            return rows.add(row(n, series))
+            return rows.add(_row(series, n))
         except RowNotRecordedError as err:
             return err
 
@@ -224,7 +199,7 @@ def test_a_row_the_database_refuses_fails_alone_in_its_group(
     assert isinstance(refused, RowNotRecordedError)  # no such series: the foreign key refuses it
     rows.close()
     with pytest.raises(RowNotRecordedError, match="closed"):
-        rows.add(row(4, series_id))
+        rows.add(_row(series_id, 4))
     with sessions() as session:
         assert session.scalars(select(Series.instance_count)).one() == 3
         stored = sorted(session.scalars(select(Instance.sop_instance_uid)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -67,6 +69,23 @@ def test_file_preamble_matches_pydicom_and_reads_back(ae: str, instance: str) ->
     assert is_valid_uid(IMPLEMENTATION_CLASS_UID)
 
 
+def _ct_slice(tmp_path: Path, syntax: str, size: int) -> Path:
+    """One CT slice of ``size`` x ``size`` in ``syntax``."""
+    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=size, cols=size)
+    if syntax != ExplicitVRLittleEndian:
+        (path,) = factory.transcode([path], syntax)
+    return path
+
+
+@contextmanager
+def _spooled(tmp_path: Path, data_set: bytes) -> Iterator[BinaryIO]:
+    """``data_set`` as the handler reads a spooled instance: mapped, after 300 bytes of preamble."""
+    spooled = tmp_path / "spooled.part"
+    spooled.write_bytes(b"p" * 300 + data_set)
+    with spooled.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield cast(BinaryIO, mapped)
+
+
 @pytest.mark.parametrize(
     "syntax",
     [
@@ -81,9 +100,7 @@ def test_file_preamble_matches_pydicom_and_reads_back(ae: str, instance: str) ->
 def test_read_header_in_every_byte_order_and_encapsulation(tmp_path: Path, syntax: str) -> None:
     if factory.transcode_needs_dcmtk(syntax) and not factory.have_dcmtk():
         pytest.fail("DCMTK is not installed: ./dev test installs it (package dcmtk)")
-    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)
-    if syntax != ExplicitVRLittleEndian:
-        (path,) = factory.transcode([path], syntax)
+    path = _ct_slice(tmp_path, syntax, 32)
     body, read_syntax = _data_set_bytes(path)
     assert read_syntax == syntax
     header, has_pixels = read_header(BytesIO(body), read_syntax)
@@ -111,9 +128,7 @@ def test_a_ct_image_stripped_of_pixel_data_has_none(tmp_path: Path) -> None:
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless])
 @pytest.mark.parametrize("keep", [0.999, 0.5, 0.05])
 def test_a_data_set_cut_short_is_truncated(tmp_path: Path, syntax: str, keep: float) -> None:
-    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)
-    if syntax != ExplicitVRLittleEndian:
-        (path,) = factory.transcode([path], syntax)
+    path = _ct_slice(tmp_path, syntax, 64)
     body, read_syntax = _data_set_bytes(path)
     with pytest.raises(TruncatedDataSetError):
         read_header(BytesIO(body[: int(len(body) * keep)]), read_syntax)
@@ -123,14 +138,9 @@ def test_a_data_set_cut_short_is_truncated(tmp_path: Path, syntax: str, keep: fl
 @pytest.mark.parametrize("keep", [1.0, 0.999, 0.5])
 def test_a_received_file_is_read_after_its_preamble(tmp_path: Path, syntax: str, keep: float) -> None:
     # How the handler reads a spooled instance: the file on disk, the data set after 300 bytes.
-    (path,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)
-    if syntax != ExplicitVRLittleEndian:
-        (path,) = factory.transcode([path], syntax)
+    path = _ct_slice(tmp_path, syntax, 64)
     body, read_syntax = _data_set_bytes(path)
-    spooled = tmp_path / "spooled.part"
-    spooled.write_bytes(b"p" * 300 + body[: int(len(body) * keep)])
-    with spooled.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        source = cast(BinaryIO, mapped)
+    with _spooled(tmp_path, body[: int(len(body) * keep)]) as source:
         if keep == 1.0:
             header, has_pixels = read_header(source, read_syntax, start=300)
             assert has_pixels and header.SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID
@@ -144,11 +154,8 @@ def test_a_received_file_is_read_after_its_preamble(tmp_path: Path, syntax: str,
 
 def test_a_mapped_sr_cut_inside_a_value_is_truncated(tmp_path: Path) -> None:
     body, syntax = _data_set_bytes(factory.make_basic_sr(tmp_path / "sr"))
-    spooled = tmp_path / "spooled.part"
-    spooled.write_bytes(b"p" * 300 + body[: len(body) - 3])
-    with spooled.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        with pytest.raises(TruncatedDataSetError):
-            read_header(cast(BinaryIO, mapped), syntax, start=300)
+    with _spooled(tmp_path, body[: len(body) - 3]) as source, pytest.raises(TruncatedDataSetError):
+        read_header(source, syntax, start=300)
 
 
 def test_a_header_cut_inside_a_value_is_truncated(tmp_path: Path) -> None:

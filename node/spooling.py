@@ -4,9 +4,9 @@ pynetdicom collects a data set in memory and hands it to the handler when its la
 arrived; only then could the node write the file, wait for the disk, and answer. Here every
 association's DIMSE provider moves each C-STORE's data set into a :class:`SpoolingStream` as soon
 as its command set is decoded: the fragments go to a temporary file in the storage (the middle ones
-straight from the association's PDU reader, node/pdu_reads.py), whose fsync starts as soon as the
-last one is in. When the handler runs, the file is already written and on its way to the disk; it
-reads the header back from that file (:func:`received_data_set`).
+straight from the association's PDU reader, node/pdu_reads.py), and the receiving thread fsyncs it
+as soon as the last one is in. When the handler runs, the file is already written and on its way
+to the disk; it reads the header back from that file (:func:`received_data_set`) meanwhile.
 
 A data set that arrives whole in the same P-DATA as its command (a small instance) is not spooled;
 :meth:`Spooler.staged` writes it the ordinary way. Spools of an association that ends mid-instance,
@@ -186,11 +186,11 @@ class Spooler:
         return receive_and_spool, divert
 
     def _complete(self, arriving: list[SpoolingStream]) -> None:
-        stream = arriving.pop()
-        try:
-            stream.spool.finish()
-        except RuntimeError:  # the storage is closing: the handler's finish() fails and refuses it
-            log.warning("storage closing: an instance that just arrived is not flushed")
+        """The data set is whole: its file is fsynced here, on the receiving thread, which has
+        nothing to read until the response to it is sent, while the handler reads the header.
+        A flusher thread would cost each instance two more hand-overs of the GIL (four senders
+        against one: 1.05 -> 1.11, the same 300 instances; one sender unchanged)."""
+        arriving.pop().spool.finish(here=True)  # never raises: the handler's wait() does
 
     def _drop(self, assoc: Association, arriving: list[SpoolingStream]) -> None:
         spools = {stream.spool for stream in arriving}

@@ -70,8 +70,9 @@ class InvalidUIDError(ValueError):
 
 
 class StagedFile:
-    """An instance's bytes on their way into a temporary file: written and fsynced by a flusher
-    thread while the association thread reads the header (the disk wait hides the parsing)."""
+    """An instance's bytes on their way into a temporary file: written and fsynced by another
+    thread (a flusher, or the association's receiving thread) while the handler reads the header
+    (the disk wait hides the parsing)."""
 
     def __init__(self, future: Future[Path], size: int) -> None:
         self._future = future
@@ -324,16 +325,28 @@ class Spool:
                 self._error = StorageFullError(err.errno, DISK_FULL) if _is_full(err) else err
                 self._close_and_remove()
 
-    def finish(self) -> StagedFile:
-        """The spool as a staged file, fsynced on a flusher thread; the same one on every call
-        (the receiving thread and the handler's may both ask, in either order)."""
+    def finish(self, here: bool = False) -> StagedFile:
+        """The spool as a staged file, fsynced on a flusher thread, or ``here`` on the calling
+        thread; the same one on every call (the receiving thread and the handler's may both
+        ask, in either order)."""
         staged = self._staged
         if staged is not None:  # without the lock, which the flush holds while it waits for the disk
             return staged
+        flushed: Future[Path] | None = None
         with self._lock:
             if self._staged is None:
-                self._staged = StagedFile(self._flusher.submit(self._flush), self.size)
-            return self._staged
+                if here:
+                    flushed = Future()
+                    self._staged = StagedFile(flushed, self.size)
+                else:
+                    self._staged = StagedFile(self._flusher.submit(self._flush), self.size)
+            staged = self._staged
+        if flushed is not None:
+            try:
+                flushed.set_result(self._flush())
+            except BaseException as err:  # noqa: BLE001 - the handler's wait() raises it
+                flushed.set_exception(err)
+        return staged
 
     def discard(self) -> None:
         """Remove the temporary file: the instance was refused or never arrived whole."""

@@ -120,6 +120,29 @@ def test_storage_writes_records_and_keeps_duplicates_once(
         ]
 
 
+def test_a_spool_flushed_on_the_calling_thread_is_stored_and_its_failure_kept_for_the_handler(
+    tmp_path: Path,
+) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'unused.sqlite'}")
+    storage = Storage(tmp_path / "store", engine, min_free_bytes=0)
+    spool = storage.open_spool()
+    spool.write(b"preamble+")
+    spool.write(memoryview(b"data set"))
+    staged = spool.finish(here=True)  # flushed before it returns
+    assert spool.finish() is staged  # the handler's call finds the same file
+    assert staged.wait().read_bytes() == b"preamble+data set"
+    assert staged.size == len(b"preamble+data set")
+
+    gone = storage.open_spool()
+    gone.write(b"cut short")
+    gone.discard()  # its association aborted meanwhile
+    failed = gone.finish(here=True)  # does not raise on the receiving thread
+    with pytest.raises(FileNotFoundError):
+        failed.wait()  # the handler refuses the instance with the reason
+    storage.close()
+    engine.dispose()
+
+
 def test_instance_rows_count_once_and_outlive_a_lost_connection(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

@@ -1,113 +1,173 @@
-"""How pynetdicom's reactor threads wait: the association's for its next message, the DUL's by
-polling, fast for one association and at its default for several.
+"""How pynetdicom's reactor threads wait: woken by what they wait for, instead of polling.
 
 pynetdicom runs two threads per association that poll instead of waiting on events: the DUL
 thread sleeps ``_run_loop_delay`` (1 ms) whenever its socket has nothing to read, and the
 association reactor sleeps a literal ``time.sleep(0.001)`` between looks at its message queue.
-With one sender, every C-STORE waits for about three such polls (the request to reach the
-handler, the response to reach the socket, the next request to be noticed): ~1.5 ms an instance,
-a fifth of segnode's ingest time for a CT series here. Polling every 0.2 ms removes most of it.
+With one sender, every C-STORE waited for about three such polls (~1.5 ms an instance, a fifth
+of the ingest time for a CT series here); with four senders, eight threads waking 1,000 times a
+second each took the GIL from the handlers.
 
-With several associations open the same short poll costs more than it saves: eight or more
-threads waking 5,000 times a second each fight for the GIL that the handlers need (measured with
-four senders: 2.0 s at 1 ms, 2.3 s at 0.2 ms, for the same 300 instances). So the short poll
-applies only while one association is open. See benchmarks/ingest.py.
+For the listener's associations (:class:`Wakeups`, bound to ``EVT_CONN_OPEN``) both threads wait
+until there is something to do. The reactor waits on its DIMSE message queue's condition, rung by
+every request the DUL thread queues and by every primitive it passes up (a release or abort
+request). The DUL thread waits on its socket and on a socket pair, rung by every primitive queued
+for it to send (the association's acceptance, a C-ECHO or release response, an abort; C-STORE
+responses do not pass through it, node/store_response.py). Their waits end after
+``WOKEN_WAIT_S`` at the latest, only for what nothing rings: pynetdicom's timers (network timeout,
+ARTIM) and its kill flags. Before, they looked every 2 ms, ~7 wake-ups an instance with four
+senders: four senders 0.83 -> 0.78 s and one sender 0.99 -> 0.93 s for the same 300 instances.
 
-Both polls are now waits. The association reactor waits on its message queue: it wakes the
-moment the receiving thread queues a request, and otherwise every ``IDLE_WAIT_S`` for the checks
-its loop also makes (release, abort). Its 5,000 sleeps a second cost ~0.5 ms of CPU an instance
-on two cores shared with the sender, where the node is CPU-bound (segnode/Orthanc 1.06-1.09 ->
-0.96-1.00). The DUL thread waits on its socket, so a request is read the moment it arrives; on
-a plain TCP socket for up to ``IDLE_WAIT_S``, as C-STORE responses do not pass through its queue
-(node/store_response.py writes them itself), over TLS for its poll interval as before.
+Other associations (the node's own as a requestor, when it dispatches) keep bounded waits: the
+reactor's on its message queue, at most ``IDLE_WAIT_S``; the DUL's on its socket, for the sleep
+it asked for.
 """
 
 from __future__ import annotations
 
+import queue
 import select
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 from pynetdicom import association, dul, evt
 
-FAST_POLL_S = 0.0002
 DEFAULT_POLL_S = 0.001  # pynetdicom's own, for both threads
-# The longest a reactor thread waits for its next message or PDU before its loop's other checks;
-# a peer's release is answered at most twice this much later.
+# The longest the reactor of an association without wake-ups waits for its next message before
+# its loop's other checks (release, abort).
 IDLE_WAIT_S = 0.002
+# The longest the threads of an association with wake-ups wait: what this bounds is only noticing
+# a timer that expired or a kill flag set from elsewhere.
+WOKEN_WAIT_S = 0.05
 
 
-class ReactorPace:
-    """Counts open associations and sets their reactors' poll interval accordingly."""
+class _Doorbell(queue.Queue[Any]):
+    """A queue whose every put also rings: wakes the thread that takes from it."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: set[association.Association] = set()
-        self.alone = True
+    def __init__(self, ring: Callable[[], None]) -> None:
+        super().__init__()
+        self._ring = ring
 
-    def opened(self, event: evt.Event) -> None:
-        with self._lock:
-            self._open.add(event.assoc)
-            self._retune()
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._ring()
 
-    def closed(self, event: evt.Event) -> None:
-        with self._lock:
-            self._open.discard(event.assoc)
-            self._retune()
 
-    def _retune(self) -> None:
-        # An association whose threads ended without EVT_CONN_CLOSE (pynetdicom raises none when its
-        # receiving thread dies on an exception) is over: it must not keep the others at 1 ms.
-        self._open = {a for a in self._open if a.ident is None or a.is_alive()}
-        self.alone = len(self._open) <= 1
-        delay = FAST_POLL_S if self.alone else DEFAULT_POLL_S
-        for assoc in self._open:
-            assoc.dul._run_loop_delay = delay  # pynetdicom's own knob for the DUL thread
+class Wakeups:
+    """What wakes one acceptor association's two pynetdicom threads.
 
-    def sleep(self, seconds: float) -> None:
-        """``time.sleep`` as the association reactor sees it: its 1 ms poll becomes a wait for
-        its next message (other sleeps of that module are left as they are)."""
-        dimse = getattr(threading.current_thread(), "dimse", None)
-        if seconds != DEFAULT_POLL_S or dimse is None:
-            time.sleep(seconds)
-            return
-        messages = dimse.msg_queue
+    :meth:`install` replaces the DUL's two primitive queues, before its thread starts, by queues
+    that ring: the one to the reactor (``to_user_queue``) rings the reactor's message condition,
+    the one to the DUL thread (``to_provider_queue``) writes to its socket pair. A ring while the
+    thread is busy is not lost: the reactor counts rings, the DUL finds the byte waiting.
+    """
+
+    def __init__(self, messages: queue.Queue[Any]) -> None:
+        self._messages = messages
+        self._rung = 0  # rings of the reactor so far, and how many its waits have seen
+        self._heard = 0
+        # Closed with this object: a thread may be waiting on them when the association ends.
+        self._bell, self._clapper = socket.socketpair()
+        self._bell.setblocking(False)
+        self._clapper.setblocking(False)
+
+    @classmethod
+    def opened(cls, event: evt.Event) -> None:
+        """``EVT_CONN_OPEN``: the association's threads are woken from now on."""
+        cls(event.assoc.dimse.msg_queue).install(event.assoc.dul)
+
+    def install(self, provider: dul.DULServiceProvider) -> None:
+        provider.to_user_queue = _Doorbell(self.ring_reactor)
+        provider.to_provider_queue = _Doorbell(self.ring_dul)
+        provider.segnode_wakeups = self  # type: ignore[attr-defined]
+
+    def ring_reactor(self) -> None:
+        with self._messages.not_empty:
+            self._rung += 1
+            self._messages.not_empty.notify_all()
+
+    def reactor_wait(self, timeout: float) -> None:
+        """Until a message is queued or the reactor is rung (either may have happened already)."""
+        messages = self._messages
         with messages.not_empty:  # the queue's own condition, notified by every put
-            if not messages.queue:
-                messages.not_empty.wait(IDLE_WAIT_S)
+            if not messages.queue and self._rung == self._heard:
+                messages.not_empty.wait(timeout)
+            self._heard = self._rung
+
+    def ring_dul(self) -> None:
+        try:
+            self._clapper.send(b"\0")
+        except OSError:  # its buffer is full of rings already
+            pass
+
+    def dul_wait(self, sock: socket.socket, timeout: float) -> None:
+        """Until ``sock`` has data to read or the DUL thread is rung."""
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted already: select sees only what is still on the socket
+        readable, _, _ = select.select([sock, self._bell], [], [], timeout)
+        if self._bell in readable:
+            try:
+                while self._bell.recv(4096):
+                    pass
+            except OSError:  # drained
+                pass
 
 
-PACE = ReactorPace()
+def _wakeups(thread: threading.Thread) -> Wakeups | None:
+    """The wake-ups of the association ``thread`` (its reactor or DUL thread) belongs to."""
+    provider = thread if isinstance(thread, dul.DULServiceProvider) else getattr(thread, "dul", None)
+    return getattr(provider, "segnode_wakeups", None)
+
+
+def reactor_sleep(seconds: float) -> None:
+    """``time.sleep`` as pynetdicom's association module sees it: its reactor's 1 ms poll becomes
+    a wait for its next message (other sleeps of that module are left as they are)."""
+    thread = threading.current_thread()
+    dimse = getattr(thread, "dimse", None)
+    if seconds != DEFAULT_POLL_S or dimse is None:
+        time.sleep(seconds)
+        return
+    wakeups = _wakeups(thread)
+    if wakeups is not None:
+        wakeups.reactor_wait(WOKEN_WAIT_S)
+        return
+    messages = dimse.msg_queue
+    with messages.not_empty:  # the queue's own condition, notified by every put
+        if not messages.queue:
+            messages.not_empty.wait(IDLE_WAIT_S)
 
 
 def dul_sleep(seconds: float) -> None:
-    """``time.sleep`` as pynetdicom's DUL threads see it: a wait for data on their socket."""
+    """``time.sleep`` as pynetdicom's DUL module sees it: a DUL thread waits for data on its
+    socket, or a ring where it has wake-ups."""
     thread = threading.current_thread()
+    wakeups = _wakeups(thread)
     transport = thread.socket if isinstance(thread, dul.DULServiceProvider) else None
     sock = transport.socket if transport is not None else None
-    if sock is None or not isinstance(thread, dul.DULServiceProvider):
+    if sock is None:  # other threads, and a DUL whose socket is closed
         time.sleep(seconds)
         return
-    # Only the listener's responses skip the DUL's queue, and not over TLS: other DUL threads
-    # (the tests' and any requestor's) look at their queue at their own pace.
-    direct = thread.assoc.is_acceptor and not isinstance(sock, ssl.SSLSocket)
-    wait = IDLE_WAIT_S if direct else seconds
     try:
-        select.select([sock], [], [], wait)
+        if wakeups is not None:
+            wakeups.dul_wait(sock, WOKEN_WAIT_S)
+        else:  # a requestor's: its own pace, but woken by data
+            select.select([sock], [], [], seconds)
     except (OSError, ValueError):  # closed meanwhile: pynetdicom's next look at it finds out
         time.sleep(seconds)
 
 
 def install() -> None:
     """Give pynetdicom's association and DUL modules a ``time`` whose ``sleep`` waits as above
-    (:meth:`ReactorPace.sleep`, :func:`dul_sleep`).
+    (:func:`reactor_sleep`, :func:`dul_sleep`).
 
     Their polls have no setting for what they wait on, so this is the one way to change it; every
     other use of ``time`` in those modules is untouched. Idempotent.
     """
-    if getattr(association.time, "sleep", None) != PACE.sleep:
-        association.time = SimpleNamespace(**{**vars(time), "sleep": PACE.sleep})  # type: ignore[assignment]
+    if getattr(association.time, "sleep", None) != reactor_sleep:
+        association.time = SimpleNamespace(**{**vars(time), "sleep": reactor_sleep})  # type: ignore[assignment]
     if getattr(dul.time, "sleep", None) != dul_sleep:
         dul.time = SimpleNamespace(**{**vars(time), "sleep": dul_sleep})  # type: ignore[assignment]

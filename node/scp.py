@@ -221,7 +221,7 @@ def configure_pynetdicom() -> None:
     """pynetdicom's process-wide switches, set once where the node starts.
 
     Its default logs request identifiers (patient name and id) and describes every message for
-    debug logging; its reactors poll at a pace node/reactor_pace.py sets.
+    debug logging; its reactor threads poll, and wait as node/reactor_pace.py makes them.
     """
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -294,8 +294,7 @@ def start_scp(settings: ScpSettings, storage: Storage) -> ThreadedAssociationSer
         (evt.EVT_CONN_OPEN, store.spooler.opened),
         (evt.EVT_CONN_OPEN, pack_store_responses),
         (evt.EVT_CONN_CLOSE, store.spooler.closed),
-        (evt.EVT_CONN_OPEN, reactor_pace.PACE.opened),
-        (evt.EVT_CONN_CLOSE, reactor_pace.PACE.closed),
+        (evt.EVT_CONN_OPEN, reactor_pace.Wakeups.opened),
     ]
     server = ae.start_server(
         (settings.host, settings.port),

@@ -1,10 +1,12 @@
-"""The association reactor's poll is a wait on its message queue: woken by a message, bounded otherwise."""
+"""pynetdicom's reactor threads wait for what wakes them: a message or a ring, bounded otherwise."""
 
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -13,46 +15,116 @@ from node import reactor_pace
 
 
 class _Reactor(threading.Thread):
-    """Stands in for pynetdicom's Association thread: the sleep looks at the thread's ``dimse``."""
+    """Stands in for pynetdicom's Association thread: the sleep looks at its ``dimse`` and ``dul``."""
 
-    def __init__(self, messages: queue.Queue[object]) -> None:
+    def __init__(self, messages: queue.Queue[object], wakeups: reactor_pace.Wakeups | None = None) -> None:
         super().__init__()
         self.dimse = SimpleNamespace(msg_queue=messages)
+        self.dul = SimpleNamespace(segnode_wakeups=wakeups) if wakeups is not None else None
         self.slept: float | None = None
 
     def run(self) -> None:
         started = time.monotonic()
-        reactor_pace.PACE.sleep(reactor_pace.DEFAULT_POLL_S)
+        reactor_pace.reactor_sleep(reactor_pace.DEFAULT_POLL_S)
         self.slept = time.monotonic() - started
 
 
-def _sleep_in_reactor(messages: queue.Queue[object], put_after: float | None = None) -> float:
-    reactor = _Reactor(messages)
+def _sleep_in_reactor(
+    messages: queue.Queue[object],
+    wakeups: reactor_pace.Wakeups | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> float:
+    reactor = _Reactor(messages, wakeups)
     reactor.start()
-    if put_after is not None:
-        time.sleep(put_after)
-        messages.put((1, "C-STORE-RQ"))
+    if meanwhile is not None:
+        time.sleep(0.1)
+        meanwhile()
     reactor.join(timeout=10)
     assert reactor.slept is not None
     return reactor.slept
 
 
+def _a_request(messages: queue.Queue[object]) -> Callable[[], None]:
+    return lambda: messages.put((1, "C-STORE-RQ"))
+
+
 def test_a_queued_message_wakes_the_reactor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reactor_pace, "IDLE_WAIT_S", 5.0)
-    assert _sleep_in_reactor(queue.Queue(), put_after=0.1) < 2.0  # woken by the put, not the 5 s bound
-    waiting: queue.Queue[object] = queue.Queue()
-    waiting.put((1, "C-STORE-RQ"))
-    assert _sleep_in_reactor(waiting) < 0.5  # a message already there: no wait at all
+    monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 5.0)
+    for wakeups in (False, True):
+        messages: queue.Queue[object] = queue.Queue()
+        rings = reactor_pace.Wakeups(messages) if wakeups else None
+        assert _sleep_in_reactor(messages, rings, _a_request(messages)) < 2.0  # not the 5 s bound
+        messages.put((1, "C-STORE-RQ"))
+        assert _sleep_in_reactor(messages, rings) < 0.5  # a message already there: no wait at all
 
 
-def test_without_a_message_the_wait_ends_for_the_other_checks(
+def test_a_ring_wakes_the_reactor_and_is_not_lost_while_it_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 5.0)
+    messages: queue.Queue[object] = queue.Queue()
+    wakeups = reactor_pace.Wakeups(messages)
+    assert _sleep_in_reactor(messages, wakeups, wakeups.ring_reactor) < 2.0  # a release request
+    wakeups.ring_reactor()  # rung while the reactor was busy elsewhere
+    assert _sleep_in_reactor(messages, wakeups) < 0.5
+    monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 0.2)
+    assert 0.2 <= _sleep_in_reactor(messages, wakeups) < 2.0  # heard: the next wait is a whole one
+
+
+def test_without_a_message_or_ring_the_wait_ends_for_the_other_checks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(reactor_pace, "IDLE_WAIT_S", 0.2)
+    monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 0.3)
     assert 0.2 <= _sleep_in_reactor(queue.Queue()) < 2.0
+    messages: queue.Queue[object] = queue.Queue()
+    assert 0.3 <= _sleep_in_reactor(messages, reactor_pace.Wakeups(messages)) < 2.0
 
 
 def test_other_threads_and_other_sleeps_sleep_as_asked() -> None:
     started = time.monotonic()
-    reactor_pace.PACE.sleep(0.05)  # the main thread has no DIMSE provider
-    assert time.monotonic() - started >= 0.05
+    reactor_pace.reactor_sleep(0.05)  # the main thread has no DIMSE provider
+    reactor_pace.dul_sleep(0.05)  # nor a DUL's socket
+    assert time.monotonic() - started >= 0.1
+
+
+def _dul_wait(
+    wakeups: reactor_pace.Wakeups, sock: socket.socket, meanwhile: Callable[[], object] | None
+) -> float:
+    started = time.monotonic()
+    if meanwhile is not None:
+        threading.Timer(0.1, meanwhile).start()
+    wakeups.dul_wait(sock, 5.0)
+    return time.monotonic() - started
+
+
+def test_the_dul_thread_wakes_for_data_or_a_ring_even_one_rung_before() -> None:
+    ours, theirs = socket.socketpair()
+    wakeups = reactor_pace.Wakeups(queue.Queue())
+    assert _dul_wait(wakeups, ours, lambda: theirs.send(b"PDU")) < 2.0
+    assert ours.recv(3) == b"PDU"
+    assert _dul_wait(wakeups, ours, wakeups.ring_dul) < 2.0  # a response queued to send
+    wakeups.ring_dul()
+    wakeups.ring_dul()  # rung twice while it was busy: one wait ends at once, the next is whole
+    assert _dul_wait(wakeups, ours, None) < 0.5
+    started = time.monotonic()
+    wakeups.dul_wait(ours, 0.2)
+    assert time.monotonic() - started >= 0.2
+    ours.close()
+    theirs.close()
+
+
+def test_installed_queues_ring_who_takes_from_them() -> None:
+    messages: queue.Queue[object] = queue.Queue()
+    wakeups = reactor_pace.Wakeups(messages)
+    provider = SimpleNamespace(to_user_queue=queue.Queue(), to_provider_queue=queue.Queue())
+    wakeups.install(provider)  # type: ignore[arg-type]
+    assert provider.segnode_wakeups is wakeups
+    provider.to_provider_queue.put_nowait("A-ASSOCIATE-AC")  # pynetdicom's own calls, unchanged
+    provider.to_user_queue.put("A-RELEASE-RQ")
+    assert provider.to_provider_queue.get(False) == "A-ASSOCIATE-AC"
+    assert provider.to_user_queue.get(False) == "A-RELEASE-RQ"
+    ours, theirs = socket.socketpair()
+    assert _dul_wait(wakeups, ours, None) < 0.5  # the DUL thread was rung by the put
+    assert _sleep_in_reactor(messages, wakeups) < 0.5  # and the reactor by its own
+    ours.close()
+    theirs.close()

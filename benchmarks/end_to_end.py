@@ -41,16 +41,31 @@ def wait_for_seg(orthanc: peers.Orthanc, known: set[str], timeout: float = 600) 
     raise TimeoutError("no SEG arrived in Orthanc")
 
 
-def split(node: SegnodeProcesses) -> tuple[dict[str, float], str]:
+def _job_events(node: SegnodeProcesses, timeout: float = 60) -> dict[str, JobEvent]:
+    """The last job's events, once it has one saying it was delivered: the SEG reaches the PACS
+    a moment before the worker records that the PACS answered."""
     engine = db.make_engine(node.database_url)
-    with db.make_sessionmaker(engine)() as session:
-        job = session.scalars(select(Job).order_by(Job.id.desc())).first()
-        assert job is not None
-        events = {
-            e.event: e
-            for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
-        }
-    engine.dispose()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with db.make_sessionmaker(engine)() as session:
+                job = session.scalars(select(Job).order_by(Job.id.desc())).first()
+                assert job is not None
+                events = {
+                    e.event: e
+                    for e in session.scalars(
+                        select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+                    )
+                }
+            if "delivered" in events or time.monotonic() > deadline:
+                return events
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
+def split(node: SegnodeProcesses) -> tuple[dict[str, float], str]:
+    events = _job_events(node)
     steps = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", events["segmented"].message)}
     decoders = re.search(r"\((.*decoded by.*)\)", events["segmented"].message)
     return {

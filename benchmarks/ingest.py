@@ -175,6 +175,11 @@ def main() -> None:
         print(f"  segnode / fsync floor    {seg / median['fsync copy floor']:.2f}")
         four = median["segnode, 1 sender, same 4 series"] / median["segnode, 4 senders"]
         print(f"  4 senders total throughput / 1 sender: {four:.2f}   (target: >= 1)")
+        singles, fours = results["segnode, 1 sender, same 4 series"], results["segnode, 4 senders"]
+        per_round4 = [one / par for one, par in zip(singles, fours, strict=True)]
+        rounds4 = ", ".join(f"{r:.2f}" for r in per_round4)
+        own4 = statistics.median(per_round4)
+        print(f"  4 senders / 1 sender, median of each round's ratio {own4:.2f}   ({rounds4})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         subprocess.run(["sync"], check=False)

@@ -182,6 +182,7 @@ class Storage:
         ``data`` may also be the file's bytes, staged here. A duplicate keeps the first copy (the
         staged file is discarded). Only when the file already exists is the database asked (a
         file without a row is a leftover of a crash before the commit, and is written again).
+        When the row cannot be committed, the placed file is removed unless a row names it.
         """
         staged = data if isinstance(data, StagedFile) else self.stage(data)
         try:
@@ -197,8 +198,19 @@ class Storage:
         try:
             return self._record(facts, relative, staged.size, calling_ae)
         except BaseException:
-            target.unlink(missing_ok=True)
+            if self._unrecorded(facts.sop_instance_uid):  # not another association's copy
+                target.unlink(missing_ok=True)
             raise
+
+    def _unrecorded(self, sop_instance_uid: str) -> bool:
+        """Whether no row names the instance, so that the file placed for it may go when its own
+        row failed. Not known (the database failing too) keeps the file: another association may
+        have recorded the same instance a moment ago, and a file without a row is only written
+        again when the instance comes again."""
+        try:
+            return not self._already_recorded(sop_instance_uid)
+        except Exception:  # noqa: BLE001 - any fault of the database: keep the file
+            return False
 
     def _already_recorded(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as conn:

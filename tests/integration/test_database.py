@@ -120,6 +120,24 @@ def test_storage_writes_records_and_keeps_duplicates_once(
         ]
 
 
+def test_a_row_that_fails_takes_its_file_along_unless_another_row_names_it(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    assert storage.store([b"first"], facts(n=1), "CT01") is StoreOutcome.STORED
+    kept = tmp_path / "store" / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm"
+    kept.unlink()  # as when a concurrent copy of the instance is renamed over it: placed again below
+    storage._rows.close()  # every row fails from now on
+    with pytest.raises(RowNotRecordedError):
+        storage.store([b"copy"], facts(n=1), "CT01")
+    assert kept.read_bytes() == b"copy"  # a row names it: the file stays
+    with pytest.raises(RowNotRecordedError):
+        storage.store([b"second"], facts(n=2), "CT01")
+    assert not (kept.parent / "1.2.3.4.2.dcm").exists()  # no row names it: nothing half-recorded stays
+    assert not list((tmp_path / "store" / ".incoming").iterdir())
+    storage.close()
+
+
 def test_a_spool_flushed_on_the_calling_thread_is_stored_and_its_failure_kept_for_the_handler(
     tmp_path: Path,
 ) -> None:

@@ -14,8 +14,9 @@ request). The DUL thread waits on its socket and on a socket pair, rung by every
 for it to send (the association's acceptance, a C-ECHO or release response, an abort; C-STORE
 responses do not pass through it, node/store_response.py). Their waits end after
 ``WOKEN_WAIT_S`` at the latest, only for what nothing rings: pynetdicom's timers (network timeout,
-ARTIM) and its kill flags. Before, they looked every 2 ms, ~7 wake-ups an instance with four
-senders: four senders 0.83 -> 0.78 s and one sender 0.99 -> 0.93 s for the same 300 instances.
+ARTIM) and its kill flags; killing the association rings the reactor and closes the socket pair.
+Before, they looked every 2 ms, ~7 wake-ups an instance with four senders: four senders 0.83 ->
+0.78 s and one sender 0.99 -> 0.93 s for the same 300 instances.
 
 Other associations (the node's own as a requestor, when it dispatches) keep bounded waits: the
 reactor's on its message queue, at most ``IDLE_WAIT_S``; the DUL's on its socket, for the sleep
@@ -70,15 +71,36 @@ class Wakeups:
         self._messages = messages
         self._rung = 0  # rings of the reactor so far, and how many its waits have seen
         self._heard = 0
-        # Closed with this object: a thread may be waiting on them when the association ends.
-        self._bell, self._clapper = socket.socketpair()
+        self._bell, self._clapper = socket.socketpair()  # closed when the association is killed
         self._bell.setblocking(False)
         self._clapper.setblocking(False)
 
     @classmethod
     def opened(cls, event: evt.Event) -> None:
-        """``EVT_CONN_OPEN``: the association's threads are woken from now on."""
-        cls(event.assoc.dimse.msg_queue).install(event.assoc.dul)
+        """``EVT_CONN_OPEN``: the association's threads are woken from now on, until it is killed
+        (every way out of its reactor's loop kills it)."""
+        assoc = event.assoc
+        wakeups = cls(assoc.dimse.msg_queue)
+        wakeups.install(assoc.dul)
+        kill = assoc.kill
+
+        def kill_and_close() -> None:
+            try:
+                kill()  # returns once its DUL thread has ended
+            finally:
+                wakeups.close()
+
+        # An instance attribute: pynetdicom calls ``self.kill()`` and ``assoc.kill()``.
+        assoc.kill = kill_and_close  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        """Wake the reactor a last time (the association was killed: it ends now, not at the
+        end of its wait) and close the socket pair. pynetdicom's association and DUL refer to
+        each other, so only a full garbage collection would close it otherwise: two file
+        descriptors held for every association of the last half minute or so."""
+        self.ring_reactor()
+        self._bell.close()
+        self._clapper.close()
 
     def install(self, provider: dul.DULServiceProvider) -> None:
         provider.to_user_queue = _Doorbell(self.ring_reactor)

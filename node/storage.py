@@ -356,8 +356,10 @@ class Spool:
         if flushed is not None:
             try:
                 flushed.set_result(self._flush())
-            except BaseException as err:  # noqa: BLE001 - the handler's wait() raises it
+            except BaseException as err:  # the handler's wait() raises it
                 flushed.set_exception(err)
+                if not isinstance(err, Exception):
+                    raise
         return staged
 
     def discard(self) -> None:

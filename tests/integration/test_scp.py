@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import struct
 import subprocess
 import time
@@ -369,6 +371,51 @@ def test_listener_threads_are_woken_by_what_they_wait_for(
         assert assoc.is_released
     assert time.monotonic() - started < 4
     assert _eventually(lambda: not scp.server.active_associations)
+
+
+def test_ended_associations_leave_no_descriptor_open(scp: RunningScp) -> None:
+    # pynetdicom's association and DUL refer to each other: what is not closed when an association
+    # ends stays open until a full garbage collection, which may not come for a long time.
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+
+    def echo_once() -> None:
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+
+    def open_descriptors() -> int:
+        assert _eventually(lambda: not scp.server.active_associations)
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.disable()
+    try:
+        echo_once()
+        before = open_descriptors()
+        for _ in range(10):
+            echo_once()
+        after = open_descriptors()
+    finally:
+        gc.enable()
+    assert after - before < 5, f"{after - before} descriptors left open by 10 associations"
+
+
+def test_an_association_aborted_by_the_node_ends_at_once(
+    scp: RunningScp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 5.0)  # were its reactor not rung: 5 s
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    assert _eventually(lambda: len(scp.server.active_associations) == 1)
+    (served,) = scp.server.active_associations
+    started = time.monotonic()
+    served.abort()  # as the listener does to each association when it shuts down
+    assert _eventually(lambda: not served.is_alive(), timeout=10)
+    assert time.monotonic() - started < 2
+    assert _eventually(lambda: assoc.is_aborted)
 
 
 def test_an_association_whose_receiving_thread_died_ends_and_others_go_on(

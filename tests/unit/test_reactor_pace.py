@@ -6,7 +6,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -44,25 +44,42 @@ def _sleep_in_reactor(
     return reactor.slept
 
 
+@pytest.fixture
+def make_wakeups() -> Iterator[Callable[[queue.Queue[object]], reactor_pace.Wakeups]]:
+    made: list[reactor_pace.Wakeups] = []
+
+    def make(messages: queue.Queue[object]) -> reactor_pace.Wakeups:
+        made.append(reactor_pace.Wakeups(messages))
+        return made[-1]
+
+    yield make
+    for wakeups in made:
+        wakeups.close()
+
+
 def _a_request(messages: queue.Queue[object]) -> Callable[[], None]:
     return lambda: messages.put((1, "C-STORE-RQ"))
 
 
-def test_a_queued_message_wakes_the_reactor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_queued_message_wakes_the_reactor_at_once(
+    monkeypatch: pytest.MonkeyPatch, make_wakeups: Callable[[queue.Queue[object]], reactor_pace.Wakeups]
+) -> None:
     monkeypatch.setattr(reactor_pace, "IDLE_WAIT_S", 5.0)
     monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 5.0)
     for wakeups in (False, True):
         messages: queue.Queue[object] = queue.Queue()
-        rings = reactor_pace.Wakeups(messages) if wakeups else None
+        rings = make_wakeups(messages) if wakeups else None
         assert _sleep_in_reactor(messages, rings, _a_request(messages)) < 2.0  # not the 5 s bound
         messages.put((1, "C-STORE-RQ"))
         assert _sleep_in_reactor(messages, rings) < 0.5  # a message already there: no wait at all
 
 
-def test_a_ring_wakes_the_reactor_and_is_not_lost_while_it_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ring_wakes_the_reactor_and_is_not_lost_while_it_is_busy(
+    monkeypatch: pytest.MonkeyPatch, make_wakeups: Callable[[queue.Queue[object]], reactor_pace.Wakeups]
+) -> None:
     monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 5.0)
     messages: queue.Queue[object] = queue.Queue()
-    wakeups = reactor_pace.Wakeups(messages)
+    wakeups = make_wakeups(messages)
     assert _sleep_in_reactor(messages, wakeups, wakeups.ring_reactor) < 2.0  # a release request
     wakeups.ring_reactor()  # rung while the reactor was busy elsewhere
     assert _sleep_in_reactor(messages, wakeups) < 0.5
@@ -71,13 +88,13 @@ def test_a_ring_wakes_the_reactor_and_is_not_lost_while_it_is_busy(monkeypatch: 
 
 
 def test_without_a_message_or_ring_the_wait_ends_for_the_other_checks(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_wakeups: Callable[[queue.Queue[object]], reactor_pace.Wakeups]
 ) -> None:
     monkeypatch.setattr(reactor_pace, "IDLE_WAIT_S", 0.2)
     monkeypatch.setattr(reactor_pace, "WOKEN_WAIT_S", 0.3)
     assert 0.2 <= _sleep_in_reactor(queue.Queue()) < 2.0
     messages: queue.Queue[object] = queue.Queue()
-    assert 0.3 <= _sleep_in_reactor(messages, reactor_pace.Wakeups(messages)) < 2.0
+    assert 0.3 <= _sleep_in_reactor(messages, make_wakeups(messages)) < 2.0
 
 
 def test_other_threads_and_other_sleeps_sleep_as_asked() -> None:
@@ -97,9 +114,11 @@ def _dul_wait(
     return time.monotonic() - started
 
 
-def test_the_dul_thread_wakes_for_data_or_a_ring_even_one_rung_before() -> None:
+def test_the_dul_thread_wakes_for_data_or_a_ring_even_one_rung_before(
+    make_wakeups: Callable[[queue.Queue[object]], reactor_pace.Wakeups],
+) -> None:
     ours, theirs = socket.socketpair()
-    wakeups = reactor_pace.Wakeups(queue.Queue())
+    wakeups = make_wakeups(queue.Queue())
     assert _dul_wait(wakeups, ours, lambda: theirs.send(b"PDU")) < 2.0
     assert ours.recv(3) == b"PDU"
     assert _dul_wait(wakeups, ours, wakeups.ring_dul) < 2.0  # a response queued to send
@@ -113,9 +132,11 @@ def test_the_dul_thread_wakes_for_data_or_a_ring_even_one_rung_before() -> None:
     theirs.close()
 
 
-def test_installed_queues_ring_who_takes_from_them() -> None:
+def test_installed_queues_ring_who_takes_from_them(
+    make_wakeups: Callable[[queue.Queue[object]], reactor_pace.Wakeups],
+) -> None:
     messages: queue.Queue[object] = queue.Queue()
-    wakeups = reactor_pace.Wakeups(messages)
+    wakeups = make_wakeups(messages)
     provider = SimpleNamespace(to_user_queue=queue.Queue(), to_provider_queue=queue.Queue())
     wakeups.install(provider)  # type: ignore[arg-type]
     assert provider.segnode_wakeups is wakeups

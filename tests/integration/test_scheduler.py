@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def test_job_waits_for_an_unreachable_broker_then_is_queued_once(tmp_path: Path,
     facts = InstanceFacts(
         "1.2.3", "1.2.3.4", "1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "CT"
     )
-    Storage(tmp_path / "store", engine, 0).store([b"ct"], facts, "CT01")
+    storage = Storage(tmp_path / "store", engine, 0)
+    storage.store([b"ct"], facts, "CT01")
+    storage.close()
 
     down = load_settings(
         None,
@@ -37,6 +40,7 @@ def test_job_waits_for_an_unreachable_broker_then_is_queued_once(tmp_path: Path,
     dead_app = make_celery(down)
     dead_app.conf.broker_connection_timeout = 1
     dead_app.conf.broker_transport_options = {"max_retries": 1}
+    time.sleep(5 * down.quiet_period_s)  # the series is quiet, however fast the lines above ran
     Scheduler(down, sessions, JobQueue(dead_app)).tick()
     with sessions() as session:
         (job,) = session.scalars(select(Job)).all()

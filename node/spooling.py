@@ -111,7 +111,7 @@ class Spooler:
             )
 
     def staged(self, event: evt.Event) -> StagedFile:
-        """The C-STORE's data set in a temporary file of the storage, flushing in the background.
+        """The C-STORE's data set in a temporary file of the storage, fsynced or being fsynced.
 
         Raises :class:`StorageFullError` below the free-space threshold.
         """
@@ -186,11 +186,9 @@ class Spooler:
         return receive_and_spool, divert
 
     def _complete(self, arriving: list[SpoolingStream]) -> None:
-        """The data set is whole: its file is fsynced here, on the receiving thread, which has
-        nothing to read until the response to it is sent, while the handler reads the header.
-        A flusher thread would cost each instance two more hand-overs of the GIL (four senders
-        against one: 1.05 -> 1.11, the same 300 instances; one sender unchanged)."""
-        arriving.pop().spool.finish(here=True)  # never raises: the handler's wait() does
+        """The data set is whole: its file is fsynced here, on the receiving thread
+        (:meth:`Spool.finish`), while the handler reads the header."""
+        arriving.pop().spool.finish()  # never raises: the handler's wait() does
 
     def _drop(self, assoc: Association, arriving: list[SpoolingStream]) -> None:
         spools = {stream.spool for stream in arriving}

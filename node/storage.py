@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
 DISK_FULL = "the storage disk is full"
-# Threads that write and fsync staged files: one per association that can be storing at once is
-# plenty (a flush is a disk wait, not CPU).
+# Threads that write and fsync the files of :meth:`Storage.stage` (instances that arrived whole
+# with their command; spooled ones are fsynced by their receiving thread): one per association
+# that can be storing at once is plenty (a flush is a disk wait, not CPU).
 FLUSH_THREADS = 8
 # Free space is read again after this long, or at once when it was within the margin of the
 # threshold: statvfs costs ~0.06 ms and is asked twice an instance.
@@ -72,7 +73,7 @@ class InvalidUIDError(ValueError):
 class StagedFile:
     """An instance's bytes on their way into a temporary file: written and fsynced by another
     thread (a flusher, or the association's receiving thread) while the handler reads the header
-    (the disk wait hides the parsing)."""
+    (the disk wait hides the parsing), or by the handler's own when it asks first."""
 
     def __init__(self, future: Future[Path], size: int) -> None:
         self._future = future
@@ -172,7 +173,7 @@ class Storage:
             if _is_full(err):
                 raise StorageFullError(err.errno, DISK_FULL) from err
             raise
-        return Spool(temp, fd, self._flusher)
+        return Spool(temp, fd)
 
     def store(
         self, data: StagedFile | Sequence[bytes | memoryview], facts: InstanceFacts, calling_ae: str
@@ -315,11 +316,10 @@ class Spool:
     :meth:`finish` returns, so the instance is refused like any other that could not be written.
     """
 
-    def __init__(self, path: Path, fd: int, flusher: ThreadPoolExecutor) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.size = 0
         self._fd: int | None = fd
-        self._flusher = flusher
         self._error: OSError | None = None
         self._staged: StagedFile | None = None
         self._lock = threading.Lock()
@@ -337,29 +337,25 @@ class Spool:
                 self._error = StorageFullError(err.errno, DISK_FULL) if _is_full(err) else err
                 self._close_and_remove()
 
-    def finish(self, here: bool = False) -> StagedFile:
-        """The spool as a staged file, fsynced on a flusher thread, or ``here`` on the calling
-        thread; the same one on every call (the receiving thread and the handler's may both
-        ask, in either order)."""
+    def finish(self) -> StagedFile:
+        """The spool as a staged file, the same one on every call. The first caller fsyncs it,
+        on its own thread: the receiving thread as the last fragment arrives (it has nothing to
+        read until the response is sent; a flusher thread would cost each instance two more
+        hand-overs of the GIL), while the handler reads the header and then waits for it."""
         staged = self._staged
         if staged is not None:  # without the lock, which the flush holds while it waits for the disk
             return staged
-        flushed: Future[Path] | None = None
+        flushed: Future[Path] = Future()
         with self._lock:
-            if self._staged is None:
-                if here:
-                    flushed = Future()
-                    self._staged = StagedFile(flushed, self.size)
-                else:
-                    self._staged = StagedFile(self._flusher.submit(self._flush), self.size)
-            staged = self._staged
-        if flushed is not None:
-            try:
-                flushed.set_result(self._flush())
-            except BaseException as err:  # the handler's wait() raises it
-                flushed.set_exception(err)
-                if not isinstance(err, Exception):
-                    raise
+            if self._staged is not None:
+                return self._staged
+            self._staged = staged = StagedFile(flushed, self.size)
+        try:
+            flushed.set_result(self._flush())
+        except BaseException as err:  # the caller of wait() gets it
+            flushed.set_exception(err)
+            if not isinstance(err, Exception):
+                raise
         return staged
 
     def discard(self) -> None:

@@ -138,7 +138,7 @@ def test_a_row_that_fails_takes_its_file_along_unless_another_row_names_it(
     storage.close()
 
 
-def test_a_spool_flushed_on_the_calling_thread_is_stored_and_its_failure_kept_for_the_handler(
+def test_a_spool_flushed_by_its_first_caller_is_stored_and_its_failure_kept_for_the_handler(
     tmp_path: Path,
 ) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'unused.sqlite'}")
@@ -146,7 +146,7 @@ def test_a_spool_flushed_on_the_calling_thread_is_stored_and_its_failure_kept_fo
     spool = storage.open_spool()
     spool.write(b"preamble+")
     spool.write(memoryview(b"data set"))
-    staged = spool.finish(here=True)  # flushed before it returns
+    staged = spool.finish()  # flushed here, before it returns
     assert spool.finish() is staged  # the handler's call finds the same file
     assert staged.wait().read_bytes() == b"preamble+data set"
     assert staged.size == len(b"preamble+data set")
@@ -154,7 +154,7 @@ def test_a_spool_flushed_on_the_calling_thread_is_stored_and_its_failure_kept_fo
     gone = storage.open_spool()
     gone.write(b"cut short")
     gone.discard()  # its association aborted meanwhile
-    failed = gone.finish(here=True)  # does not raise on the receiving thread
+    failed = gone.finish()  # does not raise on the receiving thread
     with pytest.raises(FileNotFoundError):
         failed.wait()  # the handler refuses the instance with the reason
     storage.close()

@@ -7,19 +7,20 @@ import signal
 import subprocess
 import sys
 import threading
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 from sqlalchemy import select
 
-from node.config import SegmenterSettings, Settings, load_settings
+from node.core.commands import COMMANDS_GROUP, settings_of
+from node.core.config import SegmenterSettings
+from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.engine import SchemaOutOfDateError, session_scope
 from node.db.jobs import JobNotFoundError, retry
 from node.db.models import Job, JobState, Series
-from node.queue import JobQueue, make_celery
 
 log = logging.getLogger("segnode")
 
@@ -33,32 +34,22 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _settings(ctx: click.Context) -> Settings:
-    obj: dict[str, Any] = ctx.ensure_object(dict)
-    if "settings" not in obj:
-        try:
-            obj["settings"] = load_settings(obj.get("config"))
-        except (ValidationError, FileNotFoundError) as err:
-            raise click.ClickException(f"invalid configuration: {err}") from err
-    return obj["settings"]
-
-
 class _Commands(click.Group):
-    """The node's commands, plus ``train`` and ``evaluate`` from segmenters/, imported only when run.
+    """The node's commands, plus those other packages add through the ``segnode.commands``
+    entry points (worker, train, evaluate), imported only when run: they load Celery, torch and
+    MONAI (seconds), which ``segnode jobs list`` should not wait for."""
 
-    Those import torch and MONAI (seconds); ``segnode jobs list`` should not wait for that.
-    """
-
-    LAZY = {"train": "train_command", "evaluate": "evaluate_command"}
+    @staticmethod
+    def _added() -> dict[str, metadata.EntryPoint]:
+        return {ep.name: ep for ep in metadata.entry_points(group=COMMANDS_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.LAZY])
+        return sorted({*super().list_commands(ctx), *self._added()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.LAZY:
-            from segmenters import cli as segmenters_cli
-
-            command: click.Command = getattr(segmenters_cli, self.LAZY[cmd_name])
+        added = self._added().get(cmd_name)
+        if added is not None:
+            command: click.Command = added.load()
             return command
         return super().get_command(ctx, cmd_name)
 
@@ -90,7 +81,7 @@ def serve(ctx: click.Context, workers: bool) -> None:
     """Run the DICOM listener, the scheduler and (by default) one worker process."""
     from node.runtime import Node
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     try:
         node = Node(settings)
     except SchemaOutOfDateError as err:
@@ -115,19 +106,6 @@ def serve(ctx: click.Context, workers: bool) -> None:
                 worker_proc.kill()
 
 
-@main.command()
-@click.option("--name", default="segnode@%h", show_default=True, help="Celery node name of this worker.")
-@click.pass_context
-def worker(ctx: click.Context, name: str) -> None:
-    """Run a worker alone (production: one per GPU, Redis broker, PostgreSQL database)."""
-    from workers.celery_app import run_worker
-
-    try:
-        run_worker(_settings(ctx), name)
-    except SchemaOutOfDateError as err:
-        raise click.ClickException(str(err)) from err
-
-
 # --- config ----------------------------------------------------------------------------------------
 
 
@@ -140,9 +118,10 @@ def config() -> None:
 @click.pass_context
 def config_check(ctx: click.Context) -> None:
     """Validate the configuration and print what the node would do."""
+    from node.receive.paths import describe_path
     from segmenters import registry
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     installed = set(registry.available()) | set(settings.segmenters)
     problems = [
         f"rule {r.name!r} names segmenter {r.segmenter!r}, which is not installed "
@@ -163,6 +142,7 @@ def config_check(ctx: click.Context) -> None:
     allowed = ", ".join(scp.allowed_calling_aes) or "any calling AE"
     click.echo(f"  accepts associations from: {allowed}; at most {scp.max_associations} at once")
     click.echo(f"  TLS: {'on' if scp.tls_certificate else 'off'}")
+    click.echo(f"  receives with: {describe_path(scp)}")
     click.echo(f"Data folder: {settings.data_dir}")
     click.echo(f"Database: {_redact(settings.effective_database_url)}")
     click.echo(f"Broker: {_redact(settings.effective_broker_url)}")
@@ -240,7 +220,7 @@ def db_group() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Bring the database schema up to REVISION (default: the newest)."""
-    url = _settings(ctx).effective_database_url
+    url = settings_of(ctx).effective_database_url
     db.upgrade(url, revision)
     click.echo(f"database at revision {db.current_revision(db.make_engine(url))}")
 
@@ -250,7 +230,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_downgrade(ctx: click.Context, revision: str) -> None:
     """Take the database schema back to REVISION ('base' removes it)."""
-    url = _settings(ctx).effective_database_url
+    url = settings_of(ctx).effective_database_url
     db.downgrade(url, revision)
     click.echo(f"database at revision {db.current_revision(db.make_engine(url)) or 'base'}")
 
@@ -259,7 +239,7 @@ def db_downgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_current(ctx: click.Context) -> None:
     """Print the schema revision of the database and the one this code needs."""
-    engine = db.make_engine(_settings(ctx).effective_database_url)
+    engine = db.make_engine(settings_of(ctx).effective_database_url)
     click.echo(f"database: {db.current_revision(engine) or 'none'}; needed: {db.head_revision()}")
 
 
@@ -267,7 +247,7 @@ def db_current(ctx: click.Context) -> None:
 
 
 def _sessions(ctx: click.Context) -> Any:
-    engine = db.make_engine(_settings(ctx).effective_database_url)
+    engine = db.make_engine(settings_of(ctx).effective_database_url)
     try:
         db.check_schema(engine)
     except SchemaOutOfDateError as err:
@@ -343,7 +323,7 @@ def jobs_show(ctx: click.Context, job_id: int) -> None:
 @click.pass_context
 def jobs_retry(ctx: click.Context, job_id: int) -> None:
     """Run a job again from the start (its SEG keeps the same UIDs: no duplicate in the PACS)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     sessions = _sessions(ctx)
     try:
         with session_scope(sessions) as session:

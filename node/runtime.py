@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from node.config import Settings
+from node.core.config import Settings
+from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
-from node.queue import JobQueue, make_celery
-from node.scheduler import Scheduler
-from node.scp import start_scp
-from node.storage import Storage
+from node.jobs.scheduler import Scheduler
+from node.receive.listener import start_scp
+from node.receive.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,9 @@ class Node:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
         self.storage = Storage(settings.storage_dir, self.engine, settings.scp.min_free_bytes)
-        self.queue = JobQueue(make_celery(settings))
+        celery = make_celery(settings)
+        declare_queue(celery)
+        self.queue = JobQueue(celery)
         self.scheduler = Scheduler(settings, self.sessions, self.queue)
 
     def run(self, stop: threading.Event) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from segmenters import synthetic
 from segmenters.base import Structure
@@ -34,7 +35,6 @@ from segmenters.rtstruct import read_rtstruct_masks
 log = logging.getLogger(__name__)
 
 Spacing = tuple[float, float, float]
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 # AAPM 2017 thoracic auto-segmentation challenge ROIs -> THORAX_STRUCTURES labels.
 AAPM_ROI_MAP: dict[str, int] = {
@@ -162,7 +162,7 @@ def read_ct_series(ct_folder: Path) -> tuple[list[Dataset], np.ndarray, Spacing]
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError:
             continue
-        if ds.get("SOPClassUID") == CT_IMAGE_STORAGE or ds.get("Modality") == "CT":
+        if ds.get("SOPClassUID") == CTImageStorage or ds.get("Modality") == "CT":
             datasets.append(ds)
     if not datasets:
         raise FileNotFoundError(f"no CT images in {ct_folder}")

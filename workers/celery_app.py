@@ -9,9 +9,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from node.config import Settings
+from node.core.config import Settings
+from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
-from node.queue import JobQueue, make_celery
 from workers.tasks import WorkerContext, register_tasks, rescue_orphans
 from workers.volume import allow_decoder_processes, start_decoder_server
 
@@ -23,6 +23,7 @@ def create_worker_app(settings: Settings) -> Celery:
     engine = make_engine(settings.effective_database_url)
     check_schema(engine)
     app = make_celery(settings)
+    declare_queue(app)
     ctx = WorkerContext(settings=settings, sessions=make_sessionmaker(engine), queue=JobQueue(app))
     register_tasks(app, ctx)
 

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from node.uids import derive_uid
+from node.core.uids import derive_uid
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.volume import SeriesVolume

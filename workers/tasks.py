@@ -17,11 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Settings
+from node.core.config import Settings
+from node.core.dicom import CT_IMAGE, excluded_image_type
+from node.core.queue import DELIVER_JOB, PROCESS_JOB, JobQueue
 from node.db.engine import session_scope
 from node.db.jobs import claim, record_event, transition
 from node.db.models import Delivery, DeliveryState, Instance, Job, JobState, utcnow
-from node.queue import DELIVER_JOB, PROCESS_JOB, JobQueue
 from segmenters import registry
 from segmenters.base import Segmenter
 from workers.destinations import send
@@ -35,7 +36,6 @@ from workers.pipeline import segment_series
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2"}
 TRANSFER_SYNTAXES = {"explicit": "1.2.840.10008.1.2.1", "jpeg2000": "1.2.840.10008.1.2.4.90"}
 
 
@@ -123,11 +123,11 @@ def job_inputs(session: Session, job: Job, settings: Settings) -> list[Path]:
         .limit(job.instance_count)
     ).all()
     rule = next((r for r in settings.rules if r.name == job.rule), None)
-    excluded = {t.upper() for t in rule.exclude_image_types} if rule else {"LOCALIZER"}
+    excluded = rule.exclude_image_types if rule else ["LOCALIZER"]
     paths = [
         settings.storage_dir / r.path
         for r in rows
-        if r.sop_class_uid in CT_IMAGE_CLASSES and not excluded & set(r.image_type.upper().split("\\"))
+        if r.sop_class_uid == CT_IMAGE and not excluded_image_type(r.image_type, excluded)
     ]
     if not paths:
         raise SeriesRejectedError(

@@ -28,18 +28,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, CTImageStorage
+from pydicom.uid import UID
 
-from node.uids import is_valid_uid
+from node.core.dicom import CT_IMAGE, CT_IMAGE_CLASSES
+from node.core.uids import is_valid_uid
 from segmenters.base import Volume
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 
 log = logging.getLogger(__name__)
 
-_MULTIFRAME_CT = {
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-}
 MIN_SLICES = 3
 ORIENTATION_TOL = 1e-4  # direction cosines that differ by more are different orientations
 PIXEL_SPACING_TOL_MM = 1e-4
@@ -182,16 +179,16 @@ def _label(path: Path, ds: Dataset | None) -> str:
 def _check_instance(path: Path, ds: Dataset) -> None:
     name = _label(path, ds)
     sop_class = UID(str(ds.get("SOPClassUID", "")))
-    if sop_class in _MULTIFRAME_CT:
+    if sop_class in CT_IMAGE_CLASSES - {CT_IMAGE}:
         raise SeriesRejectedError(
-            f"{name} is a multi-frame {_MULTIFRAME_CT[sop_class]} object, which is not supported; "
+            f"{name} is a multi-frame {sop_class.name} object, which is not supported; "
             "send the series as classic CT Image Storage (one slice per instance)"
         )
     if not sop_class:
         raise SeriesRejectedError(
             f"{name} has no SOP Class UID: it is no complete DICOM instance (truncated or corrupt?)"
         )
-    if sop_class != CTImageStorage:
+    if sop_class != CT_IMAGE:
         what = f"a {sop_class.name} object ({sop_class})" if sop_class.name != sop_class else sop_class
         raise SeriesRejectedError(
             f"{name} is {what}, not a CT image; only CT Image Storage series can be segmented"

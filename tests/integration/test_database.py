@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.assembly import assemble
-from node.config import Settings, load_settings
+from node.core.config import Settings, load_settings
 from node.db import engine as db
 from node.db.jobs import claim, mark_queued, retry, stale_jobs
 from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
-from node.instance_rows import InstanceRows, RowNotRecordedError
-from node.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
+from node.jobs.assembly import assemble
+from node.receive.instance_rows import InstanceRows, RowNotRecordedError
+from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
 from tests import peers
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

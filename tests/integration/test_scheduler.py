@@ -9,12 +9,12 @@ from pathlib import Path
 import redis
 from sqlalchemy import select
 
-from node.config import load_settings
+from node.core.config import load_settings
+from node.core.queue import QUEUE, JobQueue, make_celery
 from node.db import engine as db
 from node.db.models import Job, JobEvent, JobState, utcnow
-from node.queue import QUEUE, JobQueue, make_celery
-from node.scheduler import Scheduler
-from node.storage import InstanceFacts, Storage
+from node.jobs.scheduler import Scheduler
+from node.receive.storage import InstanceFacts, Storage
 from tests import peers
 
 

@@ -32,12 +32,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import reactor_pace
-from node.config import ScpSettings
+from node.core.config import ScpSettings
 from node.db import engine as db
 from node.db.models import Instance, Series
-from node.scp import StoreStatus, start_scp
-from node.storage import Storage
+from node.receive.fastpath import reactor_pace
+from node.receive.fastpath.path import FastPath
+from node.receive.listener import StoreStatus, start_scp
+from node.receive.paths import ReceivePath, choose_path
+from node.receive.storage import Storage
 from tests import dicom_factory as factory
 from tests import peers
 from tests.shared_data import ABDOMEN_J2K, real_j2k_copy
@@ -68,8 +70,21 @@ class RunningScp:
             return session.scalar(select(func.count(Instance.id))) or 0
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "fast-path"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Every listener test runs on both receive paths; fast-path-only tests parametrize it."""
+    return bool(request.param)
+
+
+def _receive_path(settings: ScpSettings, storage: Storage) -> ReceivePath:
+    """The path the settings choose, checked: the fast path must not fall back silently here."""
+    path = choose_path(settings, storage)
+    assert isinstance(path, FastPath) == settings.fast_path, f"asked fast_path={settings.fast_path}"
+    return path
+
+
 @pytest.fixture
-def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
+def scp_factory(tmp_path: Path, fast_path: bool) -> Iterator[Callable[..., RunningScp]]:
     url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
     db.upgrade(url)
     engine = db.make_engine(url)
@@ -78,10 +93,10 @@ def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
 
     def start(**scp: object) -> RunningScp:
         port = peers.free_port()
-        settings = ScpSettings(port=port, **scp)
+        settings = ScpSettings.model_validate({"port": port, "fast_path": fast_path, **scp})
         root = tmp_path / "store"
         storage = Storage(root, engine, settings.min_free_bytes)
-        server = start_scp(settings, storage)
+        server = start_scp(settings, storage, _receive_path(settings, storage))
         servers.append(server)
         return RunningScp(port, root, sessions, server)
 
@@ -296,14 +311,16 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_filling_up_mid_study_answers_out_of_resources_and_keeps_nothing_partial(
-    tmp_path: Path, tiny_disk: Path
+    tmp_path: Path, tiny_disk: Path, fast_path: bool
 ) -> None:
     url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
     db.upgrade(url)
     engine = db.make_engine(url)
     sessions = db.make_sessionmaker(engine)
     port = peers.free_port()
-    server = start_scp(ScpSettings(port=port, min_free_bytes=0), Storage(tiny_disk, engine, 0))
+    settings = ScpSettings(port=port, min_free_bytes=0, fast_path=fast_path)
+    storage = Storage(tiny_disk, engine, 0)
+    server = start_scp(settings, storage, _receive_path(settings, storage))
     try:
         paths = factory.make_ct_series(tmp_path / "ct", n_slices=40, rows=128, cols=128)  # ~33 kB each
         ae = AE(ae_title="TESTSCU")
@@ -351,6 +368,7 @@ def test_tls_listener_accepts_dicom_over_tls_only(
     assert plain.returncode != 0
 
 
+@pytest.mark.parametrize("fast_path", [True], ids=["fast-path"])
 def test_listener_threads_are_woken_by_what_they_wait_for(
     scp: RunningScp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -450,6 +468,7 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     return check()
 
 
+@pytest.mark.parametrize("fast_path", [True], ids=["fast-path"])
 def test_instance_is_written_while_it_arrives_and_removed_when_its_sender_aborts(
     scp: RunningScp, tmp_path: Path
 ) -> None:

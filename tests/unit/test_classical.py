@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage as ndi
 
 from segmenters.base import Concept, Segmenter, Volume
@@ -32,7 +32,6 @@ from segmenters.rtstruct import RT_STRUCTURE_SET_STORAGE, read_rtstruct_masks
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 THORAX = DATA / "ct-thorax-lung1-002"
 ABDOMEN = DATA / "ct-abdomen-j2k"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 # Measured with this version: right 0.939 (the reference's consolidated, airless lung base is not
 # air on CT), left 0.963. The lung contours exclude the tumour, and so does the segmenter.
@@ -47,7 +46,7 @@ def _series(folder: Path, pixels: bool = True) -> list[Dataset]:
         pydicom.dcmread(p, stop_before_pixels=not pixels) for p in sorted(folder.iterdir()) if p.is_file()
     ]
     # The abdomen's anonymiser emptied SOP Class UID in the data set; the file meta keeps it.
-    slices = [ds for ds in slices if ds.file_meta.MediaStorageSOPClassUID == CT_IMAGE_STORAGE]
+    slices = [ds for ds in slices if ds.file_meta.MediaStorageSOPClassUID == CTImageStorage]
     normal = _normal(slices[0])
     return sorted(slices, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
 
@@ -329,7 +328,7 @@ def _ct_headers() -> list[Dataset]:
     slices = []
     for z in _Z:
         ds = Dataset()
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [_ORIGIN[0], _ORIGIN[1], z]

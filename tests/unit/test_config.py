@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from node.config import load_settings
+from node.core.config import load_settings
 from segmenters.cropping import DEFAULT_MARGIN_MM
 
 CONFIG = """

@@ -10,7 +10,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from node.scp import _ascii, _text, instance_facts
+from node.receive.listener import _ascii, _text, instance_facts
 
 CASES = [
     ("StudyInstanceUID", "1.2.3"),  # odd length: padded with a null on the wire

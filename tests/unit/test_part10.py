@@ -24,13 +24,13 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from node.part10 import (
+from node.core.uids import is_valid_uid
+from node.receive.part10 import (
     IMPLEMENTATION_CLASS_UID,
     TruncatedDataSetError,
     file_preamble,
     read_header,
 )
-from node.uids import is_valid_uid
 from tests import dicom_factory as factory
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from pynetdicom.transport import AssociationSocket
 
-from node.pdu_reads import PduReader, data_fragments
+from node.receive.fastpath.pdu_reads import PduReader, data_fragments
 
 CONTEXT = 1
 MIDDLE, LAST, COMMAND_LAST = 0x00, 0x02, 0x03

@@ -3,10 +3,14 @@ vanished worker for the configured time."""
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
-from node.config import Settings, WorkerSettings
-from node.queue import EmbeddedBrokerTransport, make_celery
+from sqlalchemy import create_engine, text
+
+from node.core.config import Settings, WorkerSettings
+from node.core.queue import QUEUE, EmbeddedBrokerTransport, declare_queue, make_celery
 
 
 def test_embedded_broker_is_polled_every_tenth_of_a_second(tmp_path: Path) -> None:
@@ -23,3 +27,26 @@ def test_redis_broker_keeps_the_visibility_timeout(tmp_path: Path) -> None:
     app = make_celery(Settings(data_dir=tmp_path, worker=worker))
     assert app.conf.broker_transport_options == {"visibility_timeout": 321}
     assert app.connection_for_read().transport.driver_type == "redis"
+
+
+def _declare(data_dir: str, barrier: Barrier) -> None:
+    app = make_celery(Settings(data_dir=Path(data_dir)))
+    barrier.wait()
+    declare_queue(app)
+
+
+def test_processes_declaring_the_embedded_queue_at_once_all_succeed(tmp_path: Path) -> None:
+    # The node and its worker start together: kombu's SQL transport let one of them fail on
+    # the queue row the other had just created.
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(4)
+    processes = [spawn.Process(target=_declare, args=(str(tmp_path), barrier)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+    engine = create_engine(f"sqlite:///{tmp_path / 'broker.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM kombu_queue")).scalars().all() == [QUEUE]
+    engine.dispose()

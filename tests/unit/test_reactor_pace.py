@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from node import reactor_pace
+from node.receive.fastpath import reactor_pace
 
 
 class _Reactor(threading.Thread):

@@ -1,7 +1,7 @@
 import pytest
 
-from node.config import Rule
-from node.routing import SeriesFacts, route
+from node.core.config import Rule
+from node.jobs.routing import SeriesFacts, route
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

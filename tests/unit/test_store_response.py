@@ -1,4 +1,4 @@
-"""C-STORE responses packed by node/store_response.py are what pynetdicom itself would send."""
+"""C-STORE responses packed by the fast path (store_response.py) are what pynetdicom would send."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.store_response import encode_store_response, p_data_tf
+from node.receive.fastpath.store_response import encode_store_response, p_data_tf
 
 
 def _response(instance_uid: str, status: int, comment: str | None) -> C_STORE:

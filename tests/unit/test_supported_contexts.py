@@ -6,8 +6,9 @@ import copy
 
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from node.config import ScpSettings
-from node.scp import build_ae, supported_contexts
+from node.core.config import ScpSettings
+from node.receive.fastpath.contexts import supported_contexts
+from node.receive.listener import build_ae
 
 
 def _described(contexts: list[PresentationContext]) -> list[tuple[object, ...]]:

@@ -1,6 +1,6 @@
 import pytest
 
-from node.uids import derive_uid, is_valid_uid
+from node.core.uids import derive_uid, is_valid_uid
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import sessionmaker
 
-from node.config import Settings, load_settings
-from node.queue import JobQueue, make_celery
+from node.core.config import Settings, load_settings
+from node.core.queue import JobQueue, make_celery
 from segmenters.checkpoint import NetworkSegmenter
 from segmenters.classical import ClassicalSegmenter
 from segmenters.cropping import BodyCroppedSegmenter

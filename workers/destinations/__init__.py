@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from node.config import DicomDestination
+from node.core.config import DicomDestination
 from workers.destinations.dicom import send_by_c_store
 
 

@@ -9,7 +9,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
-from node.config import DicomDestination
+from node.core.config import DicomDestination
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
 
 SUCCESS_CATEGORIES = {"Success", "Warning"}

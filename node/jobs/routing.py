@@ -10,7 +10,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from node.config import Rule
+from node.core.config import Rule
+from node.core.dicom import excluded_image_type
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,9 @@ def why_not(rule: Rule, facts: SeriesFacts) -> str | None:
         return f"modality {facts.modality or '(none)'} is not {'/'.join(rule.modality)}"
     if rule.sop_class_uids and not facts.sop_class_uids & set(rule.sop_class_uids):
         return "SOP class is not one the rule accepts"
-    excluded = {t.upper() for t in rule.exclude_image_types}
-    if (
-        excluded
-        and facts.image_types
-        and all(excluded & set(t.upper().split("\\")) for t in facts.image_types)
-    ):
-        return f"every image is of an excluded type ({'/'.join(sorted(excluded))})"
+    excluded = rule.exclude_image_types
+    if excluded and facts.image_types and all(excluded_image_type(t, excluded) for t in facts.image_types):
+        return f"every image is of an excluded type ({'/'.join(sorted(t.upper() for t in excluded))})"
     if facts.instance_count < rule.min_slices:
         return f"{facts.instance_count} slices, fewer than the {rule.min_slices} required"
     if facts.slice_thicknesses and (

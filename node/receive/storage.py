@@ -23,9 +23,9 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
 
+from node.core.uids import is_valid_uid
 from node.db.models import INSTANCES, SERIES, STUDIES, utcnow
-from node.instance_rows import InstanceRows
-from node.uids import is_valid_uid
+from node.receive.instance_rows import InstanceRows
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class Storage:
         """The instance row and its series' count and time, in one short transaction.
 
         This is on the path of every C-STORE: the row goes through the driver
-        (:mod:`node.instance_rows`), and series ids are remembered (rows are never deleted while
+        (:mod:`node.receive.instance_rows`), and series ids are remembered (rows are never deleted while
         the node runs). The study and series rows of a series' first instance are created first,
         in a transaction of their own: a series that counts no instance yet is never assembled.
         """

@@ -15,12 +15,12 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.assembly import assemble
-from node.config import Settings
+from node.core.config import Settings
+from node.core.queue import JobQueue
 from node.db.engine import session_scope
 from node.db.jobs import mark_queued, record_event, requeue, stale_jobs
 from node.db.models import Job, JobState, utcnow
-from node.queue import JobQueue
+from node.jobs.assembly import assemble
 
 log = logging.getLogger(__name__)
 

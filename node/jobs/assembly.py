@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.config import Settings
+from node.core.config import Settings
 from node.db.jobs import create_job
 from node.db.models import Instance, Job, JobState, Series
-from node.routing import SeriesFacts, route
+from node.jobs.routing import SeriesFacts, route
 
 log = logging.getLogger(__name__)
 

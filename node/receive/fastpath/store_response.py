@@ -10,7 +10,7 @@ pynetdicom sends (tests/unit/test_store_response.py compares them).
 :func:`pack_store_responses` binds to ``EVT_CONN_OPEN``: the association's DIMSE provider then
 sends C-STORE responses this way; every other message goes through pynetdicom unchanged. The
 notification ``EVT_DIMSE_SENT`` is not raised for these responses: it only feeds pynetdicom's debug
-logging, which the node turns off (``node.scp.configure_pynetdicom``).
+logging, which the node turns off (``node.receive.listener.configure_pynetdicom``).
 
 On a plain TCP connection in data transfer the association's thread writes the response to the
 socket itself, instead of queueing it for the DUL thread, which would have to wake up and run its
@@ -31,7 +31,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.pdu_reads import DATA_TRANSFER, P_DATA_TF
+from node.receive.fastpath.pdu_reads import DATA_TRANSFER, P_DATA_TF
 
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101

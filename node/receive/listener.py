@@ -9,26 +9,25 @@ from __future__ import annotations
 import enum
 import logging
 import socket
+import socketserver
 import ssl
-from io import BytesIO
-from typing import Any, cast
+import threading
+from typing import Any
 
 from pydicom import Dataset
 from pydicom import uid as tsuid
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import reactor_pace
-from node.config import ScpSettings
-from node.part10 import TruncatedDataSetError, read_header
-from node.spooling import Spooler, received_data_set
-from node.storage import (
+from node.core.config import ScpSettings
+from node.core.dicom import CT_IMAGE_CLASSES, VERIFICATION
+from node.core.uids import is_valid_uid
+from node.receive.part10 import TruncatedDataSetError, read_header
+from node.receive.paths import ReceivePath, choose_path
+from node.receive.storage import (
     InstanceFacts,
     InvalidUIDError,
     StagedFile,
@@ -36,8 +35,6 @@ from node.storage import (
     StorageFullError,
     StoreOutcome,
 )
-from node.store_response import pack_store_responses
-from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +55,8 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     tsuid.RLELossless,
 ]
 
-VERIFICATION = "1.2.840.10008.1.1"
-
 # Private storage classes a CT scanner commonly sends with a study (Siemens CSA non-image).
 PRIVATE_STORAGE_CLASSES = ["1.3.12.2.1107.5.9.1"]
-
-# Image storage classes that must carry Pixel Data to be what they claim.
-IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-}
 
 
 class StoreStatus(enum.IntEnum):
@@ -135,20 +123,18 @@ def instance_facts(ds: Dataset, transfer_syntax_uid: str) -> InstanceFacts:
 class StoreHandler:
     """The C-STORE handler bound to ``evt.EVT_C_STORE``."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, path: ReceivePath) -> None:
         self.storage = storage
-        self.spooler = Spooler(storage)
+        self.path = path
 
     def __call__(self, event: evt.Event) -> Dataset:
         request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
         calling_ae = event.assoc.requestor.ae_title
-        stream = cast(BytesIO, cast(C_STORE, event.request).DataSet)
-        syntax = event.context.transfer_syntax
         try:  # the file is flushed while the header is read
-            staged = self.spooler.staged(event)
+            staged = self.path.staged(event)
         except StorageFullError as err:
             return _not_stored(err, calling_ae, request_uid)
-        status = self._store(staged, stream, syntax, calling_ae, request_uid)
+        status = self._store(staged, event, calling_ae, request_uid)
         if int(status.Status) != StoreStatus.SUCCESS:
             staged.discard()  # refused before or while storing: nothing of it is kept
         return status
@@ -156,13 +142,13 @@ class StoreHandler:
     def _store(
         self,
         staged: StagedFile,
-        stream: BytesIO,
-        syntax: UID,
+        event: evt.Event,
         calling_ae: str,
         request_uid: str,
     ) -> Dataset:
+        syntax = event.context.transfer_syntax
         try:
-            with received_data_set(stream) as (source, start):
+            with self.path.data_set(event) as (source, start):
                 ds, has_pixels = read_header(source, syntax, start)
             facts = instance_facts(ds, str(syntax))
         except OSError:  # its spool file could not be written: the staged file says why
@@ -174,11 +160,16 @@ class StoreHandler:
             log.warning("C-STORE from %s: data set cannot be parsed (%s)", calling_ae, type(err).__name__)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")
         if facts.sop_instance_uid != request_uid:
+            log.warning(
+                "C-STORE from %s: instance %s refused: the data set names another SOPInstanceUID",
+                calling_ae,
+                request_uid,
+            )
             return _status(StoreStatus.CANNOT_UNDERSTAND, "SOPInstanceUID differs from the C-STORE request")
         if not is_valid_uid(facts.sop_class_uid):  # recorded, and routed on: a UID like the others
             log.warning("C-STORE from %s: instance %s has an invalid SOPClassUID", calling_ae, request_uid)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "SOPClassUID is not a valid DICOM UID")
-        if facts.sop_class_uid in IMAGE_SOP_CLASSES and not has_pixels:
+        if facts.sop_class_uid in CT_IMAGE_CLASSES and not has_pixels:
             log.warning("C-STORE from %s: image %s has no Pixel Data", calling_ae, request_uid)
             return _status(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data")
         try:
@@ -210,28 +201,18 @@ def _not_stored(err: Exception, calling_ae: str, request_uid: str) -> Dataset:
     return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
 
 
-def _set_nodelay(event: evt.Event) -> None:
-    """pynetdicom leaves Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback."""
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def configure_pynetdicom() -> None:
-    """pynetdicom's process-wide switches, set once where the node starts.
+    """pynetdicom's documented process-wide switches, set once where the node starts.
 
-    Its default logs request identifiers (patient name and id) and describes every message for
-    debug logging; its reactor threads poll, and wait as node/reactor_pace.py makes them.
+    Its default logs request identifiers (patient name and id), and its standard handlers decode
+    and describe every PDU and DIMSE message for debug lines the WARNING level below throws away.
     """
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
-    # Its standard handlers decode and describe every PDU and DIMSE message for debug logging:
-    # ~0.5 ms of CPU an instance, for lines the WARNING level below throws away.
     _config.LOG_HANDLER_LEVEL = "none"
-    # Its own writing of received data sets to files would leave node/spooling.py only the preamble.
+    # Its own writing of received data sets to files would bypass the node's storage.
     _config.STORE_RECV_CHUNKED_DATASET = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    reactor_pace.install()
 
 
 def build_ae(settings: ScpSettings) -> AE:
@@ -248,31 +229,20 @@ def build_ae(settings: ScpSettings) -> AE:
     return ae
 
 
-class _SharedUIDContext(PresentationContext):
-    """A supported presentation context whose copy shares its (immutable) UIDs.
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket: pynetdicom leaves
+    Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback."""
 
-    pynetdicom deep-copies the listener's supported contexts for every association it accepts;
-    every UID copied is validated again against the UID grammar (pydicom's ``UID.__new__``):
-    14 ms of CPU, under the GIL, for each association with the node's ~160 storage classes and 13
-    transfer syntaxes, while other associations are storing. Here a copy is an object with its own
-    list of transfer syntaxes and the same UID objects: what negotiation changes is still the copy's.
-    """
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedUIDContext:
-        copy = object.__new__(type(self))
-        copy.__dict__.update(self.__dict__)
-        copy._transfer_syntax = list(self._transfer_syntax)
-        return copy
-
-
-def supported_contexts(ae: AE) -> list[PresentationContext]:
-    """``ae``'s supported presentation contexts, cheap to copy for each association."""
-    contexts: list[PresentationContext] = []
-    for context in ae.supported_contexts:
-        shared = _SharedUIDContext()
-        shared.__dict__.update(context.__dict__)
-        contexts.append(shared)
-    return contexts
+    def shutdown(self) -> None:
+        """Stop serving and close the socket. pynetdicom's own also removes the server from its
+        AE's list, which only ``AE.start_server`` fills."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def _ssl_context(settings: ScpSettings) -> ssl.SSLContext | None:
@@ -283,26 +253,31 @@ def _ssl_context(settings: ScpSettings) -> ssl.SSLContext | None:
     return context
 
 
-def start_scp(settings: ScpSettings, storage: Storage) -> ThreadedAssociationServer:
-    """Start listening in background threads; call ``shutdown()`` on the result to stop."""
+def start_scp(
+    settings: ScpSettings, storage: Storage, path: ReceivePath | None = None
+) -> ThreadedAssociationServer:
+    """Start listening in background threads; call ``shutdown()`` on the result to stop.
+
+    ``path`` is how instances are received; by default the one the settings choose.
+    """
     configure_pynetdicom()
+    path = path or choose_path(settings, storage)
     ae = build_ae(settings)
-    store = StoreHandler(storage)
-    handlers: list[Any] = [
-        (evt.EVT_C_STORE, store),
-        (evt.EVT_CONN_OPEN, _set_nodelay),
-        (evt.EVT_CONN_OPEN, store.spooler.opened),
-        (evt.EVT_CONN_OPEN, pack_store_responses),
-        (evt.EVT_CONN_CLOSE, store.spooler.closed),
-        (evt.EVT_CONN_OPEN, reactor_pace.Wakeups.opened),
-    ]
-    server = ae.start_server(
+    handlers: list[Any] = [(evt.EVT_C_STORE, StoreHandler(storage, path)), *path.handlers()]
+    server = ae.make_server(
         (settings.host, settings.port),
-        block=False,
         evt_handlers=handlers,
         ssl_context=_ssl_context(settings),
-        contexts=supported_contexts(ae),
+        contexts=path.contexts(ae),
+        server_class=NodeServer,
     )
-    assert server is not None  # non-blocking start returns the server
-    log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
+    thread = threading.Thread(target=server.serve_forever, name="segnode-listener", daemon=True)
+    thread.start()
+    log.info(
+        "DICOM listener %s on %s:%d, receiving with %s",
+        settings.ae_title,
+        settings.host,
+        settings.port,
+        path.name,
+    )
     return server

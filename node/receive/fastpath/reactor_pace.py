@@ -12,7 +12,7 @@ until there is something to do. The reactor waits on its DIMSE message queue's c
 every request the DUL thread queues and by every primitive it passes up (a release or abort
 request). The DUL thread waits on its socket and on a socket pair, rung by every primitive queued
 for it to send (the association's acceptance, a C-ECHO or release response, an abort; C-STORE
-responses do not pass through it, node/store_response.py). Their waits end after
+responses do not pass through it, store_response.py). Their waits end after
 ``WOKEN_WAIT_S`` at the latest, only for what nothing rings: pynetdicom's timers (network timeout,
 ARTIM) and its kill flags; killing the association rings the reactor and closes the socket pair.
 Before, they looked every 2 ms, ~7 wake-ups an instance with four senders: four senders 0.83 ->

@@ -7,13 +7,16 @@ build their app from the same function and register the task bodies on it.
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 from kombu.transport import sqlalchemy as sqlalchemy_transport
+from sqlalchemy.exc import DatabaseError
 
-from node.config import Settings
+from node.core.config import Settings
 
 PROCESS_JOB = "segnode.process_job"
 DELIVER_JOB = "segnode.deliver_job"
 QUEUE = "segnode"
+DECLARE_ATTEMPTS = 3
 
 
 class EmbeddedBrokerTransport(sqlalchemy_transport.Transport):
@@ -55,6 +58,20 @@ def make_celery(settings: Settings) -> Celery:
         # Unacknowledged tasks of a worker that vanished come back after this long.
         app.conf.broker_transport_options = {"visibility_timeout": settings.worker.stale_job_s}
     return app
+
+
+def declare_queue(app: Celery) -> None:
+    """Create the job queue on the broker, where each process starts: processes creating the
+    embedded broker's tables and queue row at once fail all but one (a worker's consumer died of
+    it); a later try finds what the other made."""
+    for attempt in range(1, DECLARE_ATTEMPTS + 1):
+        try:
+            with app.connection_for_write() as connection:
+                Queue(QUEUE).bind(connection.default_channel).declare()
+            return
+        except DatabaseError:
+            if attempt == DECLARE_ATTEMPTS:
+                raise
 
 
 class JobQueue:

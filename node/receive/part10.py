@@ -25,7 +25,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
-from node.uids import derive_uid
+from node.core.uids import derive_uid
 
 # Identifies segnode as the writer of the files it keeps (PS3.7 D.3.3.2); stable across releases.
 IMPLEMENTATION_CLASS_UID = derive_uid("segnode", "implementation class")

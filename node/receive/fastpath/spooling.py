@@ -4,12 +4,12 @@ pynetdicom collects a data set in memory and hands it to the handler when its la
 arrived; only then could the node write the file, wait for the disk, and answer. Here every
 association's DIMSE provider moves each C-STORE's data set into a :class:`SpoolingStream` as soon
 as its command set is decoded: the fragments go to a temporary file in the storage (the middle ones
-straight from the association's PDU reader, node/pdu_reads.py), and the receiving thread fsyncs it
+straight from the association's PDU reader, pdu_reads.py), and the receiving thread fsyncs it
 as soon as the last one is in. When the handler runs, the file is already written and on its way
 to the disk; it reads the header back from that file (:func:`received_data_set`) meanwhile.
 
 A data set that arrives whole in the same P-DATA as its command (a small instance) is not spooled;
-:meth:`Spooler.staged` writes it the ordinary way. Spools of an association that ends mid-instance,
+the plain path writes it (node/receive/paths.py). Spools of an association that ends mid-instance,
 or of a request pynetdicom answers without calling the handler, are removed when it closes.
 """
 
@@ -30,9 +30,9 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.part10 import file_preamble
-from node.pdu_reads import Divert, data_fragments, install_reader
-from node.storage import Spool, StagedFile, Storage, StorageFullError
+from node.receive.fastpath.pdu_reads import Divert, data_fragments, install_reader
+from node.receive.part10 import file_preamble
+from node.receive.storage import Spool, StagedFile, Storage, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -110,29 +110,23 @@ class Spooler:
                 len(left),
             )
 
-    def staged(self, event: evt.Event) -> StagedFile:
-        """The C-STORE's data set in a temporary file of the storage, fsynced or being fsynced.
+    def staged(self, event: evt.Event) -> StagedFile | None:
+        """The C-STORE's spooled data set as a staged file, fsynced or being fsynced; None for a
+        data set that was not spooled (it arrived whole with its command).
 
         Raises :class:`StorageFullError` below the free-space threshold.
         """
-        request = cast(C_STORE, event.request)
-        stream = request.DataSet
-        if isinstance(stream, SpoolingStream):
-            with self._lock:
-                self._unclaimed.get(id(event.assoc), set()).discard(stream.spool)
-            try:  # the threshold holds at the end of an instance too, as for one staged here
-                self.storage.check_free_space()
-            except StorageFullError:
-                stream.spool.discard()
-                raise
-            return stream.spool.finish()
-        preamble = file_preamble(
-            str(request.AffectedSOPClassUID),
-            str(request.AffectedSOPInstanceUID),
-            str(event.context.transfer_syntax),
-            event.assoc.requestor.ae_title,
-        )
-        return self.storage.stage([preamble, cast(BytesIO, stream).getbuffer()])
+        stream = cast(C_STORE, event.request).DataSet
+        if not isinstance(stream, SpoolingStream):
+            return None
+        with self._lock:
+            self._unclaimed.get(id(event.assoc), set()).discard(stream.spool)
+        try:  # the threshold holds at the end of an instance too, as for one staged whole
+            self.storage.check_free_space()
+        except StorageFullError:
+            stream.spool.discard()
+            raise
+        return stream.spool.finish()
 
     def _receiver(
         self, assoc: Association, receive: Callable[[P_DATA], None]

@@ -1,0 +1,1 @@
+"""Settings, UIDs, DICOM constants and the queue configuration: what node/ and workers/ share."""

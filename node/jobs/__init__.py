@@ -1,0 +1,1 @@
+"""Completion, routing and scheduling: from stored series to queued jobs."""

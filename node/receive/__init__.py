@@ -1,0 +1,1 @@
+"""Receiving: the DICOM listener, durable storage of instances and their rows."""

@@ -4,6 +4,7 @@
 
 Side by side in one run, each into fresh storage:
   - segnode (`segnode serve --no-workers`: durable write + fsync + rename + database row before success),
+    in its default configuration and on its other receive path (scp.fast_path flipped),
   - DCMTK storescp (writes files, no fsync),
   - Orthanc (its own storage and SQLite index),
   - the floor: copying the same files with fsync + rename, no network.
@@ -29,9 +30,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from node.core.config import ScpSettings
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
+
+DEFAULT_FAST_PATH = ScpSettings().fast_path
+OTHER_PATH = "segnode, " + ("plain pynetdicom" if DEFAULT_FAST_PATH else "fast path")
 
 
 def make_series(folder: Path, n_series: int, slices: int, size: int) -> list[list[Path]]:
@@ -78,8 +83,9 @@ def fsync_copy(paths: list[Path], target: Path) -> float:
     return time.perf_counter() - start
 
 
-def with_segnode(work: Path, run: Callable[[int], float]) -> float:
-    node = SegnodeProcesses(work, {"quiet_period_s": 3600, "scp": {"max_associations": 16}})
+def with_segnode(work: Path, run: Callable[[int], float], fast_path: bool = DEFAULT_FAST_PATH) -> float:
+    scp = {"max_associations": 16, "fast_path": fast_path}
+    node = SegnodeProcesses(work, {"quiet_period_s": 3600, "scp": scp})
     try:
         node.serve(workers=False)
         return run(node.port)
@@ -121,6 +127,11 @@ def run_once(run_dir: Path, single: list[Path], quarters: list[list[Path]]) -> d
         ),
         "Orthanc": settled(lambda: with_orthanc(run_dir / "orthanc", lambda p: send(single, p, "ORTHANC"))),
         "segnode": settled(lambda: with_segnode(run_dir / "segnode", lambda p: send(single, p, "SEGNODE"))),
+        OTHER_PATH: settled(
+            lambda: with_segnode(
+                run_dir / "other", lambda p: send(single, p, "SEGNODE"), fast_path=not DEFAULT_FAST_PATH
+            )
+        ),
         "segnode, 4 senders": settled(
             lambda: with_segnode(run_dir / "segnode4", lambda p: send_parallel(quarters, p, "SEGNODE"))
         ),
@@ -172,6 +183,8 @@ def main() -> None:
         own = statistics.median(per_round)
         print(f"  segnode / Orthanc, median of each round's ratio {own:.2f}   ({rounds_text})")
         print(f"  segnode / DCMTK storescp {seg / median['DCMTK storescp']:.2f}   (goal: <= 3)")
+        other = median[OTHER_PATH]
+        print(f"  {OTHER_PATH} / Orthanc {other / median['Orthanc']:.2f}; / segnode {other / seg:.2f}")
         print(f"  segnode / fsync floor    {seg / median['fsync copy floor']:.2f}")
         four = median["segnode, 1 sender, same 4 series"] / median["segnode, 4 senders"]
         print(f"  4 senders total throughput / 1 sender: {four:.2f}   (target: >= 1)")

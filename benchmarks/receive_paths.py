@@ -29,8 +29,7 @@ CONFIGS = {
     "+ spooling": "spooling",
     "+ responses": "responses",
     "+ wakeups": "wakeups",
-    "+ contexts": "contexts",
-    "fast path (all parts)": "spooling,responses,wakeups,contexts",
+    "fast path (all parts)": "spooling,responses,wakeups",
 }
 
 

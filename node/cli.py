@@ -19,7 +19,7 @@ from node.core.config import SegmenterSettings
 from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.engine import SchemaOutOfDateError, session_scope
-from node.db.jobs import JobNotFoundError, retry
+from node.db.jobs import JobNotFoundError, cancel, retry
 from node.db.models import Job, JobState, Series
 
 log = logging.getLogger("segnode")
@@ -257,7 +257,7 @@ def _sessions(ctx: click.Context) -> Any:
 
 @main.group()
 def jobs() -> None:
-    """Follow and retry jobs."""
+    """Follow, retry and cancel jobs."""
 
 
 def _fmt_time(value: Any) -> str:
@@ -332,6 +332,20 @@ def jobs_retry(ctx: click.Context, job_id: int) -> None:
         raise click.ClickException(str(err)) from err
     JobQueue(make_celery(settings)).process(job_id)
     click.echo(f"job {job_id} queued again")
+
+
+@jobs.command("cancel")
+@click.argument("job_id", type=int)
+@click.pass_context
+def jobs_cancel(ctx: click.Context, job_id: int) -> None:
+    """Stop a job where it is: a worker running it discards its result, nothing more is sent."""
+    sessions = _sessions(ctx)
+    try:
+        with session_scope(sessions) as session:
+            cancel(session, job_id, who="the command line")
+    except (JobNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"job {job_id} cancelled")
 
 
 if __name__ == "__main__":

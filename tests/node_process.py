@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +90,9 @@ class SegnodeProcesses:
             time.sleep(0.1)
         return proc
 
-    def worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        return self._spawn(name, ["worker", "--name", "segnode-test@%h"])
+    def worker(self, name: str = "worker", celery_name: str = "segnode-test@%h") -> subprocess.Popen[bytes]:
+        """``segnode worker``; ``name`` names its log, ``celery_name`` the Celery node."""
+        return self._spawn(name, ["worker", "--name", celery_name])
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
@@ -116,6 +119,18 @@ class SegnodeProcesses:
                 self.kill(proc, signal.SIGTERM)
         if self._engine is not None:
             self._engine.dispose()
+
+    @contextlib.contextmanager
+    def database_write_lock(self) -> Iterator[sqlite3.Connection]:
+        """The embedded database's write lock, held: no process of the node writes meanwhile."""
+        assert self.database_url.startswith("sqlite:///"), "only the embedded database"
+        connection = sqlite3.connect(self.database_url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            yield connection
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
 
     def jobs(self) -> list[Job]:
         if self._engine is None:

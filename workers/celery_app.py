@@ -7,12 +7,12 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init
 
 from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
-from workers.tasks import WorkerContext, register_tasks, rescue_orphans
+from workers.tasks import WorkerContext, register_tasks
 from workers.volume import allow_decoder_processes, start_decoder_server
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,7 @@ def create_worker_app(settings: Settings) -> Celery:
         except ImportError:
             pass
 
-    def _on_ready(sender: Any = None, **_: Any) -> None:
-        rescued = rescue_orphans(ctx, getattr(sender, "hostname", None))
-        if rescued:
-            log.warning("re-queued jobs %s left by a dead worker process", rescued)
-
     worker_process_init.connect(_after_fork, weak=False)
-    worker_ready.connect(_on_ready, weak=False)
     return app
 
 

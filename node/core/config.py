@@ -149,8 +149,11 @@ class WorkerSettings(BaseModel):
     delivery_max_attempts: int = Field(12, ge=1)
     delivery_backoff_s: float = Field(5.0, gt=0)
     delivery_backoff_max_s: float = Field(600.0, gt=0)
-    # A QUEUED or RUNNING job that no worker touched for this long is re-queued.
+    # A QUEUED or SEGMENTED job that no worker touched for this long is sent again (a lost message).
     stale_job_s: float = Field(3600.0, gt=0)
+    # A RUNNING job is its worker's while the worker renews this lease (four times a lease); one
+    # that lapsed goes to another worker. Clocks of node and workers must agree to well within it.
+    lease_s: float = Field(60.0, ge=1)
     seg_transfer_syntax: Literal["explicit", "jpeg2000"] = "explicit"
 
 

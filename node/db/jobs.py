@@ -7,10 +7,9 @@ complete history: who did what, on which host, and why.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.models import (
@@ -95,58 +94,18 @@ def mark_queued(session: Session, job_id: int) -> bool:
     return True
 
 
-def claim(session: Session, job_id: int, worker: str, is_dead: Callable[[str], bool]) -> Job | None:
-    """Atomically take a job for ``worker``: a waiting one, or a RUNNING one whose worker is dead.
-
-    ``is_dead(worker)`` tells whether the worker named on a RUNNING job is known to be gone (a
-    process killed mid-job whose task came back through acks_late). Returns None when the job is
-    gone, finished, or alive in another worker's hands: a task delivered twice then does nothing.
-    """
-    now = utcnow()
-    takeover = ""
-    condition: ColumnElement[bool] = Job.state.in_([JobState.RECEIVED, JobState.QUEUED])
-    current = session.get(Job, job_id)
-    if current is None:
-        return None
-    if current.state == JobState.RUNNING and current.worker and is_dead(current.worker):
-        condition = (Job.state == JobState.RUNNING) & (Job.worker == current.worker)
-        takeover = f"; taken over from worker {current.worker}, which died mid-job"
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, condition)
-        .values(
-            state=JobState.RUNNING, worker=worker, attempts=Job.attempts + 1, started_at=now, updated_at=now
-        )
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    session.add(
-        JobEvent(
-            job_id=job.id,
-            event="started",
-            state=JobState.RUNNING,
-            host=HOST,
-            message=f"worker {worker}, attempt {job.attempts}{takeover}",
-        )
-    )
-    return job
-
-
 def requeue(session: Session, job: Job, why: str) -> None:
-    """Put a job back to QUEUED (a retry by an admin, or an orphan of a dead worker)."""
+    """Put a job back to QUEUED (a retry by an admin, or a job whose worker's lease expired)."""
     job.worker = ""
     job.reason = ""
     job.finished_at = None
+    job.lease_expires_at = None
     transition(session, job, JobState.QUEUED, "requeued", why)
 
 
 def retry(session: Session, job_id: int, who: str) -> Job:
     """An admin's retry: a finished or stuck job runs again from the start (same output UIDs)."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise JobNotFoundError(f"job {job_id} does not exist")
+    job = _get(session, job_id)
     if job.rule is None:
         raise ValueError(
             f"job {job_id} was not routed to a segmenter ({job.reason}); there is nothing to retry"
@@ -155,7 +114,31 @@ def retry(session: Session, job_id: int, who: str) -> Job:
     return job
 
 
+def cancel(session: Session, job_id: int, who: str) -> Job:
+    """An admin's cancel: the job stops where it is (a worker running it discards its result,
+    a pending delivery is not sent); a retry starts it again."""
+    job = _get(session, job_id)
+    if job.state in TERMINAL_STATES:
+        raise ValueError(f"job {job_id} is {job.state.value} already; there is nothing to cancel")
+    job.lease_expires_at = None
+    transition(session, job, JobState.CANCELLED, "cancelled", reason=f"cancelled by {who}")
+    return job
+
+
+def _get(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"job {job_id} does not exist")
+    return job
+
+
 def stale_jobs(session: Session, older_than: datetime) -> list[Job]:
-    """Jobs waiting or running that nobody has touched since ``older_than``."""
-    waiting = [JobState.QUEUED, JobState.RUNNING, JobState.SEGMENTED]
+    """Jobs queued or segmented that nobody has touched since ``older_than`` (a lost message)."""
+    waiting = [JobState.QUEUED, JobState.SEGMENTED]
     return list(session.scalars(select(Job).where(Job.state.in_(waiting), Job.updated_at < older_than)))
+
+
+def expired_leases(session: Session, now: datetime) -> list[Job]:
+    """RUNNING jobs whose worker stopped renewing its lease: it died, hangs, or lost the database."""
+    lapsed = Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now)
+    return list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, lapsed)))

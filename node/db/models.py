@@ -140,6 +140,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # While RUNNING: the job is its worker's until then; the worker renews it while it works.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.core.config import Settings
 from node.core.queue import JobQueue
 from node.db.engine import session_scope
-from node.db.jobs import mark_queued, record_event, requeue, stale_jobs
+from node.db.jobs import expired_leases, mark_queued, record_event, requeue, stale_jobs
 from node.db.models import Job, JobState, utcnow
 from node.jobs.assembly import assemble
 
@@ -36,10 +36,11 @@ class Scheduler:
         self._last_broker_warning = -BROKER_WARNING_EVERY_S
 
     def tick(self) -> None:
-        """One pass: assemble, send waiting jobs, rescue stale ones."""
+        """One pass: assemble, send waiting jobs, take back lapsed leases, rescue stale jobs."""
         with session_scope(self.sessions) as session:
             assemble(session, self.settings, utcnow())
         self.send_received()
+        self.take_back_lapsed()
         self.rescue_stale()
 
     def send_received(self) -> None:
@@ -57,6 +58,22 @@ class Scheduler:
                 return
             with session_scope(self.sessions) as session:
                 mark_queued(session, job_id)
+
+    def take_back_lapsed(self) -> None:
+        """RUNNING jobs whose worker stopped renewing the lease go back on the queue."""
+        with session_scope(self.sessions) as session:
+            lapsed = expired_leases(session, utcnow())
+            for job in lapsed:
+                requeue(
+                    session,
+                    job,
+                    f"worker {job.worker or '(unknown)'} stopped renewing its lease "
+                    "(it died, hangs or lost the database); queued again",
+                )
+            taken_back = [job.id for job in lapsed]
+        for job_id in taken_back:
+            self.queue.process(job_id)
+            log.warning("job %d: its worker's lease lapsed; queued again", job_id)
 
     def rescue_stale(self) -> None:
         older_than = utcnow() - timedelta(seconds=self.settings.worker.stale_job_s)

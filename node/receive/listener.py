@@ -268,7 +268,6 @@ def start_scp(
         (settings.host, settings.port),
         evt_handlers=handlers,
         ssl_context=_ssl_context(settings),
-        contexts=path.contexts(ae),
         server_class=NodeServer,
     )
     thread = threading.Thread(target=server.serve_forever, name="segnode-listener", daemon=True)

@@ -13,9 +13,8 @@ from contextlib import AbstractContextManager, nullcontext
 from io import BytesIO
 from typing import Any, BinaryIO, Protocol, cast
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import PresentationContext
 
 from node.core.config import ScpSettings
 from node.receive.part10 import file_preamble
@@ -34,10 +33,6 @@ class ReceivePath(Protocol):
 
     def handlers(self) -> list[Handler]:
         """Event handlers bound beside the C-STORE handler."""
-        ...
-
-    def contexts(self, ae: AE) -> list[PresentationContext] | None:
-        """The supported contexts to serve (None: the AE's own)."""
         ...
 
     def staged(self, event: evt.Event) -> StagedFile:
@@ -59,9 +54,6 @@ class PlainPath:
 
     def handlers(self) -> list[Handler]:
         return []
-
-    def contexts(self, ae: AE) -> list[PresentationContext] | None:
-        return None
 
     def staged(self, event: evt.Event) -> StagedFile:
         request = cast(C_STORE, event.request)

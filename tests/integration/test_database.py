@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings, load_settings
 from node.db import engine as db
-from node.db.jobs import claim, mark_queued, retry, stale_jobs
+from node.db.job_runs import JobRuns
+from node.db.jobs import cancel, expired_leases, mark_queued, retry, stale_jobs
 from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
 from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
@@ -298,25 +299,79 @@ def test_assembly_waits_for_quiet_routes_and_explains_rejections(
         assert f"grew from 4 to 5 instances after job {queued[0]} was created" in job.events[0].message
 
 
-def test_claim_is_atomic_and_a_second_delivery_does_nothing(
-    sessions: sessionmaker[Session], tmp_path: Path
-) -> None:
+def _queued_job(sessions: sessionmaker[Session], tmp_path: Path) -> int:
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
     Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0).store([b"ct"], facts(), "CT01")
     with sessions.begin() as session:
         (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
     with sessions.begin() as session:
         assert mark_queued(session, job_id)
+    return job_id
+
+
+def _job(sessions: sessionmaker[Session], job_id: int) -> Job:
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        session.expunge(job)
+        return job
+
+
+def test_claim_is_atomic_and_a_second_delivery_does_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    job_id = _queued_job(sessions, tmp_path)
+    first = JobRuns(sessions, "w@a/1", lease_s=60)
+    claimed = first.claim(job_id)
+    assert claimed is not None and claimed.rule == "ct" and len(claimed.inputs) == 1
+    assert _job(sessions, job_id).attempts == 1
+    assert JobRuns(sessions, "w@b/2", lease_s=60).claim(job_id) is None  # alive in w@a/1's hands
     with sessions.begin() as session:
-        job = claim(session, job_id, "w@a/1", is_dead=lambda _: False)
-        assert job is not None and job.state == JobState.RUNNING and job.attempts == 1
-    with sessions.begin() as session:
-        assert claim(session, job_id, "w@a/2", is_dead=lambda _: False) is None
         assert not mark_queued(session, job_id)
+    assert first.claim(job_id) is not None  # its own retry after an error
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.worker, job.attempts) == ("w@a/1", 2)
+        assert "again by the same worker after an error" in job.events[-1].message
+
+
+def test_a_lapsed_lease_goes_to_any_other_worker_and_the_old_one_is_ignored(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    job_id = _queued_job(sessions, tmp_path)
+    dead = JobRuns(sessions, "w@a/1", lease_s=-1)  # its lease has lapsed the moment it is taken
+    assert dead.claim(job_id) is not None
+    with sessions() as session:
+        assert [j.id for j in expired_leases(session, utcnow())] == [job_id]
+    other = JobRuns(sessions, "another@b/7", lease_s=60)
+    assert other.claim(job_id) is not None
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.state, job.worker, job.attempts) == (JobState.RUNNING, "another@b/7", 2)
+        assert "taken over from worker w@a/1, whose lease had expired" in job.events[-1].message
+        assert expired_leases(session, utcnow()) == []
+    assert other.renew(job_id)
+    assert not dead.renew(job_id)
+    assert not dead.segmented(job_id, tmp_path / "seg.dcm", "1.2.3", "late result")  # discarded
+    assert not dead.ended(job_id, JobState.FAILED, "late failure")
+    assert _job(sessions, job_id).state == JobState.RUNNING
+
+
+def test_a_cancelled_job_stays_cancelled_whatever_its_worker_reports(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    job_id = _queued_job(sessions, tmp_path)
+    runs = JobRuns(sessions, "w@a/1", lease_s=60)
+    assert runs.claim(job_id) is not None
     with sessions.begin() as session:
-        taken = claim(session, job_id, "w@a/3", is_dead=lambda w: w == "w@a/1")
-        assert taken is not None and taken.worker == "w@a/3" and taken.attempts == 2
-        assert "taken over from worker w@a/1" in taken.events[-1].message
+        cancel(session, job_id, who="test")
+    assert not runs.renew(job_id)
+    assert not runs.segmented(job_id, tmp_path / "seg.dcm", "1.2.3", "done")
+    job = _job(sessions, job_id)
+    assert (job.state, job.reason) == (JobState.CANCELLED, "cancelled by test")
+    with sessions.begin() as session, pytest.raises(ValueError, match="CANCELLED already"):
+        cancel(session, job_id, who="test")
+    with sessions.begin() as session:
+        assert retry(session, job_id, who="test").state == JobState.QUEUED
 
 
 def test_retry_and_stale_detection(sessions: sessionmaker[Session], tmp_path: Path) -> None:

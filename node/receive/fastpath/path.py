@@ -6,12 +6,10 @@ from contextlib import AbstractContextManager
 from io import BytesIO
 from typing import cast
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import PresentationContext
 
 from node.receive.fastpath import reactor_pace
-from node.receive.fastpath.contexts import supported_contexts
 from node.receive.fastpath.spooling import Spooler, received_data_set
 from node.receive.fastpath.store_response import pack_store_responses
 from node.receive.paths import DataSetSource, Handler, PlainPath
@@ -21,8 +19,7 @@ from node.receive.storage import StagedFile, Storage
 SPOOLING = "spooling"  # data sets written to their file while they arrive; middle PDUs bypass pynetdicom
 RESPONSES = "responses"  # C-STORE responses packed and sent by the association's thread
 WAKEUPS = "wakeups"  # reactor threads woken by what they wait for instead of polling
-CONTEXTS = "contexts"  # presentation contexts copied per association without validating every UID
-PARTS = frozenset({SPOOLING, RESPONSES, WAKEUPS, CONTEXTS})
+PARTS = frozenset({SPOOLING, RESPONSES, WAKEUPS})
 
 
 class FastPath(PlainPath):
@@ -47,9 +44,6 @@ class FastPath(PlainPath):
         if WAKEUPS in self.parts:
             handlers.append((evt.EVT_CONN_OPEN, reactor_pace.Wakeups.opened))
         return handlers
-
-    def contexts(self, ae: AE) -> list[PresentationContext] | None:
-        return supported_contexts(ae) if CONTEXTS in self.parts else None
 
     def staged(self, event: evt.Event) -> StagedFile:
         spooled = self.spooler.staged(event) if self.spooler is not None else None

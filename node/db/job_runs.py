@@ -1,0 +1,228 @@
+"""What a worker records about the jobs it runs, each step one short transaction: the claim and its
+lease, the result, the delivery attempts. Task bodies do the work and report here; nothing else in
+the workers writes a job row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.engine import session_scope
+from node.db.jobs import HOST, record_event, transition
+from node.db.models import Delivery, DeliveryState, Instance, Job, JobEvent, JobState, utcnow
+
+
+@dataclass(frozen=True)
+class InputRow:
+    path: str  # relative to the storage folder
+    sop_class_uid: str
+    image_type: str
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job as its worker took it: what to run on which instances, and where results go."""
+
+    job_id: int
+    series_uid: str
+    rule: str | None
+    segmenter: str
+    destinations: list[str]
+    inputs: list[InputRow]
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    delivered: bool
+    permanent: bool  # refused in a way that will not change: no more attempts
+    answer: str
+
+
+class JobRuns:
+    """A worker's bookkeeping. ``worker`` names the process on the rows it takes; ``lease_s`` is
+    how long a claim holds without renewal."""
+
+    def __init__(self, sessions: sessionmaker[Session], worker: str, lease_s: float) -> None:
+        self.sessions = sessions
+        self.worker = worker
+        self.lease = timedelta(seconds=lease_s)
+
+    def claim(self, job_id: int) -> ClaimedJob | None:
+        """Take a waiting job, or a RUNNING one whose lease expired (its worker is gone) or that
+        this worker itself holds (a retry after an error here). None: finished, gone, or alive in
+        another worker's hands, so a task delivered twice does nothing."""
+        now = utcnow()
+        with session_scope(self.sessions) as session:
+            current = session.get(Job, job_id)
+            if current is None:
+                return None
+            condition: ColumnElement[bool] = Job.state.in_([JobState.RECEIVED, JobState.QUEUED])
+            note = ""
+            if current.state == JobState.RUNNING and current.worker == self.worker:
+                condition = (Job.state == JobState.RUNNING) & (Job.worker == self.worker)
+                note = "; again by the same worker after an error"
+            elif current.state == JobState.RUNNING and _lapsed(current.lease_expires_at, now):
+                condition = (Job.state == JobState.RUNNING) & (Job.worker == current.worker)
+                note = f"; taken over from worker {current.worker}, whose lease had expired"
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, condition)
+                .values(
+                    state=JobState.RUNNING,
+                    worker=self.worker,
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    updated_at=now,
+                    lease_expires_at=now + self.lease,
+                )
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            job = session.get_one(Job, job_id, populate_existing=True)
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    event="started",
+                    state=JobState.RUNNING,
+                    host=HOST,
+                    message=f"worker {self.worker}, attempt {job.attempts}{note}",
+                )
+            )
+            rows = session.execute(
+                select(Instance.path, Instance.sop_class_uid, Instance.image_type)
+                .where(Instance.series_id == job.series_id)
+                .order_by(Instance.id)
+                .limit(job.instance_count)
+            ).all()
+            return ClaimedJob(
+                job_id=job.id,
+                series_uid=job.series.series_instance_uid,
+                rule=job.rule,
+                segmenter=job.segmenter or "",
+                destinations=list(job.destinations),
+                inputs=[InputRow(r.path, r.sop_class_uid, r.image_type) for r in rows],
+            )
+
+    def renew(self, job_id: int) -> bool:
+        """Extend the lease; False when the job is no longer this worker's (cancelled, taken over)."""
+        now = utcnow()
+        with session_scope(self.sessions) as session:
+            renewed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == self.worker)
+                .values(lease_expires_at=now + self.lease)
+            )
+            return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
+
+    def segmented(self, job_id: int, output: Path, sop_instance_uid: str, message: str) -> bool:
+        """Record the SEG; True when it is this worker's and has destinations to deliver to. A
+        job that is no longer ours keeps its state: the result is discarded."""
+        with session_scope(self.sessions) as session:
+            job = self._ours(session, job_id)
+            if job is None:
+                return False
+            job.output_path = str(output)
+            job.output_sop_instance_uid = sop_instance_uid
+            job.lease_expires_at = None
+            existing = {d.destination: d for d in job.deliveries}
+            for name in job.destinations:
+                delivery = existing.get(name)
+                if delivery is None:
+                    session.add(
+                        Delivery(job_id=job.id, destination=name, state=DeliveryState.PENDING, attempts=0)
+                    )
+                else:
+                    delivery.state, delivery.attempts = DeliveryState.PENDING, 0
+            transition(session, job, JobState.SEGMENTED, "segmented", message)
+            if not job.destinations:
+                transition(
+                    session, job, JobState.DELIVERED, "delivered", "the rule names no destination; SEG kept"
+                )
+                return False
+            return True
+
+    def ended(self, job_id: int, state: JobState, reason: str) -> bool:
+        """The job FAILED or was REJECTED while this worker ran it; False if it was no longer ours."""
+        with session_scope(self.sessions) as session:
+            job = self._ours(session, job_id)
+            if job is None:
+                return False
+            job.lease_expires_at = None
+            transition(
+                session, job, state, "failed" if state == JobState.FAILED else "rejected", reason=reason
+            )
+            return True
+
+    def _ours(self, session: Session, job_id: int) -> Job | None:
+        job = session.get_one(Job, job_id)
+        if job.state != JobState.RUNNING or job.worker != self.worker:
+            return None
+        return job
+
+    def pending_deliveries(self, job_id: int) -> tuple[Path, list[tuple[int, str]]] | None:
+        """The SEG and its deliveries still to make; None unless the job waits for delivery."""
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state != JobState.SEGMENTED:
+                return None
+            pending = [(d.id, d.destination) for d in job.deliveries if d.state == DeliveryState.PENDING]
+            return Path(job.output_path), pending
+
+    def attempted(self, job_id: int, delivery_id: int, outcome: DeliveryOutcome, max_attempts: int) -> None:
+        """One delivery attempt and its answer; the delivery fails for good after ``max_attempts``."""
+        with session_scope(self.sessions) as session:
+            delivery = session.get_one(Delivery, delivery_id)
+            job = session.get_one(Job, job_id)
+            delivery.attempts += 1
+            delivery.last_status = outcome.answer
+            if outcome.delivered:
+                delivery.state, delivery.delivered_at = DeliveryState.DELIVERED, utcnow()
+            elif outcome.permanent or delivery.attempts >= max_attempts:
+                delivery.state = DeliveryState.FAILED
+            event = "sent" if outcome.delivered else "send_failed"
+            record_event(
+                session,
+                job,
+                event,
+                f"to {delivery.destination}, attempt {delivery.attempts}: {outcome.answer}",
+            )
+
+    def delivery_settled(self, job_id: int, backoff_s: Callable[[int], float]) -> float | None:
+        """DELIVERED when every destination took the SEG, FAILED when one never will; else the
+        seconds until the next attempt (``backoff_s`` of the attempts made so far)."""
+        with session_scope(self.sessions) as session:
+            job = session.get_one(Job, job_id)
+            if job.state != JobState.SEGMENTED:
+                return None
+            states = [d.state for d in job.deliveries]
+            if all(s == DeliveryState.DELIVERED for s in states):
+                transition(
+                    session, job, JobState.DELIVERED, "delivered", "every destination answered success"
+                )
+                return None
+            if DeliveryState.PENDING in states:
+                return backoff_s(max(d.attempts for d in job.deliveries if d.state == DeliveryState.PENDING))
+            reason = "; ".join(
+                f"{d.destination} did not accept the SEG after {d.attempts} attempt(s): {d.last_status}"
+                for d in job.deliveries
+                if d.state == DeliveryState.FAILED
+            )
+            transition(
+                session,
+                job,
+                JobState.FAILED,
+                "failed",
+                reason=f"{reason}. Fix the destination, then retry the job.",
+            )
+            return None
+
+
+def _lapsed(expires_at: datetime | None, now: datetime) -> bool:
+    """A lease that ran out; none at all is a claim from before leases existed."""
+    return expires_at is None or expires_at < now

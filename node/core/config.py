@@ -36,9 +36,9 @@ class ScpSettings(BaseModel):
     min_free_bytes: int = Field(1_000_000_000, ge=0)
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
-    # Receive through node/receive/fastpath (pynetdicom internals, only on a tested pynetdicom);
-    # off: pynetdicom's public API alone.
-    fast_path: bool = False
+    # Receive through node/receive/fastpath (pynetdicom internals; it runs only on a pynetdicom it
+    # was tested with, else the plain path does); off: pynetdicom's public API alone.
+    fast_path: bool = True
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ScpSettings:

@@ -8,6 +8,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+import pytest
 from pydicom import dcmread
 
 from node.db.models import Job, JobState
@@ -15,6 +16,9 @@ from segmenters.metrics import dice_iou
 from segmenters.synthetic import Phantom, make_phantom, write_dicom_series
 from tests import peers
 from tests.node_process import SegnodeProcesses
+
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 

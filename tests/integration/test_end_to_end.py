@@ -6,12 +6,16 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 
 from node.db.models import JobState
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
+
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
@@ -14,6 +15,9 @@ from node.db.models import Instance, Job, JobState
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
+
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 

@@ -16,6 +16,9 @@ import sqlalchemy
 
 from tests import peers
 
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
+
 # Orthanc's Lua: when a series has been quiet for StableAge seconds, C-STORE it to modality "NEXT".
 ROUTE_STABLE_SERIES = """
 function OnStableSeries(seriesId, tags, metadata)

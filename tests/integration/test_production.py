@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 
 from node.db.models import JobState
@@ -13,6 +14,9 @@ from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
 from tests.shared_data import real_j2k_copy
+
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 

@@ -44,6 +44,9 @@ from tests import dicom_factory as factory
 from tests import peers
 from tests.shared_data import ABDOMEN_J2K, real_j2k_copy
 
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 # storescu's option that proposes each syntax (it otherwise decompresses to what it proposes).

@@ -111,6 +111,7 @@ def test_default_vnet_is_monais() -> None:
     assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in theirs.parameters()]
 
 
+@pytest.mark.slow  # trains every architecture: a dozen seconds
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_learns_a_toy_segmentation(name: str) -> None:
     model = _tiny(name)

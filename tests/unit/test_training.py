@@ -89,6 +89,7 @@ def decode_png(data: bytes) -> np.ndarray:
     return raw[:, 1:].reshape(size[0], size[1], 3)
 
 
+@pytest.mark.slow  # a training run
 def test_training_lowers_the_loss_and_writes_its_outputs(trained: TrainResult) -> None:
     losses = [h.train_loss for h in trained.history]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -120,6 +121,7 @@ def test_early_stopping_stops_when_the_validation_loss_does_not_improve(
     assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
 
 
+@pytest.mark.slow  # a training run
 def test_vnet_trains_on_patches_and_serves_with_its_patch_size(
     trained_vnet: TrainResult, cases_3d: list[datasets.Case], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,6 +257,7 @@ def test_commands_train_and_evaluate(tmp_path: Path) -> None:
     assert "nifti:FOLDER" in runner.invoke(train_command, ["--help"]).output
 
 
+@pytest.mark.slow  # a training run
 def test_command_trains_the_vnet_and_scores_its_test_cases(tmp_path: Path) -> None:
     runner = CliRunner()
     data = ["--data", "synthetic:7", "--synthetic-shape", "16x32x32"]  # 12 mm pixels, 16 mm slices

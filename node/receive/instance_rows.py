@@ -1,13 +1,9 @@
 """The database row of each received instance, written through the database driver.
 
-Recording an instance is on the path of every C-STORE acknowledgement: one INSERT, one UPDATE of
-its series' count and time, one commit. Through SQLAlchemy Core that costs ~0.5 ms of CPU and
-~0.7 ms before the answer can go (a connection checked out and returned, an execution context
-and a result per statement), while the driver itself takes ~0.1 ms with the commit's fsync
-(measured on this path, 300 CT slices into SQLite). So this one hot path hands the driver SQL
-that SQLAlchemy compiled once for the engine's dialect, with each column type's own conversion
-of the values (time zones, SQLite's text timestamps): the rows are exactly those the ORM writes
-and reads everywhere else.
+Recording is on the path of every acknowledgement, and SQLAlchemy's per-statement machinery cost
+several times what the driver does (benchmarks/RESULTS.md); so this one path hands the driver SQL
+that SQLAlchemy compiled once for the engine's dialect, with each column type's own conversions:
+the rows are exactly those the ORM writes and reads everywhere else.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """The DICOM file format (PS3.10) around a received data set, cheaply enough for every C-STORE.
 
-The SCP keeps an instance as received: preamble, File Meta Information, then the data set's bytes
-untouched. Two steps of that are on the path of every acknowledgement, and pynetdicom's general
-tools for them cost more than the disk does here (measured on 300 CT slices of 512 x 512):
-
-- ``Event.dataset`` copies the whole received stream and decodes every element, Pixel Data
-  included (~1.4 ms a slice in the SCP); the node needs a dozen header elements, so
-  :func:`read_header` stops before the pixel data and only checks that its bytes all arrived.
-- ``Event.file_meta`` plus ``encode_file_meta`` build and encode a pydicom data set of seven
-  elements (~0.6 ms a call); :func:`file_preamble` packs the same group 0002 directly (~10 us).
+The node keeps an instance as received: preamble, File Meta Information, then the data set's bytes
+untouched. pynetdicom's ``Event.dataset`` decodes every element, Pixel Data included, and its file
+meta tools build a pydicom data set, both on the path of every acknowledgement: :func:`read_header`
+stops before the pixel data and only checks that its bytes all arrived, and :func:`file_preamble`
+packs group 0002 directly (figures: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
-"""PDUs read from the socket in as few calls as the network allows, and most P-DATA kept from
-pynetdicom's Python path altogether.
+"""PDUs read whole from the socket, and the middle fragments of a data set kept from pynetdicom's
+Python path (figures: benchmarks/RESULTS.md, "spooling").
 
-pynetdicom's ``AssociationSocket.recv`` reads a PDU with ``socket.recv(4096)`` in a loop and appends
-each piece to a bytearray: 32 system calls and as many appends for every 128 KiB P-DATA, four or
-five P-DATA for each CT slice. :class:`PduReader` reads each PDU into one buffer with
-``recv_into`` instead (the receiving thread's CPU for a 0.5 MB slice: 2.9 -> 2.3 ms).
-
-Then each P-DATA goes through pynetdicom's decoding, its state machine and its DIMSE layer, which
-copy the 128 KiB three times and cost ~0.25 ms of CPU apiece; for a C-STORE data set all that
-work ends in one ``write`` of the fragment. A reader given a ``divert`` function offers it every
-P-DATA first: a fragment it takes (the spooler takes the middle fragments of the data set it is
-writing, node/spooling.py) goes from this buffer to the file, and pynetdicom never sees that PDU.
-The command, the first fragments before a spool exists, the last fragment and every other PDU
-reach pynetdicom unchanged, so its state machine, its DIMSE messages and its handlers work as
-before. A PDU is diverted only when the association is in data transfer, pynetdicom has nothing
-queued to send or act on, and the next PDU begins to arrive within ``NEXT_PDU_WAIT_S``; otherwise
-pynetdicom gets it, so the reader never holds pynetdicom's loop longer than that (an abort, a
-release or a stalled sender are handled as before). With four senders on two cores the next PDU
-is often a fraction of a millisecond behind: without that short wait a third of the fragments went
-the slow way (four senders against one 1.04 -> 0.91). It keeps pynetdicom's idle timer running for
-the PDUs it diverts.
+:class:`PduReader` replaces pynetdicom's ``AssociationSocket.recv`` (4 KiB reads appended one by one)
+with one ``recv_into`` a PDU. Given a ``divert`` function it offers every P-DATA to it first: a
+fragment it takes (the spooler's middle fragments, spooling.py) goes from this buffer to the file
+and pynetdicom never sees that PDU. A PDU is diverted only in data transfer, with nothing queued on
+pynetdicom's side, and when the next PDU begins to arrive within ``NEXT_PDU_WAIT_S``, so aborts,
+releases and stalled senders reach pynetdicom as before; the idle timer is kept running.
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
-"""How pynetdicom's reactor threads wait: woken by what they wait for, instead of polling.
+"""How pynetdicom's reactor threads wait: woken by what they wait for, instead of polling
+(figures: benchmarks/RESULTS.md, "wakeups").
 
-pynetdicom runs two threads per association that poll instead of waiting on events: the DUL
-thread sleeps ``_run_loop_delay`` (1 ms) whenever its socket has nothing to read, and the
-association reactor sleeps a literal ``time.sleep(0.001)`` between looks at its message queue.
-With one sender, every C-STORE waited for about three such polls (~1.5 ms an instance, a fifth
-of the ingest time for a CT series here); with four senders, eight threads waking 1,000 times a
-second each took the GIL from the handlers.
-
-For the listener's associations (:class:`Wakeups`, bound to ``EVT_CONN_OPEN``) both threads wait
-until there is something to do. The reactor waits on its DIMSE message queue's condition, rung by
-every request the DUL thread queues and by every primitive it passes up (a release or abort
-request). The DUL thread waits on its socket and on a socket pair, rung by every primitive queued
-for it to send (the association's acceptance, a C-ECHO or release response, an abort; C-STORE
-responses do not pass through it, store_response.py). Their waits end after
-``WOKEN_WAIT_S`` at the latest, only for what nothing rings: pynetdicom's timers (network timeout,
-ARTIM) and its kill flags; killing the association rings the reactor and closes the socket pair.
-Before, they looked every 2 ms, ~7 wake-ups an instance with four senders: four senders 0.83 ->
-0.78 s and one sender 0.99 -> 0.93 s for the same 300 instances.
-
-Other associations (the node's own as a requestor, when it dispatches) keep bounded waits: the
-reactor's on its message queue, at most ``IDLE_WAIT_S``; the DUL's on its socket, for the sleep
-it asked for.
+pynetdicom's two threads per association poll: the DUL thread sleeps 1 ms whenever its socket has
+nothing to read, the association reactor a literal ``time.sleep(0.001)`` between looks at its
+message queue. For the listener's associations (:class:`Wakeups`, bound to ``EVT_CONN_OPEN``) the
+reactor waits on its message queue's condition and the DUL thread on its socket plus a socket pair,
+each rung by what the other queues for it; killing the association rings both. Their waits end after
+``WOKEN_WAIT_S`` at the latest, for what nothing rings: pynetdicom's timers and kill flags. Other
+associations (the node's own as a requestor) keep bounded waits.
 """
 
 from __future__ import annotations

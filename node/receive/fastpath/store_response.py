@@ -1,23 +1,14 @@
-"""C-STORE responses packed directly, instead of through pydicom data sets.
+"""C-STORE responses packed directly, instead of through pydicom data sets (figures:
+benchmarks/RESULTS.md, "responses").
 
-pynetdicom builds every response as a pydicom data set of eight elements, encodes it twice (once to
-learn the group length) and wraps it in P-DATA: 1.3 ms of CPU an instance on this 2-core machine,
-on the path of every acknowledgement, while the sender waits (measured on 300 CT slices; a tenth
-of segnode's ingest time). A C-STORE-RSP is a fixed command set (PS3.7 9.3.1.2) in implicit VR
-little endian: :func:`encode_store_response` packs it with ``struct`` in ~10 us, byte for byte what
-pynetdicom sends (tests/unit/test_store_response.py compares them).
-
-:func:`pack_store_responses` binds to ``EVT_CONN_OPEN``: the association's DIMSE provider then
-sends C-STORE responses this way; every other message goes through pynetdicom unchanged. The
-notification ``EVT_DIMSE_SENT`` is not raised for these responses: it only feeds pynetdicom's debug
-logging, which the node turns off (``node.receive.listener.configure_pynetdicom``).
-
-On a plain TCP connection in data transfer the association's thread writes the response to the
-socket itself, instead of queueing it for the DUL thread, which would have to wake up and run its
-state machine to send it (~0.2 ms an instance; the state does not change for P-DATA). While a
-C-STORE is open no other thread writes to that socket (pynetdicom negotiates no asynchronous
-operations, so the peer sends nothing needing an answer before this one). Not over TLS: one TLS
-connection must not be read and written by two threads at once, and the DUL thread reads it.
+pynetdicom builds every response as a pydicom data set, encodes it twice and wraps it in P-DATA, on
+the path of every acknowledgement. A C-STORE-RSP is a fixed command set (PS3.7 9.3.1.2) in implicit
+VR little endian: :func:`encode_store_response` packs it with ``struct``, byte for byte what
+pynetdicom sends (tests/unit/test_store_response.py compares them). On a plain TCP connection in
+data transfer the association's thread writes it to the socket itself (no other thread writes there
+while a C-STORE is open); over TLS it goes through the DUL thread, the only one that may touch the
+TLS connection. ``EVT_DIMSE_SENT`` is not raised for these responses: it only feeds pynetdicom's
+debug logging, which the node turns off.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from node.core.commands import COMMANDS_GROUP, settings_of
 from node.core.config import SegmenterSettings
+from node.core.logs import configure_logging
 from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.engine import SchemaOutOfDateError, session_scope
@@ -23,15 +24,6 @@ from node.db.jobs import JobNotFoundError, cancel, retry
 from node.db.models import Job, JobState, Series
 
 log = logging.getLogger("segnode")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
-    # highdicom narrates every module it copies; pynetdicom every PDU.
-    for chatty in ("highdicom", "pynetdicom"):
-        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 class _Commands(click.Group):
@@ -65,7 +57,7 @@ class _Commands(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
     """segnode: AI segmentation of CT for the radiology workflow."""
-    _configure_logging(verbose)
+    configure_logging(verbose)
     ctx.ensure_object(dict)["config"] = config
 
 
@@ -141,6 +133,8 @@ def config_check(ctx: click.Context) -> None:
     click.echo(f"DICOM listener: AE {scp.ae_title} on {scp.host}:{scp.port}")
     allowed = ", ".join(scp.allowed_calling_aes) or "any calling AE"
     click.echo(f"  accepts associations from: {allowed}; at most {scp.max_associations} at once")
+    if scp.processes > 1:
+        click.echo(f"  {scp.processes} listener processes share the port and the association limit")
     click.echo(f"  TLS: {'on' if scp.tls_certificate else 'off'}")
     click.echo(f"  receives with: {describe_path(scp)}")
     click.echo(f"Data folder: {settings.data_dir}")

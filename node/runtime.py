@@ -10,6 +10,7 @@ from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from node.jobs.scheduler import Scheduler
 from node.receive.listener import start_scp
+from node.receive.processes import ListenerProcesses, node_slots
 from node.receive.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,18 @@ class Node:
         self.scheduler = Scheduler(settings, self.sessions, self.queue)
 
     def run(self, stop: threading.Event) -> None:
-        """Listen and schedule until ``stop`` is set."""
-        server = start_scp(self.settings.scp, self.storage)
+        """Listen (in ``scp.processes`` processes) and schedule until ``stop`` is set."""
+        slots = node_slots(self.settings)
+        others = ListenerProcesses(self.settings, slots) if slots is not None else None
+        server = start_scp(self.settings.scp, self.storage, slots=slots)
+        if others is not None:
+            others.start()
         try:
             self.scheduler.run(stop)
         finally:
             server.shutdown()
+            if others is not None:
+                others.stop()
             self.storage.close()
             self.engine.dispose()
             log.info("node stopped")

@@ -80,9 +80,13 @@ class SegnodeProcesses:
         if upgrade:
             result = self.cli("db", "upgrade")
             assert result.returncode == 0, result.stderr
+        log_path = self.workdir / "serve.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
         proc = self._spawn("serve", ["serve"] if workers else ["serve", "--no-workers"])
+        # Its log says when it listens: a probe connection would hold one of its associations
+        # until pynetdicom's ACSE timeout.
         deadline = time.monotonic() + 60
-        while not peers.port_open(self.port):
+        while b"DICOM listener" not in log_path.read_bytes()[start:]:
             if proc.poll() is not None:
                 raise RuntimeError(f"segnode serve exited {proc.returncode}:\n{self.log('serve')}")
             if time.monotonic() > deadline:
@@ -93,6 +97,14 @@ class SegnodeProcesses:
     def worker(self, name: str = "worker", celery_name: str = "segnode-test@%h") -> subprocess.Popen[bytes]:
         """``segnode worker``; ``name`` names its log, ``celery_name`` the Celery node."""
         return self._spawn(name, ["worker", "--name", celery_name])
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 60) -> None:
+        """Until ``text`` appears in the process's log (a state it reports, not a time)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not in {name}.log after {timeout} s:\n{self.log(name)}")
+            time.sleep(0.1)
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"

@@ -30,7 +30,10 @@ class ScpSettings(BaseModel):
     port: int = Field(11112, ge=1, le=65535)
     # Calling AE titles allowed to associate; empty means any caller is accepted.
     allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    # For the node as a whole, over all its listener processes.
     max_associations: int = Field(10, ge=1)
+    # Listener processes on the one port (SO_REUSEPORT): more cores for many senders at once.
+    processes: int = Field(1, ge=1)
     max_pdu_size: int = Field(131072, ge=0)
     # Below this much free space in the storage folder, C-STORE answers "out of resources".
     min_free_bytes: int = Field(1_000_000_000, ge=0)

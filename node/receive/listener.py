@@ -27,6 +27,7 @@ from node.core.dicom import CT_IMAGE_CLASSES, VERIFICATION
 from node.core.uids import is_valid_uid
 from node.receive.part10 import TruncatedDataSetError, read_header
 from node.receive.paths import ReceivePath, choose_path
+from node.receive.slots import AssociationSlots, Semaphore
 from node.receive.storage import (
     InstanceFacts,
     InvalidUIDError,
@@ -233,6 +234,13 @@ class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY on every accepted socket: pynetdicom leaves
     Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback."""
 
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:  # the kernel spreads connections over them
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -253,22 +261,35 @@ def _ssl_context(settings: ScpSettings) -> ssl.SSLContext | None:
     return context
 
 
+class SharedPortServer(NodeServer):
+    """One of the node's several listener processes on the same port."""
+
+    reuse_port = True
+
+
 def start_scp(
-    settings: ScpSettings, storage: Storage, path: ReceivePath | None = None
+    settings: ScpSettings,
+    storage: Storage,
+    path: ReceivePath | None = None,
+    slots: Semaphore | None = None,
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; call ``shutdown()`` on the result to stop.
 
-    ``path`` is how instances are received; by default the one the settings choose.
+    ``path`` is how instances are received, by default the one the settings choose; ``slots``
+    counts the associations of every listener process of the node (then the port is shared).
     """
     configure_pynetdicom()
     path = path or choose_path(settings, storage)
     ae = build_ae(settings)
     handlers: list[Any] = [(evt.EVT_C_STORE, StoreHandler(storage, path)), *path.handlers()]
+    if slots is not None:
+        limit = AssociationSlots(slots, settings.max_associations)
+        handlers += [(evt.EVT_REQUESTED, limit.requested), (evt.EVT_CONN_CLOSE, limit.closed)]
     server = ae.make_server(
         (settings.host, settings.port),
         evt_handlers=handlers,
         ssl_context=_ssl_context(settings),
-        server_class=NodeServer,
+        server_class=NodeServer if slots is None else SharedPortServer,
     )
     thread = threading.Thread(target=server.serve_forever, name="segnode-listener", daemon=True)
     thread.start()

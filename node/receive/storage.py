@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from node.core.uids import is_valid_uid
 from node.db.models import INSTANCES, SERIES, STUDIES, utcnow
@@ -96,7 +97,7 @@ class Storage:
     background) and :meth:`store` (renamed into place, folder fsynced, recorded).
     """
 
-    def __init__(self, root: Path, engine: Engine, min_free_bytes: int) -> None:
+    def __init__(self, root: Path, engine: Engine, min_free_bytes: int, *, owner: bool = True) -> None:
         self.root = root
         self.engine = engine
         self.min_free_bytes = min_free_bytes
@@ -108,7 +109,8 @@ class Storage:
         self._rows = InstanceRows(engine)
         self._flusher = ThreadPoolExecutor(max_workers=FLUSH_THREADS, thread_name_prefix="segnode-flush")
         self._free_space: tuple[float, int] = (-FREE_SPACE_RECHECK_S, 0)  # when last read, how much
-        self._discard_leftovers()
+        if owner:  # the node's first process; its other listener processes start on a clean folder
+            self._discard_leftovers()
 
     def close(self) -> None:
         """Let staged writes finish; call after the listener stopped."""
@@ -252,8 +254,12 @@ class Storage:
         with self._record_lock:
             series_id = self._series_ids.get(facts.series_uid)
             if series_id is None:
-                with self.engine.begin() as conn:
-                    series_id = self._series_id(conn, facts, calling_ae, now)
+                try:
+                    with self.engine.begin() as conn:
+                        series_id = self._series_id(conn, facts, calling_ae, now)
+                except IntegrityError:  # another listener process made the study or series just now
+                    with self.engine.begin() as conn:
+                        series_id = self._series_id(conn, facts, calling_ae, now)
         added = self._rows.add(
             {
                 "series_id": series_id,

@@ -28,7 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from segmenters import synthetic
+from segmenters import synthetic, volume_files
 from segmenters.base import Structure
 from segmenters.rtstruct import read_rtstruct_masks
 
@@ -123,8 +123,8 @@ def synthetic_cases(
 
 def read_nifti_pair(image: Path, label: Path, label_names: Mapping[int, str] | None = None) -> Case:
     """A case from a NIfTI CT (HU) and a NIfTI label map on the same grid; id from the file name."""
-    hu, spacing = synthetic.read_nifti(image)
-    labels, label_spacing = synthetic.read_nifti(label)
+    hu, spacing = volume_files.read_nifti(image)
+    labels, label_spacing = volume_files.read_nifti(label)
     if hu.shape != labels.shape or not np.allclose(spacing, label_spacing, atol=1e-3):
         raise ValueError(f"{image} and {label} are not on one grid")
     case_id = re.sub(r"\.nii(\.gz)?$", "", Path(image).name)

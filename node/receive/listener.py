@@ -28,14 +28,8 @@ from node.core.uids import is_valid_uid
 from node.receive.part10 import TruncatedDataSetError, read_header
 from node.receive.paths import ReceivePath, choose_path
 from node.receive.slots import AssociationSlots, Semaphore
-from node.receive.storage import (
-    InstanceFacts,
-    InvalidUIDError,
-    StagedFile,
-    Storage,
-    StorageFullError,
-    StoreOutcome,
-)
+from node.receive.spool_files import StagedFile, StorageFullError
+from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from node.core.config import ScpSettings
 from node.receive.part10 import file_preamble
-from node.receive.storage import StagedFile, Storage
+from node.receive.spool_files import StagedFile
+from node.receive.storage import Storage
 
 log = logging.getLogger(__name__)
 

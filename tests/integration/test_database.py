@@ -20,7 +20,8 @@ from node.db.jobs import cancel, expired_leases, mark_queued, retry, stale_jobs
 from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
 from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
-from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StorageFullError, StoreOutcome
+from node.receive.spool_files import StorageFullError
+from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
 from tests import peers
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -13,7 +13,8 @@ from pydicom import dcmread
 
 from node.db.models import Job, JobState
 from segmenters.metrics import dice_iou
-from segmenters.synthetic import Phantom, make_phantom, write_dicom_series
+from segmenters.synthetic import Phantom, make_phantom
+from segmenters.volume_files import write_dicom_series
 from tests import peers
 from tests.node_process import SegnodeProcesses
 

@@ -3,15 +3,14 @@ and middle data set fragments diverted away from pynetdicom in order, nothing el
 
 from __future__ import annotations
 
-import queue
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any, cast
 
+from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
 from node.receive.fastpath.pdu_reads import PduReader, data_fragments
@@ -33,17 +32,26 @@ def _send_in_pieces(sock: socket.socket, data: bytes, piece: int, close: bool) -
     return thread
 
 
+RESTARTS: dict[int, list[float]] = {}  # the idle timer's restarts, by transport
+
+
 def _transport(sock: socket.socket, state: str = "Sta6") -> AssociationSocket:
-    """The parts of pynetdicom's association the reader uses, around a real socket."""
-    restarts: list[float] = []
-    dul = SimpleNamespace(
-        event_queue=queue.Queue(),
-        to_provider_queue=queue.Queue(),
-        state_machine=SimpleNamespace(current_state=state),
-        _idle_timer=SimpleNamespace(restart=lambda: restarts.append(time.monotonic())),
-        restarts=restarts,
-    )
-    return cast(AssociationSocket, SimpleNamespace(socket=sock, assoc=SimpleNamespace(dul=dul)))
+    """A real pynetdicom association (never started) around a real socket, in ``state``; its
+    idle timer's restarts are counted in ``RESTARTS``."""
+    assoc = Association(AE(), "acceptor")
+    assoc.dul.state_machine.current_state = state
+    transport = AssociationSocket(assoc, client_socket=sock)
+    assert assoc.dul.event_queue.get_nowait() == "Evt5"  # the connection, as its DUL thread takes it
+    restarts = RESTARTS.setdefault(id(transport), [])
+    timer = assoc.dul._idle_timer
+    restart = timer.restart
+
+    def counted() -> None:
+        restarts.append(time.monotonic())
+        restart()
+
+    timer.restart = counted  # type: ignore[method-assign]
+    return transport
 
 
 def _roomy_socketpair() -> tuple[socket.socket, socket.socket]:
@@ -117,7 +125,7 @@ def test_middle_fragments_are_diverted_in_order_and_every_other_pdu_reaches_pyne
     assert seen[2] == _p_data(_pdv(CONTEXT, LAST, last))
     assert seen[3] == release
     assert b"".join(diverted) == first + second
-    assert len(cast(Any, transport.assoc.dul).restarts) == 2  # the idle timer ran on for each diverted PDU
+    assert len(RESTARTS[id(transport)]) == 2  # the idle timer ran on for each diverted PDU
     ours.close()
     theirs.close()
 

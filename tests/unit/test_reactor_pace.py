@@ -7,20 +7,25 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 
 from node.receive.fastpath import reactor_pace
 
 
-class _Reactor(threading.Thread):
-    """Stands in for pynetdicom's Association thread: the sleep looks at its ``dimse`` and ``dul``."""
+class _Reactor(Association):
+    """A real pynetdicom association whose thread only takes the reactor's 1 ms sleep: the sleep
+    looks at its ``dimse`` message queue and its ``dul``'s wake-ups."""
 
     def __init__(self, messages: queue.Queue[object], wakeups: reactor_pace.Wakeups | None = None) -> None:
-        super().__init__()
-        self.dimse = SimpleNamespace(msg_queue=messages)
-        self.dul = SimpleNamespace(segnode_wakeups=wakeups) if wakeups is not None else None
+        super().__init__(AE(), "acceptor")
+        self.dimse.msg_queue = messages  # type: ignore[assignment]
+        if wakeups is not None:
+            wakeups.install(self.dul)
         self.slept: float | None = None
 
     def run(self) -> None:
@@ -137,13 +142,14 @@ def test_installed_queues_ring_who_takes_from_them(
 ) -> None:
     messages: queue.Queue[object] = queue.Queue()
     wakeups = make_wakeups(messages)
-    provider = SimpleNamespace(to_user_queue=queue.Queue(), to_provider_queue=queue.Queue())
-    wakeups.install(provider)  # type: ignore[arg-type]
-    assert provider.segnode_wakeups is wakeups
-    provider.to_provider_queue.put_nowait("A-ASSOCIATE-AC")  # pynetdicom's own calls, unchanged
-    provider.to_user_queue.put("A-RELEASE-RQ")
-    assert provider.to_provider_queue.get(False) == "A-ASSOCIATE-AC"
-    assert provider.to_user_queue.get(False) == "A-RELEASE-RQ"
+    provider = DULServiceProvider(Association(AE(), "acceptor"))
+    wakeups.install(provider)
+    assert getattr(provider, "segnode_wakeups", None) is wakeups
+    acceptance, release = A_ASSOCIATE(), A_RELEASE()
+    provider.to_provider_queue.put_nowait(acceptance)  # pynetdicom's own calls, unchanged
+    provider.to_user_queue.put(release)
+    assert provider.to_provider_queue.get(False) is acceptance
+    assert provider.to_user_queue.get(False) is release
     ours, theirs = socket.socketpair()
     assert _dul_wait(wakeups, ours, None) < 0.5  # the DUL thread was rung by the put
     assert _sleep_in_reactor(messages, wakeups) < 0.5  # and the reactor by its own

@@ -22,15 +22,12 @@ from segmenters.synthetic import (
     HEART,
     LEFT_LUNG,
     RIGHT_LUNG,
-    SERIES_DESCRIPTION,
     SPINAL_CORD,
     THORAX_STRUCTURES,
     Phantom,
     make_phantom,
-    read_nifti,
-    write_dicom_series,
-    write_nifti,
 )
+from segmenters.volume_files import SERIES_DESCRIPTION, read_nifti, write_dicom_series, write_nifti
 from workers.volume import load_series
 
 # A 300 mm scan at 2 mm pixels: the whole thorax, fine enough for every structure.

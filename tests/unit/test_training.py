@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import segmenters.checkpoint
-from segmenters import datasets, synthetic
+from segmenters import datasets, synthetic, volume_files
 from segmenters.base import Volume
 from segmenters.checkpoint import NetworkSegmenter, load_checkpoint
 from segmenters.cli import evaluate_command, train_command
@@ -277,7 +277,7 @@ def test_command_trains_the_vnet_and_scores_its_test_cases(tmp_path: Path) -> No
 
 def test_nifti_pair_reads_back_a_phantom(tmp_path: Path) -> None:
     phantom = synthetic.make_phantom((8, 32, 32), (30.0, 12.0, 12.0), seed=5)
-    synthetic.write_nifti(phantom, tmp_path / "a.nii.gz", tmp_path / "l.nii.gz")
+    volume_files.write_nifti(phantom, tmp_path / "a.nii.gz", tmp_path / "l.nii.gz")
     case = datasets.read_nifti_pair(tmp_path / "a.nii.gz", tmp_path / "l.nii.gz")
     assert np.array_equal(case.labels, phantom.labels) and np.array_equal(case.hu, phantom.hu)
     assert case.spacing == phantom.spacing and case.case_id == "a"

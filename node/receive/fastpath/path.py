@@ -13,7 +13,8 @@ from node.receive.fastpath import reactor_pace
 from node.receive.fastpath.spooling import Spooler, received_data_set
 from node.receive.fastpath.store_response import pack_store_responses
 from node.receive.paths import DataSetSource, Handler, PlainPath
-from node.receive.storage import StagedFile, Storage
+from node.receive.spool_files import StagedFile
+from node.receive.storage import Storage
 
 # Each part alone, so that benchmarks/ingest can weigh it against plain pynetdicom.
 SPOOLING = "spooling"  # data sets written to their file while they arrive; middle PDUs bypass pynetdicom

@@ -32,7 +32,8 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from node.receive.fastpath.pdu_reads import Divert, data_fragments, install_reader
 from node.receive.part10 import file_preamble
-from node.receive.storage import Spool, StagedFile, Storage, StorageFullError
+from node.receive.spool_files import Spool, StagedFile, StorageFullError
+from node.receive.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from pydicom.uid import CTImageStorage
 
 from segmenters import synthetic, volume_files
 from segmenters.base import Structure
+from segmenters.ct_series import UnsuitableSeriesError, load_series
 from segmenters.rtstruct import read_rtstruct_masks
 
 log = logging.getLogger(__name__)
@@ -155,36 +156,25 @@ def read_nifti_folder(folder: Path) -> list[Case]:
 
 
 def read_ct_series(ct_folder: Path) -> tuple[list[Dataset], np.ndarray, Spacing]:
-    """The CT slices of a folder sorted along the slice normal, their HU volume and spacing (mm)."""
-    datasets: list[Dataset] = []
-    for path in sorted(p for p in Path(ct_folder).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path)
-        except pydicom.errors.InvalidDicomError:
-            continue
-        if ds.get("SOPClassUID") == CTImageStorage or ds.get("Modality") == "CT":
-            datasets.append(ds)
-    if not datasets:
+    """The CT slices of a folder (other files beside them are skipped) as the node serves them:
+    loaded by :func:`segmenters.ct_series.load_series`, so a network is trained on exactly the
+    volumes it will be given. Returns the sorted headers, the HU volume and its spacing (mm)."""
+    slices = [path for path in sorted(Path(ct_folder).rglob("*")) if path.is_file() and _is_ct(path)]
+    if not slices:
         raise FileNotFoundError(f"no CT images in {ct_folder}")
-    if len({ds.SeriesInstanceUID for ds in datasets}) > 1:
-        raise ValueError(f"{ct_folder} holds more than one CT series")
-    orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
-    normal = np.cross(orientation[:3], orientation[3:])
-    datasets.sort(key=lambda ds: float(np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ normal))
-    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ normal for ds in datasets])
-    gaps = np.diff(positions)
-    if gaps.size and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * gaps.max() + 1e-3):
-        raise ValueError(
-            f"{ct_folder}: slices are not evenly spaced (gaps {gaps.min():.3f}..{gaps.max():.3f} mm)"
-        )
-    slice_mm = float(np.median(gaps)) if gaps.size else float(datasets[0].get("SliceThickness", 1.0))
-    hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), dtype=np.int16)
-    for k, item in enumerate(datasets):
-        slope = float(item.get("RescaleSlope", 1.0))
-        intercept = float(item.get("RescaleIntercept", 0.0))
-        hu[k] = np.clip(np.round(item.pixel_array * slope + intercept), -1024, 32767).astype(np.int16)
-    row_mm, col_mm = (float(v) for v in datasets[0].PixelSpacing)
-    return datasets, hu, (slice_mm, row_mm, col_mm)
+    try:
+        series = load_series(slices)
+    except UnsuitableSeriesError as err:
+        raise ValueError(f"{ct_folder}: {err}") from err
+    return series.datasets, series.volume.hu, series.volume.spacing
+
+
+def _is_ct(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
+    except (pydicom.errors.InvalidDicomError, OSError):
+        return False
+    return bool(ds.get("SOPClassUID") == CTImageStorage or ds.get("Modality") == "CT")
 
 
 def _normalise(name: str) -> str:

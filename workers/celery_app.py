@@ -12,8 +12,8 @@ from celery.signals import worker_process_init
 from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
+from segmenters.ct_series import allow_decoder_processes, start_decoder_server
 from workers.tasks import WorkerContext, register_tasks
-from workers.volume import allow_decoder_processes, start_decoder_server
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segmenters.base import Segmenter
+from segmenters.ct_series import DecodeFailedError, UnsuitableSeriesError, load_series
+from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.seg_writer import build_seg, write_seg
-from workers.volume import load_series
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ def segment_series(
     """Build the volume from ``paths``, run ``segmenter`` and write its SEG to ``output``."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    series = load_series(paths, decode_workers=decode_workers)
+    try:
+        series = load_series(paths, decode_workers=decode_workers)
+    except UnsuitableSeriesError as err:
+        raise SeriesRejectedError(str(err)) from err
+    except DecodeFailedError as err:
+        raise ProcessingFailedError(str(err)) from err
     timings["load_decode"] = time.perf_counter() - start
     decoders = series.decode_processes
 

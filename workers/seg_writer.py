@@ -23,8 +23,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node.core.uids import derive_uid
 from segmenters.base import AlgorithmInfo, Concept, Structure
+from segmenters.ct_series import SeriesVolume
 from workers.errors import ProcessingFailedError, SeriesRejectedError
-from workers.volume import SeriesVolume
 
 log = logging.getLogger(__name__)
 

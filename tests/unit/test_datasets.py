@@ -1,5 +1,6 @@
-"""read_dicom_seg: a CT series and a SEG made for it in code (by the node's own SEG writer) read
-back as a training case, labels and names intact."""
+"""Training cases from DICOM: a CT series and a SEG made for it in code (by the node's own SEG
+writer) read back with labels and names intact; a real series read for training exactly as the
+worker serves it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 
-from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure
-from segmenters.datasets import read_dicom_seg
+from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure, Volume
+from segmenters.classical import ClassicalSegmenter
+from segmenters.ct_series import load_series
+from segmenters.datasets import read_dicom_seg, read_rtstruct_folder
 from tests import dicom_factory as f
+from tests.shared_data import THORAX
+from workers.pipeline import segment_series
 from workers.seg_writer import build_seg, write_seg
-from workers.volume import load_series
 
 ALGORITHM = AlgorithmInfo("segnode-test", "1.0", Concept("123110", "Artificial Intelligence", "DCM"))
 LUNG = Concept("39607008", "Lung")
@@ -72,3 +77,33 @@ def test_seg_of_another_series_is_refused(written: tuple[Path, Path, np.ndarray]
     f.make_ct_series(tmp_path / "other", n_slices=6, rows=32, cols=40)
     with pytest.raises(ValueError, match="references none of the images"):
         read_dicom_seg(tmp_path / "other", seg_file)
+
+
+class _Recording:
+    """A segmenter that keeps what the serving path gave it, then segments as the classical one."""
+
+    def __init__(self) -> None:
+        self.inner = ClassicalSegmenter()
+        self.algorithm = self.inner.algorithm
+        self.structures = self.inner.structures
+        self.volumes: list[Volume] = []
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        self.volumes.append(volume)
+        return self.inner.predict(volume)
+
+
+def test_a_network_is_served_exactly_the_volume_it_was_trained_on(tmp_path: Path) -> None:
+    # Training reads the thorax with its contours; the worker's pipeline serves the same files.
+    (case,) = read_rtstruct_folder(THORAX)
+    served = _Recording()
+    segment_series(
+        sorted((THORAX / "ct").iterdir()),
+        served,
+        tmp_path / "seg.dcm",
+        transfer_syntax=ExplicitVRLittleEndian,
+    )
+    (volume,) = served.volumes
+    assert volume.hu.dtype == case.hu.dtype
+    np.testing.assert_array_equal(volume.hu, case.hu)
+    assert volume.spacing == case.spacing

@@ -14,10 +14,10 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure
+from segmenters.ct_series import SeriesVolume, load_series
 from tests import dicom_factory as f
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.seg_writer import build_seg, seg_uids, series_description, write_seg
-from workers.volume import SeriesVolume, load_series
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 REAL_J2K = SHARED_DATA / "ct-abdomen-j2k"

@@ -14,6 +14,7 @@ from pydicom.sr.codedict import codes
 
 from segmenters import classical
 from segmenters.classical import ClassicalSegmenter
+from segmenters.ct_series import load_series
 from segmenters.metrics import score_case
 from segmenters.synthetic import (
     AIRWAY,
@@ -28,7 +29,6 @@ from segmenters.synthetic import (
     make_phantom,
 )
 from segmenters.volume_files import SERIES_DESCRIPTION, read_nifti, write_dicom_series, write_nifti
-from workers.volume import load_series
 
 # A 300 mm scan at 2 mm pixels: the whole thorax, fine enough for every structure.
 SHAPE = (100, 192, 192)

@@ -12,9 +12,8 @@ import pydicom
 import pytest
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless
 
+from segmenters.ct_series import UnsuitableSeriesError, load_series
 from tests import dicom_factory as f
-from workers.errors import SeriesRejectedError
-from workers.volume import load_series
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 REAL_J2K = SHARED_DATA / "ct-abdomen-j2k"
@@ -24,7 +23,7 @@ needs_real = pytest.mark.skipif(not REAL_J2K.is_dir(), reason="shared test data 
 
 
 def _rejected(paths: list[Path], phrase: str, *, decode_workers: int | None = None) -> str:
-    with pytest.raises(SeriesRejectedError) as info:
+    with pytest.raises(UnsuitableSeriesError) as info:
         load_series(paths, decode_workers=decode_workers)
     message = str(info.value)
     assert phrase in message, message
@@ -317,7 +316,7 @@ def test_factory_writes_valid_ct_images(tmp_path: Path) -> None:
 @needs_real
 def test_real_series_as_shared_lacks_series_uids() -> None:
     # The anonymiser emptied StudyInstanceUID / SeriesInstanceUID (type 1): no PACS stores that.
-    with pytest.raises(SeriesRejectedError, match="has no StudyInstanceUID"):
+    with pytest.raises(UnsuitableSeriesError, match="has no StudyInstanceUID"):
         load_series(sorted(REAL_J2K.iterdir()))
 
 

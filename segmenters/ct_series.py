@@ -7,8 +7,9 @@ makes, sorts the slices by their position along the slice normal (never by Insta
 scanners number as they like), and only then decodes the pixels, in parallel across processes:
 the JPEG 2000 decoder (pylibjpeg-openjpeg) holds the GIL, so threads do not make it faster.
 
-Every refusal is a :class:`~workers.errors.SeriesRejectedError` whose message names counts,
-positions and UIDs so the admin can see what is wrong, and never a patient identifier.
+Training, evaluation and serving all load series here, so a network is served exactly the data it
+was trained on. Every refusal is an :class:`UnsuitableSeriesError` whose message names counts,
+positions and UIDs so a person can see what is wrong, and never a patient identifier.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,14 +30,33 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import (
+    RE_VALID_UID,
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
 
-from node.core.dicom import CT_IMAGE, CT_IMAGE_CLASSES
-from node.core.uids import is_valid_uid
 from segmenters.base import Volume
-from workers.errors import ProcessingFailedError, SeriesRejectedError
 
 log = logging.getLogger(__name__)
+
+MULTI_FRAME_CT = frozenset({EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
+
+
+class UnsuitableSeriesError(ValueError):
+    """The files are no regular CT volume; the message says why, for a person to act on."""
+
+
+class DecodeFailedError(RuntimeError):
+    """Decoding failed for a cause outside the data (a decoder process died)."""
+
+
+def _is_uid(value: object) -> bool:
+    """A syntactically valid UID, by pydicom's rule (PS3.5 9.1)."""
+    return isinstance(value, str) and len(value) <= 64 and re.match(RE_VALID_UID, value) is not None
+
 
 MIN_SLICES = 3
 ORIENTATION_TOL = 1e-4  # direction cosines that differ by more are different orientations
@@ -80,19 +101,19 @@ def load_series(paths: Sequence[Path], *, decode_workers: int | None = None) -> 
 
     ``decode_workers`` processes decode the pixel data; ``None`` uses every core available to this
     process for a compressed series big enough for that to pay, and decodes in-process otherwise;
-    ``1`` decodes in-process. Raises :class:`SeriesRejectedError` for anything that is not a regular
+    ``1`` decodes in-process. Raises :class:`UnsuitableSeriesError` for anything that is not a regular
     CT volume.
     """
     if not paths:
-        raise SeriesRejectedError("the series has no instances")
+        raise UnsuitableSeriesError("the series has no instances")
     headers = [_read_header(Path(p)) for p in paths]
     for path, ds in headers:
         _check_instance(path, ds)
     _check_same(headers)
     if len(headers) < MIN_SLICES:
         if len(headers) == 1:
-            raise SeriesRejectedError("a single-slice series cannot be segmented in 3D")
-        raise SeriesRejectedError(
+            raise UnsuitableSeriesError("a single-slice series cannot be segmented in 3D")
+        raise UnsuitableSeriesError(
             f"a series of {len(headers)} slices cannot be segmented in 3D (at least {MIN_SLICES} needed)"
         )
 
@@ -143,9 +164,9 @@ def _read_header(path: Path) -> tuple[Path, Dataset]:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except FileNotFoundError:
-        raise SeriesRejectedError(f"file {path.name} of the series is missing") from None
+        raise UnsuitableSeriesError(f"file {path.name} of the series is missing") from None
     except Exception as exc:  # any parser failure on untrusted bytes means a bad file
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"file {path.name} is not a readable DICOM file ({type(exc).__name__}); "
             "it may be truncated or corrupt: resend the series"
         ) from exc
@@ -166,40 +187,40 @@ def _fill_identity_from_meta(ds: Dataset) -> None:
         ("SOPClassUID", "MediaStorageSOPClassUID"),
         ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
     ):
-        if not ds.get(keyword) and is_valid_uid(meta.get(meta_keyword)):
+        if not ds.get(keyword) and _is_uid(meta.get(meta_keyword)):
             setattr(ds, keyword, meta.get(meta_keyword))
 
 
 def _label(path: Path, ds: Dataset | None) -> str:
     """How a message names an instance: its SOP Instance UID when that is a UID, else the file name."""
     uid = ds.get("SOPInstanceUID") if ds is not None else None
-    return f"instance {uid}" if is_valid_uid(uid) else f"file {path.name}"
+    return f"instance {uid}" if _is_uid(uid) else f"file {path.name}"
 
 
 def _check_instance(path: Path, ds: Dataset) -> None:
     name = _label(path, ds)
     sop_class = UID(str(ds.get("SOPClassUID", "")))
-    if sop_class in CT_IMAGE_CLASSES - {CT_IMAGE}:
-        raise SeriesRejectedError(
+    if sop_class in MULTI_FRAME_CT:
+        raise UnsuitableSeriesError(
             f"{name} is a multi-frame {sop_class.name} object, which is not supported; "
             "send the series as classic CT Image Storage (one slice per instance)"
         )
     if not sop_class:
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"{name} has no SOP Class UID: it is no complete DICOM instance (truncated or corrupt?)"
         )
-    if sop_class != CT_IMAGE:
+    if sop_class != CTImageStorage:
         what = f"a {sop_class.name} object ({sop_class})" if sop_class.name != sop_class else sop_class
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"{name} is {what}, not a CT image; only CT Image Storage series can be segmented"
         )
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if not ds.get(keyword):
-            raise SeriesRejectedError(f"{name} has no {keyword}; it cannot be referenced safely")
-        if not is_valid_uid(ds.get(keyword)):
-            raise SeriesRejectedError(f"{name}: {keyword} is not a valid DICOM UID")
+            raise UnsuitableSeriesError(f"{name} has no {keyword}; it cannot be referenced safely")
+        if not _is_uid(ds.get(keyword)):
+            raise UnsuitableSeriesError(f"{name}: {keyword} is not a valid DICOM UID")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise SeriesRejectedError(f"{name} holds several frames; only single-frame CT slices are supported")
+        raise UnsuitableSeriesError(f"{name} holds several frames; only single-frame CT slices are supported")
     for keyword, size in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2)):
         value = ds.get(keyword)
         try:
@@ -207,24 +228,24 @@ def _check_instance(path: Path, ds: Dataset) -> None:
         except (TypeError, ValueError):
             values = []
         if len(values) != size or not all(math.isfinite(v) for v in values):
-            raise SeriesRejectedError(f"{name} has no valid {keyword}; its geometry is unknown")
+            raise UnsuitableSeriesError(f"{name} has no valid {keyword}; its geometry is unknown")
     if any(v <= 0 for v in _floats(ds.PixelSpacing)):
-        raise SeriesRejectedError(f"{name} has a PixelSpacing that is not positive")
+        raise UnsuitableSeriesError(f"{name} has a PixelSpacing that is not positive")
     for keyword in ("Rows", "Columns", "BitsAllocated", "RescaleSlope", "RescaleIntercept"):
         if ds.get(keyword) in (None, ""):
-            raise SeriesRejectedError(f"{name} has no {keyword}; Hounsfield units cannot be computed")
+            raise UnsuitableSeriesError(f"{name} has no {keyword}; Hounsfield units cannot be computed")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise SeriesRejectedError(f"{name} is not a greyscale image (SamplesPerPixel {ds.SamplesPerPixel})")
+        raise UnsuitableSeriesError(f"{name} is not a greyscale image (SamplesPerPixel {ds.SamplesPerPixel})")
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if not syntax:
-        raise SeriesRejectedError(f"{name} has no transfer syntax in its file meta information")
+        raise UnsuitableSeriesError(f"{name} has no transfer syntax in its file meta information")
     try:
         available = get_decoder(syntax).is_available
     except NotImplementedError:
         available = False
     if not available:
         known = f"transfer syntax {syntax} ({syntax.name})" if syntax.name != syntax else None
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"{name} uses {known or f'the unknown transfer syntax {syntax}'}, which this node cannot "
             "decode; send the series uncompressed or with a common lossless compression"
         )
@@ -238,10 +259,10 @@ def _check_same(headers: list[tuple[Path, Dataset]]) -> None:
     ):
         values = {str(ds.get(keyword)) for _, ds in headers}
         if len(values) > 1:
-            raise SeriesRejectedError(f"the instances belong to {len(values)} different {what}")
+            raise UnsuitableSeriesError(f"the instances belong to {len(values)} different {what}")
     sops = [str(ds.SOPInstanceUID) for _, ds in headers]
     if len(set(sops)) != len(sops):
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"{len(sops) - len(set(sops))} instance(s) were given twice (same SOP Instance UID)"
         )
 
@@ -250,7 +271,7 @@ def _check_orientation(headers: list[tuple[Path, Dataset]], iop: list[float]) ->
     ref = np.array(iop)
     row, col = ref[:3], ref[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"ImageOrientationPatient {_fmt(iop)} is not two perpendicular unit vectors"
         )
     odd = [
@@ -260,7 +281,7 @@ def _check_orientation(headers: list[tuple[Path, Dataset]], iop: list[float]) ->
     ]
     if odd:
         path, ds = odd[0]
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"mixed orientations: {len(odd)} of {len(headers)} slices are not oriented like the first "
             f"({_label(path, ds)} has {_fmt(_floats(ds.ImageOrientationPatient))}, "
             f"the first {_fmt(iop)}); send a series with one orientation"
@@ -276,7 +297,7 @@ def _check_pixel_grid(headers: list[tuple[Path, Dataset]]) -> None:
     for path, ds in headers[1:]:
         g = grid(ds)
         if g[:2] != ref[:2] or max(abs(g[2] - ref[2]), abs(g[3] - ref[3])) > PIXEL_SPACING_TOL_MM:
-            raise SeriesRejectedError(
+            raise UnsuitableSeriesError(
                 "mixed pixel grids: the first slice is "
                 f"{ref[0]} x {ref[1]} pixels of {ref[2]:g} x {ref[3]:g} mm, {_label(path, ds)} is "
                 f"{g[0]} x {g[1]} pixels of {g[2]:g} x {g[3]:g} mm"
@@ -289,7 +310,7 @@ def _check_pixel_grid(headers: list[tuple[Path, Dataset]]) -> None:
 def _check_duplicates(steps: np.ndarray, along: np.ndarray) -> None:
     dup = np.flatnonzero(steps < DUPLICATE_POSITION_TOL_MM)
     if dup.size:
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"{dup.size} slice(s) repeat the position of another slice (first at {along[dup[0]]:.2f} mm "
             "along the slice normal); the series holds more than one stack of slices"
         )
@@ -309,13 +330,13 @@ def _check_tilt(positions: np.ndarray, along: np.ndarray, normal: np.ndarray, pi
     # Scattered offsets first: they are no tilt, and would fit one badly.
     scatter = float(np.max(np.linalg.norm(in_plane - np.outer(dist, drift), axis=1)))
     if scatter > pixel_mm / 2:
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"the slice positions do not lie on one line: slices are shifted by up to {scatter:.2f} mm "
             "within the image plane"
         )
     tilt_deg = math.degrees(math.atan(float(np.linalg.norm(drift))))
     if tilt_deg > MAX_TILT_DEG:
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"gantry/detector tilt of {tilt_deg:.1f} degrees is not supported; "
             "send the series reconstructed without tilt"
         )
@@ -326,7 +347,7 @@ def _check_spacing(steps: np.ndarray, along: np.ndarray) -> float:
     gaps = np.flatnonzero(steps > GAP_FACTOR * median)
     if gaps.size:
         k = int(gaps[0])
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"slice(s) missing: a gap of {steps[k]:.2f} mm between the slices at {along[k]:.2f} mm and "
             f"{along[k + 1]:.2f} mm along the slice normal, where slices are {median:.2f} mm apart "
             f"({gaps.size} gap(s) in all); resend the complete series"
@@ -335,7 +356,7 @@ def _check_spacing(steps: np.ndarray, along: np.ndarray) -> float:
     odd = np.flatnonzero(np.abs(steps - median) > tol)
     if odd.size:
         k = int(odd[0])
-        raise SeriesRejectedError(
+        raise UnsuitableSeriesError(
             f"irregular slice spacing: {odd.size} step(s) differ from the median of {median:.3f} mm by "
             f"more than {tol:.3f} mm (e.g. {steps[k]:.3f} mm after {along[k]:.2f} mm)"
         )
@@ -364,9 +385,9 @@ def _decode_volume(headers: list[tuple[Path, Dataset]], decode_workers: int | No
     for k, decoded in enumerate(_decode_all([str(p) for p, _ in headers], workers)):
         path, ds = headers[k]
         if isinstance(decoded, str):
-            raise SeriesRejectedError(f"{_label(path, ds)} could not be decoded: {decoded}")
+            raise UnsuitableSeriesError(f"{_label(path, ds)} could not be decoded: {decoded}")
         if decoded.shape != shape[1:]:
-            raise SeriesRejectedError(
+            raise UnsuitableSeriesError(
                 f"{_label(path, ds)} decodes to {decoded.shape} pixels, not the {shape[1:]} of its header"
             )
         slope, intercept = rescale[k]
@@ -428,7 +449,7 @@ def _decode_all(paths: list[str], workers: int) -> Iterator[np.ndarray | str]:
         for chunk in pool.map(_decode_chunk, chunks):
             yield from chunk
     except BrokenProcessPool as exc:
-        raise ProcessingFailedError(
+        raise DecodeFailedError(
             "a pixel decoder process died while decoding the series (out of memory, or a decoder "
             "crash on damaged data); retry the job, and check the worker's memory if it recurs"
         ) from exc

@@ -35,6 +35,9 @@ class ScpSettings(BaseModel):
     # Listener processes on the one port (SO_REUSEPORT): more cores for many senders at once.
     processes: int = Field(1, ge=1)
     max_pdu_size: int = Field(131072, ge=0)
+    # The longest the node waits on a peer: for its association request, the next PDU, the rest of
+    # one, a TLS handshake.
+    network_timeout_s: float = Field(60.0, gt=0)
     # Below this much free space in the storage folder, C-STORE answers "out of resources".
     min_free_bytes: int = Field(1_000_000_000, ge=0)
     tls_certificate: Path | None = None

@@ -214,6 +214,10 @@ def build_ae(settings: ScpSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
+    ae.network_timeout = settings.network_timeout_s
+    # Also how long a connection may take to ask for its association: pynetdicom holds the slot of a
+    # connection that closed before asking (a port probe) until this runs out.
+    ae.acse_timeout = settings.network_timeout_s
     ae.require_calling_aet = list(settings.allowed_calling_aes)
     ae.add_supported_context(VERIFICATION)
     for context in AllStoragePresentationContexts:
@@ -225,8 +229,10 @@ def build_ae(settings: ScpSettings) -> AE:
 
 
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket: pynetdicom leaves
-    Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback."""
+    """pynetdicom's threaded server with every accepted socket tuned: TCP_NODELAY (pynetdicom
+    leaves Nagle's algorithm on, which stalls each small PDU by ~40 ms on loopback), and the
+    network timeout on every read and write, a TLS handshake included (pynetdicom bounds only the
+    wait between PDUs: a peer that stalls inside one held its thread and its slot for good)."""
 
     reuse_port = False
 
@@ -236,8 +242,16 @@ class NodeServer(ThreadedAssociationServer):
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        assert self.socket is not None  # a server that accepts is bound
+        client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except OSError:  # no handshake, or a failed one: socketserver drops the request
+                client.close()
+                raise
         return client, address
 
     def shutdown(self) -> None:

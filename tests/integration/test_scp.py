@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import struct
 import subprocess
 import time
@@ -511,3 +512,39 @@ def test_instance_is_written_while_it_arrives_and_removed_when_its_sender_aborts
     assert _eventually(lambda: not list(incoming.glob("*.part")))
     assert scp.instance_count() == 0
     assert not list(scp.root.rglob("*.dcm"))
+
+
+def _stall_inside_a_pdu(port: int, pdu_type: int, sent: int, announced: int) -> float:
+    """Connect, send a PDU's header announcing ``announced`` bytes and only ``sent`` of them,
+    then wait: seconds until the node closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as peer:
+        peer.sendall(struct.pack(">BBL", pdu_type, 0, announced) + b"\0" * sent)
+        started = time.monotonic()
+        while peer.recv(4096):  # an A-ABORT, if any, then the close
+            pass
+        return time.monotonic() - started
+
+
+def test_a_peer_stalling_inside_a_pdu_is_cut_off_and_frees_its_slot(
+    scp_factory: Callable[..., RunningScp],
+) -> None:
+    scp = scp_factory(min_free_bytes=0, max_associations=1, network_timeout_s=1.0)
+    # Inside the first PDU (the association request), before any association exists.
+    assert _stall_inside_a_pdu(scp.port, pdu_type=0x01, sent=10, announced=1000) < 20
+    assert _eventually(lambda: not scp.server.active_associations, timeout=20)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    ae.add_requested_context("1.2.840.10008.1.1")
+    # Inside a P-DATA of an established association: its slot is the only one.
+    stalled = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert stalled.is_established
+    assert stalled.dul.socket is not None and stalled.dul.socket.socket is not None
+    stalled.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 100_000) + b"\0" * 1000)
+    assert _eventually(lambda: not scp.server.active_associations, timeout=20)
+    assert _eventually(lambda: not stalled.is_alive(), timeout=20)
+    after = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")  # the one slot is free again
+    try:
+        assert after.is_established
+        assert after.send_c_echo().Status == 0
+    finally:
+        after.release()

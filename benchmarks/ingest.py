@@ -8,9 +8,10 @@ Side by side in one run, each into fresh storage:
   - DCMTK storescp (writes files, no fsync),
   - Orthanc (its own storage and SQLite index),
   - the floor: copying the same files with fsync + rename, no network.
-Then four storescu senders at once (four series, a quarter of the slices each) to segnode, against
-one sender for the same instances. Each receiver starts after ``sync``: nothing another one left
-in the page cache is written back during its turn (storescp and Orthanc sync nothing themselves).
+Then four storescu senders at once (four series, a quarter of the slices each) to segnode with one
+listener process and with two (``scp.processes``), against one sender for the same instances.
+Each receiver starts after ``sync``: nothing another one left in the page cache is written back
+during its turn (storescp and Orthanc sync nothing themselves).
 
 Every DCMTK program and Orthanc runs with TCP_NODELAY=1 in its environment: Debian's DCMTK 3.6.7
 leaves Nagle's algorithm on otherwise, which costs ~45 ms an instance on loopback. segnode sets
@@ -83,11 +84,15 @@ def fsync_copy(paths: list[Path], target: Path) -> float:
     return time.perf_counter() - start
 
 
-def with_segnode(work: Path, run: Callable[[int], float], fast_path: bool = DEFAULT_FAST_PATH) -> float:
-    scp = {"max_associations": 16, "fast_path": fast_path}
+def with_segnode(
+    work: Path, run: Callable[[int], float], fast_path: bool = DEFAULT_FAST_PATH, processes: int = 1
+) -> float:
+    scp = {"max_associations": 16, "fast_path": fast_path, "processes": processes}
     node = SegnodeProcesses(work, {"quiet_period_s": 3600, "scp": scp})
     try:
         node.serve(workers=False)
+        if processes > 1:
+            node.wait_for_log("serve", f"listener process {processes} of {processes} serving")
         return run(node.port)
     finally:
         node.stop_all()
@@ -134,6 +139,11 @@ def run_once(run_dir: Path, single: list[Path], quarters: list[list[Path]]) -> d
         ),
         "segnode, 4 senders": settled(
             lambda: with_segnode(run_dir / "segnode4", lambda p: send_parallel(quarters, p, "SEGNODE"))
+        ),
+        "segnode, 4 senders, 2 listener processes": settled(
+            lambda: with_segnode(
+                run_dir / "segnode4p", lambda p: send_parallel(quarters, p, "SEGNODE"), processes=2
+            )
         ),
         "segnode, 1 sender, same 4 series": settled(
             lambda: with_segnode(run_dir / "segnode1", lambda p: send(everything, p, "SEGNODE"))
@@ -191,6 +201,8 @@ def main() -> None:
         singles, fours = results["segnode, 1 sender, same 4 series"], results["segnode, 4 senders"]
         per_round4 = [one / par for one, par in zip(singles, fours, strict=True)]
         rounds4 = ", ".join(f"{r:.2f}" for r in per_round4)
+        two = median["segnode, 4 senders"] / median["segnode, 4 senders, 2 listener processes"]
+        print(f"  4 senders, 2 listener processes / 1 process: {two:.2f} (throughput)")
         own4 = statistics.median(per_round4)
         print(f"  4 senders / 1 sender, median of each round's ratio {own4:.2f}   ({rounds4})")
     finally:

@@ -196,6 +196,30 @@ def _not_stored(err: Exception, calling_ae: str, request_uid: str) -> Dataset:
     return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
 
 
+# Why pynetdicom rejected an association (A-ASSOCIATE-RJ source and diagnostic, PS3.8 9.3.4).
+REJECTION_REASONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "no reason given",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded",
+}
+
+
+def _log_rejection(event: evt.Event) -> None:
+    """pynetdicom rejects (calling AE not allowed, association limit) without a log line at the
+    node's level: say who was refused and why."""
+    request, answer = event.assoc.requestor.primitive, event.assoc.acceptor.primitive
+    calling = request.calling_ae_title if request is not None else "?"
+    why = "rejected"
+    if answer is not None:
+        why = REJECTION_REASONS.get((int(answer.result_source or 0), int(answer.diagnostic or 0)), why)
+    log.warning("association from %s at %s refused: %s", calling, event.assoc.requestor.address, why)
+
+
 def configure_pynetdicom() -> None:
     """pynetdicom's documented process-wide switches, set once where the node starts.
 
@@ -289,7 +313,11 @@ def start_scp(
     configure_pynetdicom()
     path = path or choose_path(settings, storage)
     ae = build_ae(settings)
-    handlers: list[Any] = [(evt.EVT_C_STORE, StoreHandler(storage, path)), *path.handlers()]
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, StoreHandler(storage, path)),
+        (evt.EVT_REJECTED, _log_rejection),
+        *path.handlers(),
+    ]
     if slots is not None:
         limit = AssociationSlots(slots, settings.max_associations)
         handlers += [(evt.EVT_REQUESTED, limit.requested), (evt.EVT_CONN_CLOSE, limit.closed)]

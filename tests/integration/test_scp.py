@@ -204,12 +204,15 @@ def test_duplicate_instance_is_stored_once(scp: RunningScp, tmp_path: Path) -> N
         assert session.scalars(select(Series.instance_count)).one() == 2
 
 
-def test_calling_ae_not_allowed_is_rejected(scp_factory: Callable[..., RunningScp], tmp_path: Path) -> None:
+def test_calling_ae_not_allowed_is_rejected(
+    scp_factory: Callable[..., RunningScp], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     scp = scp_factory(min_free_bytes=0, allowed_calling_aes=["CT01"])
     paths = factory.make_ct_series(tmp_path / "ct", n_slices=1)
     refused = peers.storescu(paths, scp.port, aet="SEGNODE", calling_aet="INTRUDER")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert "association from INTRUDER at 127.0.0.1 refused: calling AE title not recognised" in caplog.text
     assert scp.instance_count() == 0
     assert peers.storescu(paths, scp.port, aet="SEGNODE", calling_aet="CT01").returncode == 0
     assert scp.instance_count() == 1

@@ -522,6 +522,17 @@ def drop_pg_database(url: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def terminate_pg_connections(url: str) -> int:
+    """End every connection to the database of ``url`` from the server's side, as a restart does;
+    how many were ended."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=10) as conn:
+        ended = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s", (name,)
+        ).fetchone()
+    return int(ended[0]) if ended else 0
+
+
 def libpq_url(sqlalchemy_url: str) -> str:
     """postgresql+psycopg://... -> postgresql://... for psycopg.connect or psql."""
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)

@@ -135,7 +135,22 @@ class InstanceRows:
         return pending.added
 
     def _commit(self, batch: list[_Pending]) -> bool:
-        """One transaction for ``batch``; False when it failed (every row then has the error)."""
+        """One transaction for ``batch``; False when it failed (every row then has the error).
+
+        The connection kept from an earlier transaction may have died since (a database restart):
+        then the batch is tried once more on a fresh one, so no sender sees an outage that is over.
+        A retry after a commit that did land inserts nothing again (ON CONFLICT DO NOTHING).
+        """
+        kept = self._connection is not None
+        if self._commit_once(batch):
+            return True
+        if not kept:
+            return False
+        for pending in batch:
+            pending.done, pending.error = False, None
+        return self._commit_once(batch)
+
+    def _commit_once(self, batch: list[_Pending]) -> bool:
         try:
             connection = self._connection or self.engine.raw_connection()
             self._connection = connection

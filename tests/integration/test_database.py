@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings, load_settings
@@ -163,7 +163,7 @@ def test_a_spool_flushed_by_its_first_caller_is_stored_and_its_failure_kept_for_
     engine.dispose()
 
 
-def test_instance_rows_count_once_and_outlive_a_lost_connection(
+def test_instance_rows_count_once_and_ride_out_a_lost_connection(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     series_id = _series_with_one_instance(sessions, tmp_path, n=1)
@@ -175,20 +175,20 @@ def test_instance_rows_count_once_and_outlive_a_lost_connection(
     second = row(2)
     assert rows.add(second) is True
     assert rows.add(row(1)) is False  # recorded by the storage above: neither row nor count changes
-    # The connection dies under it (a database restart): that instance fails, the next gets a new one.
+    # The connection dies under it (a database restart): the instance goes in on a new one.
     dead = rows._connection
     assert dead is not None
     dead.dbapi_connection.close()  # type: ignore[union-attr]
-    with pytest.raises(RowNotRecordedError, match=r"(?i)closed"):
-        rows.add(row(3))
+    assert rows.add(row(3)) is True
+    assert rows._connection is not dead
     assert rows.add(row(4)) is True
     rows.close()
     with sessions() as session:
         series = session.scalars(select(Series)).one()
-        assert series.instance_count == 3
+        assert series.instance_count == 4
         assert series.last_received_at >= second["received_at"]  # type: ignore[operator]
         stored = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
-        assert sorted(stored) == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.4"]
+        assert sorted(stored) == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3", "1.2.3.4.4"]
         assert stored["1.2.3.4.2"].received_at == second["received_at"]  # time zone kept, as the ORM reads it
         assert stored["1.2.3.4.2"].slice_thickness == 1.25
 
@@ -393,3 +393,20 @@ def test_retry_and_stale_detection(sessions: sessionmaker[Session], tmp_path: Pa
         assert [e.event for e in events] == ["created", "queued", "requeued"]
         assert events[-1].message == "retry requested by test"
         assert all(e.host for e in events)
+
+
+def test_the_first_instance_after_the_server_dropped_every_connection_is_stored(
+    fresh_pg_url: str, tmp_path: Path
+) -> None:
+    # What a PostgreSQL restart does to the node's connections: the server ends every one.
+    db.upgrade(fresh_pg_url)
+    engine = db.make_engine(fresh_pg_url)
+    storage = Storage(tmp_path / "store", engine, min_free_bytes=0)
+    assert storage.store([b"ct"], facts(n=1), "CT01") == StoreOutcome.STORED
+    assert peers.terminate_pg_connections(fresh_pg_url) >= 1
+    assert storage.store([b"ct"], facts(n=2), "CT01") == StoreOutcome.STORED
+    assert storage.store([b"ct"], facts(series="1.2.3.5", n=1), "CT01") == StoreOutcome.STORED
+    storage.close()
+    with db.make_sessionmaker(engine)() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 3
+    engine.dispose()

@@ -533,6 +533,21 @@ def terminate_pg_connections(url: str) -> int:
     return int(ended[0]) if ended else 0
 
 
+@contextlib.contextmanager
+def pg_outage(url: str) -> Iterator[None]:
+    """The database of ``url`` unreachable while the block runs: it refuses new connections and
+    every open one is ended, as while its server is down; then it takes connections again."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    terminate_pg_connections(url)
+    try:
+        yield
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+
+
 def libpq_url(sqlalchemy_url: str) -> str:
     """postgresql+psycopg://... -> postgresql://... for psycopg.connect or psql."""
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)

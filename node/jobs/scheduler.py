@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings
+from node.core.outages import Outage
 from node.core.queue import JobQueue
 from node.db.engine import session_scope
 from node.db.jobs import expired_leases, mark_queued, record_event, requeue, stale_jobs
@@ -91,9 +92,12 @@ class Scheduler:
                 log.warning("job %d: stale in %s; sent again", job.id, job.state)
 
     def run(self, stop: threading.Event) -> None:
+        passes = Outage(log, "the scheduler's passes")
         while not stop.is_set():
             try:
                 self.tick()
-            except Exception:
-                log.exception("scheduler pass failed; retrying")
+            except Exception as err:  # noqa: BLE001 - the next pass tries again; the outage is logged
+                passes.failed(err)
+            else:
+                passes.succeeded()
             stop.wait(self.settings.assembly_poll_s)

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.pool import PoolProxiedConnection
 
+from node.core.outages import DatabaseFault
 from node.db.models import INSTANCES, SERIES
 
 # The columns of an instance row the node writes; ``id`` is the database's.
@@ -34,7 +35,7 @@ INSTANCE_COLUMNS = (
 )
 
 
-class RowNotRecordedError(RuntimeError):
+class RowNotRecordedError(DatabaseFault):
     """The transaction holding an instance's row failed; the instance is not recorded."""
 
 

@@ -24,6 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.core.config import ScpSettings
 from node.core.dicom import CT_IMAGE_CLASSES, VERIFICATION
+from node.core.outages import Outage
 from node.core.uids import is_valid_uid
 from node.receive.part10 import TruncatedDataSetError, read_header
 from node.receive.paths import ReceivePath, choose_path
@@ -121,6 +122,8 @@ class StoreHandler:
     def __init__(self, storage: Storage, path: ReceivePath) -> None:
         self.storage = storage
         self.path = path
+        self.storing = Outage(log, "storing instances")
+        self.disk_full = Outage(log, "the storage disk (full)")
 
     def __call__(self, event: evt.Event) -> Dataset:
         request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
@@ -128,7 +131,7 @@ class StoreHandler:
         try:  # the file is flushed while the header is read
             staged = self.path.staged(event)
         except StorageFullError as err:
-            return _not_stored(err, calling_ae, request_uid)
+            return self._not_stored(err)
         status = self._store(staged, event, calling_ae, request_uid)
         if int(status.Status) != StoreStatus.SUCCESS:
             staged.discard()  # refused before or while storing: nothing of it is kept
@@ -147,7 +150,7 @@ class StoreHandler:
                 ds, has_pixels = read_header(source, syntax, start)
             facts = instance_facts(ds, str(syntax))
         except OSError:  # its spool file could not be written: the staged file says why
-            return self._write_failure(staged, calling_ae, request_uid)
+            return self._write_failure(staged)
         except TruncatedDataSetError:
             log.warning("C-STORE from %s: instance %s is truncated", calling_ae, request_uid)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set is truncated")
@@ -173,27 +176,29 @@ class StoreHandler:
             log.warning("C-STORE from %s refused: %s", calling_ae, err)
             return _status(StoreStatus.CANNOT_UNDERSTAND, str(err))
         except Exception as err:  # noqa: BLE001 - every fault of the storage is answered by name
-            return _not_stored(err, calling_ae, request_uid)
+            return self._not_stored(err)
+        self.storing.succeeded()
+        self.disk_full.succeeded()
         if outcome is StoreOutcome.DUPLICATE:
             log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
         return _status(StoreStatus.SUCCESS)
 
-    def _write_failure(self, staged: StagedFile, calling_ae: str, request_uid: str) -> Dataset:
+    def _write_failure(self, staged: StagedFile) -> Dataset:
         """The answer for a spool file that cannot be read back: why its write failed."""
         try:
             staged.wait()
         except Exception as err:  # noqa: BLE001 - answered by name below
-            return _not_stored(err, calling_ae, request_uid)
-        return _not_stored(OSError("written but not readable"), calling_ae, request_uid)
+            return self._not_stored(err)
+        return self._not_stored(OSError("written but not readable"))
 
-
-def _not_stored(err: Exception, calling_ae: str, request_uid: str) -> Dataset:
-    """The answer for an instance the storage could not keep: out of resources when it is full."""
-    if isinstance(err, StorageFullError):
-        log.error("C-STORE from %s refused, storage full: %s", calling_ae, err.strerror)
-        return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
-    log.error("C-STORE from %s: instance %s could not be stored", calling_ae, request_uid, exc_info=err)
-    return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
+    def _not_stored(self, err: Exception) -> Dataset:
+        """The answer for an instance the storage could not keep: out of resources when it is
+        full. Logged as an outage: one line when it starts, one with the count when it ends."""
+        if isinstance(err, StorageFullError):
+            self.disk_full.failed(err)
+            return _status(StoreStatus.OUT_OF_RESOURCES, "storage full")
+        self.storing.failed(err)
+        return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
 
 
 # Why pynetdicom rejected an association (A-ASSOCIATE-RJ source and diagnostic, PS3.8 9.3.4).

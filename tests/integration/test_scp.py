@@ -551,3 +551,30 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_and_frees_its_slot(
         assert after.send_c_echo().Status == 0
     finally:
         after.release()
+
+
+def test_a_database_outage_is_logged_when_it_starts_and_when_it_ends(
+    fresh_pg_url: str, tmp_path: Path, fast_path: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.upgrade(fresh_pg_url)
+    engine = db.make_engine(fresh_pg_url)
+    settings = ScpSettings(port=peers.free_port(), min_free_bytes=0, fast_path=fast_path)
+    storage = Storage(tmp_path / "store", engine, 0)
+    server = start_scp(settings, storage, _receive_path(settings, storage))
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=12, rows=32, cols=32)
+    try:
+        assert _send(settings.port, paths[0]) == StoreStatus.SUCCESS
+        with peers.pg_outage(fresh_pg_url):
+            refused = [_send(settings.port, path) for path in paths[1:11]]
+        assert refused == [StoreStatus.PROCESSING_FAILURE] * 10
+        assert _send(settings.port, paths[11]) == StoreStatus.SUCCESS  # back: nothing to restart
+    finally:
+        server.shutdown()
+        storage.close()
+        engine.dispose()
+    lines = [r for r in caplog.records if r.name == "node.receive.listener"]
+    started = [r for r in lines if "storing instances failing" in r.getMessage()]
+    ended = [r.getMessage() for r in lines if "storing instances working again" in r.getMessage()]
+    assert len(started) == 1 and "not currently accepting connections" in started[0].getMessage()
+    assert len(ended) == 1 and "10 failure(s) meanwhile" in ended[0]
+    assert [r for r in lines if r.exc_info] == []  # a database outage is understood: no traceback

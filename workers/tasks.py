@@ -135,7 +135,11 @@ def _deliver(settings: Settings, name: str, output: Path) -> DeliveryOutcome:
     if destination is None:
         return DeliveryOutcome(False, True, f"destination {name!r} is no longer configured")
     try:
-        return DeliveryOutcome(True, False, send(destination, [output], settings.scp.ae_title))
+        return DeliveryOutcome(
+            True,
+            False,
+            send(destination, [output], settings.scp.ae_title, settings.worker.delivery_timeout_s),
+        )
     except DestinationUnavailableError as err:
         return DeliveryOutcome(False, False, str(err))
     except DeliveryRefusedError as err:

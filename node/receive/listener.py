@@ -23,7 +23,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.core.config import ScpSettings
-from node.core.dicom import CT_IMAGE_CLASSES, VERIFICATION
+from node.core.dicom import CT_IMAGE_CLASSES, VERIFICATION, rejection_reason
 from node.core.outages import Outage
 from node.core.uids import is_valid_uid
 from node.receive.part10 import TruncatedDataSetError, read_header
@@ -201,27 +201,12 @@ class StoreHandler:
         return _status(StoreStatus.PROCESSING_FAILURE, "instance could not be stored")
 
 
-# Why pynetdicom rejected an association (A-ASSOCIATE-RJ source and diagnostic, PS3.8 9.3.4).
-REJECTION_REASONS = {
-    (0x01, 0x01): "no reason given",
-    (0x01, 0x02): "application context name not supported",
-    (0x01, 0x03): "calling AE title not recognised",
-    (0x01, 0x07): "called AE title not recognised",
-    (0x02, 0x01): "no reason given",
-    (0x02, 0x02): "protocol version not supported",
-    (0x03, 0x01): "temporary congestion",
-    (0x03, 0x02): "local limit exceeded",
-}
-
-
 def _log_rejection(event: evt.Event) -> None:
     """pynetdicom rejects (calling AE not allowed, association limit) without a log line at the
     node's level: say who was refused and why."""
     request, answer = event.assoc.requestor.primitive, event.assoc.acceptor.primitive
     calling = request.calling_ae_title if request is not None else "?"
-    why = "rejected"
-    if answer is not None:
-        why = REJECTION_REASONS.get((int(answer.result_source or 0), int(answer.diagnostic or 0)), why)
+    why = rejection_reason(answer.result_source, answer.diagnostic) if answer is not None else "rejected"
     log.warning("association from %s at %s refused: %s", calling, event.assoc.requestor.address, why)
 
 

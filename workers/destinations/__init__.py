@@ -10,13 +10,16 @@ from workers.destinations.dicom import send_by_c_store
 
 
 class Sender(Protocol):
-    def __call__(self, destination: DicomDestination, paths: list[Path], calling_ae: str) -> str:
-        """Send ``paths``; return the peer's answer in words, or raise DestinationUnavailableError."""
+    def __call__(
+        self, destination: DicomDestination, paths: list[Path], calling_ae: str, timeout_s: float
+    ) -> str:
+        """Send ``paths``, no wait longer than ``timeout_s``; return the peer's answer in words, or
+        raise DestinationUnavailableError (try again later) or DeliveryRefusedError (it never will)."""
         ...
 
 
 SENDERS: dict[str, Sender] = {"dicom": send_by_c_store}
 
 
-def send(destination: DicomDestination, paths: list[Path], calling_ae: str) -> str:
-    return SENDERS[destination.kind](destination, paths, calling_ae)
+def send(destination: DicomDestination, paths: list[Path], calling_ae: str, timeout_s: float) -> str:
+    return SENDERS[destination.kind](destination, paths, calling_ae, timeout_s)

@@ -10,25 +10,40 @@ from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
 from node.core.config import DicomDestination
+from node.core.dicom import rejection_reason
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
 
 SUCCESS_CATEGORIES = {"Success", "Warning"}
+PERMANENT = 0x01  # A-ASSOCIATE-RJ result: rejected-permanent
 
 
-def send_by_c_store(destination: DicomDestination, paths: list[Path], calling_ae: str) -> str:
-    """Store every file on ``destination`` in one association; success only if all are accepted."""
+def send_by_c_store(
+    destination: DicomDestination, paths: list[Path], calling_ae: str, timeout_s: float
+) -> str:
+    """Store every file on ``destination`` in one association; success only if all are accepted.
+
+    Every wait (the association, each response, each read) ends after ``timeout_s``: a PACS that
+    does not answer costs that and a retry, not a worker. A permanent rejection of the association
+    (an AE title it does not know) raises :class:`DeliveryRefusedError` at once.
+    """
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 120
-    ae.network_timeout = 120
+    ae.connection_timeout = timeout_s
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
     for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "no answer (connection refused or timed out)"
-        raise DestinationUnavailableError(f"{where}: {why}")
+        rejection = assoc.acceptor.primitive if assoc.is_rejected else None
+        if rejection is None:
+            raise DestinationUnavailableError(f"{where}: no answer (connection refused or timed out)")
+        why = rejection_reason(rejection.result_source, rejection.diagnostic)
+        if rejection.result == PERMANENT:
+            raise DeliveryRefusedError(f"{where} rejected the association permanently: {why}")
+        raise DestinationUnavailableError(f"{where} rejected the association for now: {why}")
     try:
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is not None:
@@ -38,7 +53,7 @@ def send_by_c_store(destination: DicomDestination, paths: list[Path], calling_ae
             status = assoc.send_c_store(ds)
             if "Status" not in status:
                 raise DestinationUnavailableError(
-                    f"{where}: no C-STORE response (connection lost or timed out)"
+                    f"{where}: no C-STORE response within {timeout_s:g} s (connection lost or timed out)"
                 )
             code = int(status.Status)
             category = code_to_category(code)

@@ -1,0 +1,108 @@
+"""Delivery by C-STORE against real peers that do not cooperate: one that never answers, one that
+rejects the association for good, one that is only full for now."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.core.config import DicomDestination
+from node.core.dicom import VERIFICATION
+from node.db.models import JobState
+from tests import dicom_factory as factory
+from tests import peers
+from tests.node_process import SegnodeProcesses
+from workers.destinations.dicom import send_by_c_store
+from workers.errors import DeliveryRefusedError, DestinationUnavailableError
+
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def one_slice(tmp_path: Path) -> list[Path]:
+    return factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)
+
+
+@pytest.fixture
+def silent_pacs() -> Iterator[tuple[int, threading.Event]]:
+    """A pynetdicom SCP that accepts C-STOREs and never answers them until the event is set."""
+    release = threading.Event()
+    ae = AE(ae_title="SILENT")
+    ae.add_supported_context(CTImageStorage)
+
+    def hold(event: evt.Event) -> int:
+        release.wait(60)
+        return 0x0000
+
+    port = peers.free_port()
+    server: ThreadedAssociationServer | None = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, hold)]
+    )
+    assert server is not None
+    yield port, release
+    release.set()
+    server.shutdown()
+
+
+def test_a_pacs_that_never_answers_costs_the_timeout_not_the_worker(
+    silent_pacs: tuple[int, threading.Event], one_slice: list[Path]
+) -> None:
+    port, _ = silent_pacs
+    pacs = DicomDestination(ae_title="SILENT", host="127.0.0.1", port=port)
+    with pytest.raises(DestinationUnavailableError, match=r"no C-STORE response within 1 s"):
+        send_by_c_store(pacs, one_slice, "SEGNODE", timeout_s=1)
+
+
+def test_a_permanent_rejection_is_refused_at_once_a_transient_one_retried(
+    orthanc_factory: Callable[..., peers.Orthanc], one_slice: list[Path]
+) -> None:
+    orthanc = orthanc_factory(config={"DicomCheckCalledAet": True})
+    wrong = DicomDestination(ae_title="NOT-ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+    with pytest.raises(DeliveryRefusedError, match="rejected the association permanently: called AE title"):
+        send_by_c_store(wrong, one_slice, "SEGNODE", timeout_s=10)
+
+    busy = AE(ae_title="BUSY")
+    busy.add_supported_context(VERIFICATION)
+    busy.add_supported_context(CTImageStorage)
+    busy.maximum_associations = 1
+    port = peers.free_port()
+    server = busy.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(VERIFICATION)
+    held = holder.associate("127.0.0.1", port, ae_title="BUSY")
+    try:
+        assert held.is_established
+        full = DicomDestination(ae_title="BUSY", host="127.0.0.1", port=port)
+        with pytest.raises(
+            DestinationUnavailableError, match="rejected the association for now: local limit"
+        ):
+            send_by_c_store(full, one_slice, "SEGNODE", timeout_s=10)
+    finally:
+        held.release()
+        server.shutdown()
+
+
+def test_a_job_to_a_pacs_that_will_never_take_it_fails_after_one_attempt(
+    segnode_factory: Callable[..., SegnodeProcesses],
+    orthanc_factory: Callable[..., peers.Orthanc],
+    tmp_path: Path,
+) -> None:
+    orthanc = orthanc_factory(config={"DicomCheckCalledAet": True})
+    node = segnode_factory(
+        destinations={"pacs": {"ae_title": "NOT-ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
+    )
+    node.serve()
+    paths = factory.make_ct_series(tmp_path / "series", n_slices=8)
+    assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
+    (job,) = node.wait_for_state(JobState.FAILED, timeout=120)
+    assert "rejected the association permanently: called AE title not recognised" in job.reason
+    assert "after 1 attempt(s)" in job.reason

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = {"explicit": "1.2.840.10008.1.2.1", "jpeg2000": "1.2.840.10008.1.2.4.90"}
 # A lease is renewed this many times within its length: one missed renewal does not lose the job.
 RENEWALS_PER_LEASE = 4
+# A delivery attempt waits on the PACS at most this many times delivery_timeout_s (association,
+# responses, release); its delivery is held that long for it.
+ATTEMPT_HOLD_STEPS = 4
 
 
 def worker_name(hostname: str | None) -> str:
@@ -115,19 +118,26 @@ def backoff_s(settings: Settings, attempts: int) -> float:
     return float(min(base, settings.worker.delivery_backoff_max_s))
 
 
-def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> float | None:
-    """Send the job's SEG to every pending destination; returns seconds until a retry, or None."""
+def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> None:
+    """Send the job's SEG to every destination whose delivery is due. A failed attempt is due
+    again after its backoff, kept in the database: the scheduler sends the job when it is."""
     runs = ctx.runs(worker)
-    due = runs.pending_deliveries(job_id)
-    if due is None:
-        return None
-    output, pending = due
     settings = ctx.settings
-    for delivery_id, name in pending:
+    due = runs.claim_due_deliveries(job_id, hold_s=ATTEMPT_HOLD_STEPS * settings.worker.delivery_timeout_s)
+    if due is None:
+        return
+    output, claimed = due
+    for delivery_id, name in claimed:
         outcome = _deliver(settings, name, output)
-        runs.attempted(job_id, delivery_id, outcome, settings.worker.delivery_max_attempts)
+        runs.attempted(
+            job_id,
+            delivery_id,
+            outcome,
+            settings.worker.delivery_max_attempts,
+            lambda attempts: backoff_s(settings, attempts),
+        )
         log.info("job %d: delivery to %s: %s", job_id, name, "sent" if outcome.delivered else outcome.answer)
-    return runs.delivery_settled(job_id, lambda attempts: backoff_s(settings, attempts))
+    runs.delivery_settled(job_id)
 
 
 def _deliver(settings: Settings, name: str, output: Path) -> DeliveryOutcome:
@@ -160,10 +170,8 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         worker = worker_name(self.request.hostname)
         if run_process_job(ctx, job_id, worker):
             # The first delivery attempt runs right here (no second trip through the broker);
-            # retries go through deliver_job with their backoff.
-            delay = run_deliver_job(ctx, job_id, worker)
-            if delay is not None:
-                ctx.queue.deliver(job_id, countdown=delay)
+            # retries are due in the database, and the scheduler sends them.
+            run_deliver_job(ctx, job_id, worker)
 
     @app.task(
         name=DELIVER_JOB,
@@ -173,9 +181,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         max_retries=10,
     )
     def deliver_job(self: Task, job_id: int) -> None:
-        delay = run_deliver_job(ctx, job_id, worker_name(self.request.hostname))
-        if delay is not None:
-            raise self.retry(countdown=delay, max_retries=None)
+        run_deliver_job(ctx, job_id, worker_name(self.request.hostname))
 
     del process_job, deliver_job
 

@@ -157,7 +157,7 @@ class WorkerSettings(BaseModel):
     delivery_backoff_max_s: float = Field(600.0, gt=0)
     # The longest a delivery waits on the PACS at each step (association, each response).
     delivery_timeout_s: float = Field(30.0, gt=0)
-    # A QUEUED or SEGMENTED job that no worker touched for this long is sent again (a lost message).
+    # A QUEUED job that no worker took for this long is sent again (a lost message).
     stale_job_s: float = Field(3600.0, gt=0)
     # A RUNNING job is its worker's while the worker renews this lease (four times a lease); one
     # that lapsed goes to another worker. Clocks of node and workers must agree to well within it.

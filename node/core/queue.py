@@ -83,5 +83,5 @@ class JobQueue:
     def process(self, job_id: int) -> None:
         self.app.send_task(PROCESS_JOB, args=[job_id], queue=QUEUE)
 
-    def deliver(self, job_id: int, countdown: float | None = None) -> None:
-        self.app.send_task(DELIVER_JOB, args=[job_id], queue=QUEUE, countdown=countdown)
+    def deliver(self, job_id: int) -> None:
+        self.app.send_task(DELIVER_JOB, args=[job_id], queue=QUEUE)

@@ -138,7 +138,11 @@ class JobRuns:
                         Delivery(job_id=job.id, destination=name, state=DeliveryState.PENDING, attempts=0)
                     )
                 else:
-                    delivery.state, delivery.attempts = DeliveryState.PENDING, 0
+                    delivery.state, delivery.attempts, delivery.next_attempt_at = (
+                        DeliveryState.PENDING,
+                        0,
+                        None,
+                    )
             transition(session, job, JobState.SEGMENTED, "segmented", message)
             if not job.destinations:
                 transition(
@@ -165,17 +169,37 @@ class JobRuns:
             return None
         return job
 
-    def pending_deliveries(self, job_id: int) -> tuple[Path, list[tuple[int, str]]] | None:
-        """The SEG and its deliveries still to make; None unless the job waits for delivery."""
-        with self.sessions() as session:
+    def claim_due_deliveries(self, job_id: int, hold_s: float) -> tuple[Path, list[tuple[int, str]]] | None:
+        """The SEG and the deliveries due now, each held ``hold_s`` ahead for this attempt (another
+        worker's task finds it not due; a worker that dies mid-attempt leaves it due again then).
+        None unless the job waits for delivery."""
+        now = utcnow()
+        due = Delivery.next_attempt_at.is_(None) | (Delivery.next_attempt_at <= now)
+        with session_scope(self.sessions) as session:
             job = session.get(Job, job_id)
             if job is None or job.state != JobState.SEGMENTED:
                 return None
-            pending = [(d.id, d.destination) for d in job.deliveries if d.state == DeliveryState.PENDING]
-            return Path(job.output_path), pending
+            claimed = []
+            for delivery in job.deliveries:
+                taken = session.execute(
+                    update(Delivery)
+                    .where(Delivery.id == delivery.id, Delivery.state == DeliveryState.PENDING, due)
+                    .values(next_attempt_at=now + timedelta(seconds=hold_s))
+                )
+                if taken.rowcount == 1:  # type: ignore[attr-defined]
+                    claimed.append((delivery.id, delivery.destination))
+            return Path(job.output_path), claimed
 
-    def attempted(self, job_id: int, delivery_id: int, outcome: DeliveryOutcome, max_attempts: int) -> None:
-        """One delivery attempt and its answer; the delivery fails for good after ``max_attempts``."""
+    def attempted(
+        self,
+        job_id: int,
+        delivery_id: int,
+        outcome: DeliveryOutcome,
+        max_attempts: int,
+        backoff_s: Callable[[int], float],
+    ) -> None:
+        """One delivery attempt and its answer. A delivery still pending is due again after
+        ``backoff_s`` of its attempts; it fails for good after ``max_attempts``."""
         with session_scope(self.sessions) as session:
             delivery = session.get_one(Delivery, delivery_id)
             job = session.get_one(Job, job_id)
@@ -185,29 +209,29 @@ class JobRuns:
                 delivery.state, delivery.delivered_at = DeliveryState.DELIVERED, utcnow()
             elif outcome.permanent or delivery.attempts >= max_attempts:
                 delivery.state = DeliveryState.FAILED
+            else:
+                delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff_s(delivery.attempts))
             event = "sent" if outcome.delivered else "send_failed"
-            record_event(
-                session,
-                job,
-                event,
-                f"to {delivery.destination}, attempt {delivery.attempts}: {outcome.answer}",
-            )
+            message = f"to {delivery.destination}, attempt {delivery.attempts}: {outcome.answer}"
+            if delivery.state == DeliveryState.PENDING:
+                message += f"; next attempt in {backoff_s(delivery.attempts):g} s"
+            record_event(session, job, event, message)
 
-    def delivery_settled(self, job_id: int, backoff_s: Callable[[int], float]) -> float | None:
+    def delivery_settled(self, job_id: int) -> None:
         """DELIVERED when every destination took the SEG, FAILED when one never will; else the
-        seconds until the next attempt (``backoff_s`` of the attempts made so far)."""
+        job waits, and the scheduler sends it to a worker when its next delivery is due."""
         with session_scope(self.sessions) as session:
             job = session.get_one(Job, job_id)
             if job.state != JobState.SEGMENTED:
-                return None
+                return
             states = [d.state for d in job.deliveries]
             if all(s == DeliveryState.DELIVERED for s in states):
                 transition(
                     session, job, JobState.DELIVERED, "delivered", "every destination answered success"
                 )
-                return None
+                return
             if DeliveryState.PENDING in states:
-                return backoff_s(max(d.attempts for d in job.deliveries if d.state == DeliveryState.PENDING))
+                return
             reason = "; ".join(
                 f"{d.destination} did not accept the SEG after {d.attempts} attempt(s): {d.last_status}"
                 for d in job.deliveries
@@ -220,7 +244,6 @@ class JobRuns:
                 "failed",
                 reason=f"{reason}. Fix the destination, then retry the job.",
             )
-            return None
 
 
 def _lapsed(expires_at: datetime | None, now: datetime) -> bool:

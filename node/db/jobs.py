@@ -9,11 +9,13 @@ from __future__ import annotations
 import socket
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import (
     TERMINAL_STATES,
+    Delivery,
+    DeliveryState,
     Job,
     JobEvent,
     JobState,
@@ -133,9 +135,21 @@ def _get(session: Session, job_id: int) -> Job:
 
 
 def stale_jobs(session: Session, older_than: datetime) -> list[Job]:
-    """Jobs queued or segmented that nobody has touched since ``older_than`` (a lost message)."""
-    waiting = [JobState.QUEUED, JobState.SEGMENTED]
-    return list(session.scalars(select(Job).where(Job.state.in_(waiting), Job.updated_at < older_than)))
+    """Queued jobs that nobody has touched since ``older_than`` (a lost message)."""
+    return list(session.scalars(select(Job).where(Job.state == JobState.QUEUED, Job.updated_at < older_than)))
+
+
+def jobs_with_due_deliveries(session: Session, now: datetime) -> dict[int, int]:
+    """SEGMENTED jobs with a pending delivery due by ``now``: job id -> the attempts its due
+    deliveries have made (a new attempt since tells a new retry from an old one)."""
+    due = Delivery.next_attempt_at.is_(None) | (Delivery.next_attempt_at <= now)
+    query = (
+        select(Job.id, func.sum(Delivery.attempts))
+        .join(Delivery, Delivery.job_id == Job.id)
+        .where(Job.state == JobState.SEGMENTED, Delivery.state == DeliveryState.PENDING, due)
+        .group_by(Job.id)
+    )
+    return {int(job_id): int(attempts or 0) for job_id, attempts in session.execute(query)}
 
 
 def expired_leases(session: Session, now: datetime) -> list[Job]:

@@ -176,6 +176,9 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status: Mapped[str] = mapped_column(Text, default="")
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # While PENDING: when it is next due (None: at once). An attempt under way holds it a while
+    # ahead, so that one whose worker died is due again without anyone waiting on the broker.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
 

@@ -1,7 +1,8 @@
 """The node's control loop: assemble complete series, hand jobs to the queue, rescue stuck jobs.
 
 The database is the truth and the broker only carries messages: a job whose message was lost (a
-broker restart, a worker killed before it acknowledged) is found here by its state and sent again.
+broker restart, a worker killed before it acknowledged), a running job whose worker's lease lapsed,
+a delivery whose retry is due, are found here by their state and sent again.
 Tasks are safe to run twice, so sending again is always safe.
 """
 
@@ -19,7 +20,7 @@ from node.core.config import Settings
 from node.core.outages import Outage
 from node.core.queue import JobQueue
 from node.db.engine import session_scope
-from node.db.jobs import expired_leases, mark_queued, record_event, requeue, stale_jobs
+from node.db.jobs import expired_leases, jobs_with_due_deliveries, mark_queued, requeue, stale_jobs
 from node.db.models import Job, JobState, utcnow
 from node.jobs.assembly import assemble
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # While the broker is down, one warning a minute says so, not one per pass.
 BROKER_WARNING_EVERY_S = 60.0
+# A job whose delivery was sent to the workers is sent again, if still due, after this many times
+# worker.delivery_timeout_s (its task was lost, or its attempt died with its worker).
+DISPATCH_AGAIN_STEPS = 4
 
 
 class Scheduler:
@@ -35,6 +39,8 @@ class Scheduler:
         self.sessions = sessions
         self.queue = queue
         self._last_broker_warning = -BROKER_WARNING_EVERY_S
+        # job id -> (its deliveries' attempts, when it was last sent to the workers, monotonic)
+        self._dispatched: dict[int, tuple[int, float]] = {}
 
     def tick(self) -> None:
         """One pass: assemble, send waiting jobs, take back lapsed leases, rescue stale jobs."""
@@ -42,6 +48,7 @@ class Scheduler:
             assemble(session, self.settings, utcnow())
         self.send_received()
         self.take_back_lapsed()
+        self.send_due_deliveries()
         self.rescue_stale()
 
     def send_received(self) -> None:
@@ -76,19 +83,28 @@ class Scheduler:
             self.queue.process(job_id)
             log.warning("job %d: its worker's lease lapsed; queued again", job_id)
 
+    def send_due_deliveries(self) -> None:
+        """Jobs with a delivery due go to a worker: the schedule of retries is the database's, so
+        a worker that dies while a retry waits loses nothing. A job sent recently is not sent
+        again before its attempt could have run (its task may wait behind a long job)."""
+        now = time.monotonic()
+        again_after = DISPATCH_AGAIN_STEPS * self.settings.worker.delivery_timeout_s
+        with self.sessions() as session:
+            due = jobs_with_due_deliveries(session, utcnow())
+        for job_id, attempts in due.items():
+            sent = self._dispatched.get(job_id)
+            if sent is None or sent[0] != attempts or now - sent[1] >= again_after:
+                self.queue.deliver(job_id)
+                self._dispatched[job_id] = (attempts, now)
+        self._dispatched = {j: sent for j, sent in self._dispatched.items() if j in due}
+
     def rescue_stale(self) -> None:
+        """Queued jobs nobody took for ``stale_job_s`` (a lost message) are sent again."""
         older_than = utcnow() - timedelta(seconds=self.settings.worker.stale_job_s)
         with session_scope(self.sessions) as session:
             for job in stale_jobs(session, older_than):
-                if job.state == JobState.SEGMENTED:
-                    record_event(session, job, "redispatched", "no delivery progress; delivery sent again")
-                    job.updated_at = utcnow()
-                    self.queue.deliver(job.id)
-                else:
-                    requeue(
-                        session, job, f"no progress for {self.settings.worker.stale_job_s:g} s; sent again"
-                    )
-                    self.queue.process(job.id)
+                requeue(session, job, f"no progress for {self.settings.worker.stale_job_s:g} s; sent again")
+                self.queue.process(job.id)
                 log.warning("job %d: stale in %s; sent again", job.id, job.state)
 
     def run(self, stop: threading.Event) -> None:

@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings, load_settings
 from node.db import engine as db
-from node.db.job_runs import JobRuns
-from node.db.jobs import cancel, expired_leases, mark_queued, retry, stale_jobs
+from node.db.job_runs import DeliveryOutcome, JobRuns
+from node.db.jobs import cancel, expired_leases, jobs_with_due_deliveries, mark_queued, retry, stale_jobs
 from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
 from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
@@ -410,3 +410,36 @@ def test_the_first_instance_after_the_server_dropped_every_connection_is_stored(
     with db.make_sessionmaker(engine)() as session:
         assert session.scalar(select(func.count(Instance.id))) == 3
     engine.dispose()
+
+
+def test_the_delivery_schedule_is_the_databases(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        rules=[{"name": "ct", "min_slices": 1, "destinations": ["pacs"]}],
+    )
+    Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0).store([b"ct"], facts(), "CT01")
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    runs = JobRuns(sessions, "w@a/1", lease_s=60)
+    assert runs.claim(job_id) is not None
+    assert runs.segmented(job_id, tmp_path / "seg.dcm", "1.2.3", "1 segment")
+
+    def due(after_s: float = 0) -> dict[int, int]:
+        with sessions() as session:
+            return jobs_with_due_deliveries(session, utcnow() + timedelta(seconds=after_s))
+
+    assert due() == {job_id: 0}  # the first attempt is due at once
+    claimed = runs.claim_due_deliveries(job_id, hold_s=120)
+    assert claimed is not None and [name for _, name in claimed[1]] == ["pacs"]
+    assert JobRuns(sessions, "w@b/2", lease_s=60).claim_due_deliveries(job_id, hold_s=120) == (claimed[0], [])
+    assert due() == {} and due(after_s=121) == {job_id: 0}  # held for the attempt, due if it died
+    ((delivery_id, _),) = claimed[1]
+    refused = DeliveryOutcome(delivered=False, permanent=False, answer="connection refused")
+    runs.attempted(job_id, delivery_id, refused, max_attempts=3, backoff_s=lambda attempts: 60.0 * attempts)
+    runs.delivery_settled(job_id)
+    assert due() == {} and due(after_s=61) == {job_id: 1}  # the retry is due after its backoff
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.SEGMENTED
+        assert "attempt 1: connection refused; next attempt in 60 s" in job.events[-1].message

@@ -118,3 +118,29 @@ def test_node_killed_while_a_study_arrives_loses_nothing_acknowledged(
     engine.dispose()
     assert seg_count(orthanc) == 1
     time.sleep(0.1)
+
+
+def test_a_worker_killed_while_a_delivery_retry_waits_loses_nothing(
+    segnode_factory: Callable[..., SegnodeProcesses],
+    orthanc_factory: Callable[..., peers.Orthanc],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    # Redis, as in production: an unacknowledged message comes back only after stale_job_s.
+    pacs_port = peers.free_port()  # nobody listens yet: the PACS is down
+    node = segnode_factory(worker={"broker_url": redis_url}, **rule_to(pacs_port))
+    node.serve(workers=False)
+    first = node.worker()
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=16)
+    assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
+
+    def attempted(jobs: list[Job]) -> bool:
+        return bool(jobs) and "attempt 1" in node.cli("jobs", "show", str(jobs[0].id)).stdout
+
+    node.wait_for_jobs(attempted, timeout=120, what="a failed delivery attempt")
+    node.kill(first)  # its retry was never in the broker: the database says when it is due
+    orthanc = orthanc_factory(config={"DicomPort": pacs_port})
+    node.worker("second-worker", celery_name="elsewhere@gpu-2")
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=120)
+    assert seg_count(orthanc) == 1
+    assert "answered 0x0000" in node.cli("jobs", "show", str(job.id)).stdout

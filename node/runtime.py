@@ -9,7 +9,7 @@ from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from node.jobs.scheduler import Scheduler
-from node.receive.listener import start_scp
+from node.receive.listener import start_scp, stop_listening
 from node.receive.processes import ListenerProcesses, node_slots
 from node.receive.storage import Storage
 
@@ -42,9 +42,9 @@ class Node:
         try:
             self.scheduler.run(stop)
         finally:
-            server.shutdown()
+            stop_listening(server, self.settings.scp.shutdown_grace_s)
             if others is not None:
-                others.stop()
+                others.stop(timeout_s=self.settings.scp.shutdown_grace_s + 30)
             self.storage.close()
             self.engine.dispose()
             log.info("node stopped")

@@ -34,6 +34,8 @@ class ScpSettings(BaseModel):
     max_associations: int = Field(10, ge=1)
     # Listener processes on the one port (SO_REUSEPORT): more cores for many senders at once.
     processes: int = Field(1, ge=1)
+    # On a stop, open associations may go on for this long before they are aborted.
+    shutdown_grace_s: float = Field(10.0, ge=0)
     max_pdu_size: int = Field(131072, ge=0)
     # The longest the node waits on a peer: for its association request, the next PDU, the rest of
     # one, a TLS handshake.

@@ -12,6 +12,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from typing import Any
 
 from pydicom import Dataset
@@ -33,6 +34,11 @@ from node.receive.spool_files import StagedFile, StorageFullError
 from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
 
 log = logging.getLogger(__name__)
+
+# How often a stopping listener looks whether its associations ended, and how long it waits for
+# the aborted ones to go.
+STOP_POLL_S = 0.05
+ABORT_WAIT_S = 5.0
 
 # Every transfer syntax the node accepts and can decode; stored as received, never transcoded.
 ACCEPTED_TRANSFER_SYNTAXES = [
@@ -273,6 +279,26 @@ class NodeServer(ThreadedAssociationServer):
         AE's list, which only ``AE.start_server`` fills."""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def stop_listening(server: ThreadedAssociationServer, grace_s: float) -> None:
+    """Stop as a sender would want: new associations refused at once, open ones go on for up to
+    ``grace_s`` (a study half sent may finish), then those left are aborted (A-ABORT). Only after
+    this may the storage close: no instance is answered "not stored" because the node stops."""
+    server.shutdown()  # accepts nothing more; the listening socket is closed
+    deadline = time.monotonic() + grace_s
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(STOP_POLL_S)
+    left = server.active_associations
+    for assoc in left:
+        assoc.abort()
+    deadline = time.monotonic() + ABORT_WAIT_S
+    while any(assoc.is_alive() for assoc in left) and time.monotonic() < deadline:
+        time.sleep(STOP_POLL_S)
+    if left:
+        log.warning("listener stopped: %d association(s) still open after %g s aborted", len(left), grace_s)
+    else:
+        log.info("listener stopped; every association had ended")
 
 
 def _ssl_context(settings: ScpSettings) -> ssl.SSLContext | None:

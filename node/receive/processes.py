@@ -14,7 +14,7 @@ from typing import Any
 from node.core.config import Settings
 from node.core.logs import configure_logging
 from node.db.engine import make_engine
-from node.receive.listener import start_scp
+from node.receive.listener import start_scp, stop_listening
 from node.receive.slots import Semaphore
 from node.receive.storage import Storage
 
@@ -50,7 +50,7 @@ def _listen(values: dict[str, Any], slots: Semaphore, number: int, parent: int) 
         while not stop.wait(PARENT_CHECK_S) and os.getppid() == parent:
             pass
     finally:
-        server.shutdown()
+        stop_listening(server, settings.scp.shutdown_grace_s)
         storage.close()
         engine.dispose()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,33 @@ def test_a_worker_killed_while_a_delivery_retry_waits_loses_nothing(
     (job,) = node.wait_for_state(JobState.DELIVERED, timeout=120)
     assert seg_count(orthanc) == 1
     assert "answered 0x0000" in node.cli("jobs", "show", str(job.id)).stdout
+
+
+def test_sigterm_mid_series_lets_the_sender_finish_and_stores_every_instance(
+    segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
+) -> None:
+    node = segnode_factory(scp={"shutdown_grace_s": 120})
+    serve = node.serve(workers=False)
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=400, rows=64, cols=64)
+
+    def stored() -> int:
+        engine = db.make_engine(node.database_url)
+        with db.make_sessionmaker(engine)() as session:
+            count = session.scalar(select(func.count(Instance.id))) or 0
+        engine.dispose()
+        return count
+
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(peers.storescu, paths, node.port, aet="SEGNODE")
+        deadline = time.monotonic() + 60
+        while stored() < 10 and not sending.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not sending.done()  # mid-series
+        serve.send_signal(signal.SIGTERM)  # the stop waits for this association
+        result = sending.result(timeout=300)
+    assert serve.wait(timeout=120) == 0
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stored() == 400
+    log = node.log("serve")
+    assert "listener stopped; every association had ended" in log and "node stopped" in log
+    assert "Traceback" not in log and "could not be stored" not in log

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from node.db import engine as db
 from node.db.models import Instance, Series
 from node.receive.fastpath import reactor_pace
 from node.receive.fastpath.path import FastPath
-from node.receive.listener import StoreStatus, start_scp
+from node.receive.listener import StoreStatus, start_scp, stop_listening
 from node.receive.paths import ReceivePath, choose_path
 from node.receive.storage import Storage
 from tests import dicom_factory as factory
@@ -578,3 +580,41 @@ def test_a_database_outage_is_logged_when_it_starts_and_when_it_ends(
     assert len(started) == 1 and "not currently accepting connections" in started[0].getMessage()
     assert len(ended) == 1 and "10 failure(s) meanwhile" in ended[0]
     assert [r for r in lines if r.exc_info] == []  # a database outage is understood: no traceback
+
+
+def test_a_stop_lets_an_open_association_finish_and_refuses_new_ones(
+    scp_factory: Callable[..., RunningScp], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="node.receive.listener")
+    scp = scp_factory(min_free_bytes=0)
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=6, rows=32, cols=32)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    sending = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert sending.is_established
+    assert sending.send_c_store(dcmread(paths[0])).Status == StoreStatus.SUCCESS
+    stopping = threading.Thread(target=stop_listening, args=(scp.server, 60.0))
+    stopping.start()
+    assert _eventually(lambda: not peers.port_open(scp.port))  # a new sender is refused at once
+    statuses = [int(sending.send_c_store(dcmread(p)).Status) for p in paths[1:]]
+    sending.release()
+    stopping.join(timeout=30)  # the association ended: the stop does not wait out the grace period
+    assert not stopping.is_alive()
+    assert statuses == [StoreStatus.SUCCESS] * 5
+    assert scp.instance_count() == 6
+    assert "listener stopped; every association had ended" in caplog.text
+
+
+def test_a_stop_aborts_what_is_still_open_after_the_grace_period(
+    scp_factory: Callable[..., RunningScp], caplog: pytest.LogCaptureFixture
+) -> None:
+    scp = scp_factory(min_free_bytes=0)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    idle = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert idle.is_established
+    stop_listening(scp.server, 0.5)
+    assert _eventually(lambda: idle.is_aborted)
+    assert not scp.server.active_associations
+    assert "1 association(s) still open after 0.5 s aborted" in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("node") and r.exc_info]

@@ -1,0 +1,133 @@
+"""Fuzzed input against a running listener (tests/fuzz.py): a few thousand mutated sessions of
+real senders on each receive path; the node must not crash, leak a thread or descriptor, write a
+file outside its storage, or keep a damaged instance, and must still answer C-ECHO.
+
+benchmarks/fuzz.py runs the same with more cases."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import select
+
+from node.core.config import ScpSettings
+from node.core.dicom import CT_IMAGE, VERIFICATION
+from node.core.logs import is_protocol_race
+from node.db import engine as db
+from node.db.models import Instance
+from node.receive.listener import start_scp
+from node.receive.storage import Storage
+from tests import dicom_factory as factory
+from tests import fuzz, peers
+
+# Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
+pytestmark = pytest.mark.slow
+
+CASES = 1500  # each receive path; benchmarks/fuzz.py runs more
+SEED = 20261206
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[str]:
+    """``count`` fuzzed sessions against a fresh listener; asserts every invariant; returns how
+    many cases of each kind ran."""
+    url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    root = tmp_path / "store"
+    settings = ScpSettings(
+        port=peers.free_port(),
+        min_free_bytes=0,
+        fast_path=fast_path,
+        network_timeout_s=0.5,
+        max_associations=64,
+    )
+    storage = Storage(root, engine, 0)
+    server = start_scp(settings, storage)
+    slices = factory.make_ct_series(tmp_path / "ct", n_slices=2, rows=16, cols=16)
+    implicit = factory.make_ct_series(
+        tmp_path / "ct-implicit", n_slices=1, rows=16, cols=16, transfer_syntax=ImplicitVRLittleEndian
+    )
+
+    def store_session(port: int, paths: list[Path], syntax: str) -> None:
+        ae = AE(ae_title="FUZZSEED")
+        ae.add_requested_context(CT_IMAGE, [syntax])
+        ae.add_requested_context(VERIFICATION)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        for path in paths:
+            assert assoc.send_c_store(dcmread(path)).Status == 0
+        assoc.release()
+
+    try:
+        streams = [
+            fuzz.record(settings.port, lambda p: store_session(p, slices, ExplicitVRLittleEndian)),
+            fuzz.record(settings.port, lambda p: store_session(p, implicit, ImplicitVRLittleEndian)),
+        ]
+        assert all(len(fuzz.pdus(s)) >= 5 for s in streams)  # association, echo, stores, release
+        assert _eventually(lambda: not server.active_associations)
+        threads, descriptors = threading.active_count(), _descriptors()
+        kinds: Counter[str] = Counter()
+        died: list[threading.ExceptHookArgs] = []
+        hook, threading.excepthook = threading.excepthook, died.append
+        try:
+            for kind, data in fuzz.cases(streams, seed=seed, count=count):
+                fuzz.deliver(settings.port, data)
+                kinds[kind] += 1
+            assert _eventually(lambda: not server.active_associations), "associations left open"
+        finally:
+            threading.excepthook = hook
+        # Only pynetdicom's own race may end a thread (the node logs it as one line).
+        unexpected = [a for a in died if not is_protocol_race(a.exc_type, a.exc_value)]
+        assert unexpected == [], [
+            f"{a.thread.name if a.thread else '?'}: {a.exc_value!r}" for a in unexpected
+        ]
+        assert _eventually(lambda: threading.active_count() <= threads + 2), "threads left running"
+        assert _eventually(lambda: _descriptors() <= descriptors + 5), "descriptors left open"
+        store_session(settings.port, [], ExplicitVRLittleEndian)  # C-ECHO still answers
+    finally:
+        server.shutdown()
+        storage.close()
+    expected = {root, root / ".incoming", tmp_path / "ct", tmp_path / "ct-implicit"}
+    with db.make_sessionmaker(engine)() as session:
+        rows = session.scalars(select(Instance)).all()
+    engine.dispose()
+    assert rows, "the seeds' instances were stored"
+    for row in rows:  # every instance acknowledged is whole and is what its row says
+        stored = dcmread(root / row.path)
+        assert stored.SOPInstanceUID == row.sop_instance_uid
+        assert stored.pixel_array.shape == (16, 16)
+    files = {p for p in tmp_path.rglob("*") if p.is_file()}
+    outside = {p for p in files if not any(parent in expected for parent in p.parents)}
+    assert {p.name for p in outside} <= {"segnode.sqlite", "segnode.sqlite-wal", "segnode.sqlite-shm"}
+    assert not list((root / ".incoming").iterdir()), "temporary files left behind"
+    assert len(list(root.rglob("*.dcm"))) == len(rows)
+    return kinds
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["plain", "fast-path"])
+def test_fuzzed_sessions_break_nothing(tmp_path: Path, fast_path: bool) -> None:
+    kinds = run_fuzz(tmp_path, fast_path, CASES, SEED)
+    assert sum(kinds.values()) == CASES and len(kinds) == len(fuzz.MUTATIONS)

@@ -22,6 +22,7 @@ from tests import peers
 
 SEGNODE = [sys.executable, "-m", "node.cli"]
 STOPPED = {JobState.DELIVERED, JobState.FAILED, JobState.REJECTED}
+PORT_ATTEMPTS = 3
 
 
 class SegnodeProcesses:
@@ -80,6 +81,18 @@ class SegnodeProcesses:
         if upgrade:
             result = self.cli("db", "upgrade")
             assert result.returncode == 0, result.stderr
+        for _ in range(PORT_ATTEMPTS):
+            proc = self._start_serving(workers)
+            if proc is not None:
+                return proc
+            # Its port was taken between free_port() and its bind (another test run): another one.
+            self.port = peers.free_port()
+            self.values["scp"]["port"] = self.port
+            self.config_path.write_text(yaml.safe_dump(self.values))
+        raise RuntimeError(f"segnode serve found no free port in {PORT_ATTEMPTS} tries:\n{self.log('serve')}")
+
+    def _start_serving(self, workers: bool) -> subprocess.Popen[bytes] | None:
+        """``segnode serve`` once it listens; None when its port was taken meanwhile."""
         log_path = self.workdir / "serve.log"
         start = log_path.stat().st_size if log_path.exists() else 0
         proc = self._spawn("serve", ["serve"] if workers else ["serve", "--no-workers"])
@@ -88,6 +101,8 @@ class SegnodeProcesses:
         deadline = time.monotonic() + 60
         while b"DICOM listener" not in log_path.read_bytes()[start:]:
             if proc.poll() is not None:
+                if b"Address already in use" in log_path.read_bytes()[start:]:
+                    return None
                 raise RuntimeError(f"segnode serve exited {proc.returncode}:\n{self.log('serve')}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"segnode serve did not listen:\n{self.log('serve')}")

@@ -27,7 +27,8 @@ class ScpSettings(BaseModel):
 
     ae_title: AETitle = "SEGNODE"
     host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
+    # 0: any free port, which the start-up log names (for tests; a PACS needs a fixed one).
+    port: int = Field(11112, ge=0, le=65535)
     # Calling AE titles allowed to associate; empty means any caller is accepted.
     allowed_calling_aes: list[AETitle] = Field(default_factory=list)
     # For the node as a whole, over all its listener processes.
@@ -47,6 +48,12 @@ class ScpSettings(BaseModel):
     # Receive through node/receive/fastpath (pynetdicom internals; it runs only on a pynetdicom it
     # was tested with, else the plain path does); off: pynetdicom's public API alone.
     fast_path: bool = True
+
+    @model_validator(mode="after")
+    def _shared_port_is_fixed(self) -> ScpSettings:
+        if self.processes > 1 and self.port == 0:
+            raise ValueError("scp.processes > 1 needs a fixed scp.port: each process would pick its own")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ScpSettings:

@@ -345,11 +345,6 @@ def start_scp(
     )
     thread = threading.Thread(target=server.serve_forever, name="segnode-listener", daemon=True)
     thread.start()
-    log.info(
-        "DICOM listener %s on %s:%d, receiving with %s",
-        settings.ae_title,
-        settings.host,
-        settings.port,
-        path.name,
-    )
+    host, port = server.server_address[:2]
+    log.info("DICOM listener %s on %s:%d, receiving with %s", settings.ae_title, host, port, path.name)
     return server

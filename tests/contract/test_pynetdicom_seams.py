@@ -32,7 +32,6 @@ from node.receive.listener import start_scp
 from node.receive.paths import Handler
 from node.receive.storage import Storage
 from tests import dicom_factory as factory
-from tests import peers
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -69,7 +68,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
     db.upgrade(url)
     engine = db.make_engine(url)
-    result = Served(peers.free_port())
+    result = Served(0)
     calls = result.calls
     # Each of the fast path's own functions that a seam leads to, counted where pynetdicom calls it.
     monkeypatch.setattr(spooling, "data_fragments", _counting(calls, "diverted", spooling.data_fragments))
@@ -84,9 +83,10 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     wakeups = reactor_pace.Wakeups
     monkeypatch.setattr(wakeups, "reactor_wait", _counting(calls, "reactor woken", wakeups.reactor_wait))
     monkeypatch.setattr(wakeups, "dul_wait", _counting(calls, "dul woken", wakeups.dul_wait))
-    settings = ScpSettings(port=result.port, min_free_bytes=0, fast_path=True)
+    settings = ScpSettings(port=0, min_free_bytes=0, fast_path=True)
     storage = Storage(tmp_path / "store", engine, 0)
     server = start_scp(settings, storage, _RecordingFastPath(storage, result))
+    result.port = server.server_address[1]
     try:
         yield result
     finally:

@@ -41,11 +41,11 @@ def silent_pacs() -> Iterator[tuple[int, threading.Event]]:
         release.wait(60)
         return 0x0000
 
-    port = peers.free_port()
     server: ThreadedAssociationServer | None = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, hold)]
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, hold)]
     )
     assert server is not None
+    port = server.server_address[1]
     yield port, release
     release.set()
     server.shutdown()
@@ -72,9 +72,9 @@ def test_a_permanent_rejection_is_refused_at_once_a_transient_one_retried(
     busy.add_supported_context(VERIFICATION)
     busy.add_supported_context(CTImageStorage)
     busy.maximum_associations = 1
-    port = peers.free_port()
-    server = busy.start_server(("127.0.0.1", port), block=False)
+    server = busy.start_server(("127.0.0.1", 0), block=False)
     assert server is not None
+    port = server.server_address[1]
     holder = AE(ae_title="HOLDER")
     holder.add_requested_context(VERIFICATION)
     held = holder.associate("127.0.0.1", port, ae_title="BUSY")
@@ -106,3 +106,22 @@ def test_a_job_to_a_pacs_that_will_never_take_it_fails_after_one_attempt(
     (job,) = node.wait_for_state(JobState.FAILED, timeout=120)
     assert "rejected the association permanently: called AE title not recognised" in job.reason
     assert "after 1 attempt(s)" in job.reason
+
+
+def test_a_job_whose_delivery_attempts_run_out_fails_with_every_attempt_recorded(
+    segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
+) -> None:
+    down = peers.free_port()  # nothing listens there: every attempt is refused
+    node = segnode_factory(
+        worker={"delivery_max_attempts": 2},
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": down}},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
+    )
+    node.serve()
+    paths = factory.make_ct_series(tmp_path / "series", n_slices=8)
+    assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
+    (job,) = node.wait_for_state(JobState.FAILED, timeout=120)
+    assert "did not accept the SEG after 2 attempt(s)" in job.reason
+    assert "connection refused or timed out" in job.reason and "retry the job" in job.reason
+    shown = node.cli("jobs", "show", str(job.id)).stdout
+    assert "attempt 1: " in shown and "next attempt in" in shown and "attempt 2: " in shown

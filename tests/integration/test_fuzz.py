@@ -27,7 +27,7 @@ from node.db.models import Instance
 from node.receive.listener import start_scp
 from node.receive.storage import Storage
 from tests import dicom_factory as factory
-from tests import fuzz, peers
+from tests import fuzz
 
 # Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
     engine = db.make_engine(url)
     root = tmp_path / "store"
     settings = ScpSettings(
-        port=peers.free_port(),
+        port=0,
         min_free_bytes=0,
         fast_path=fast_path,
         network_timeout_s=0.5,
@@ -65,6 +65,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
     )
     storage = Storage(root, engine, 0)
     server = start_scp(settings, storage)
+    port = server.server_address[1]
     slices = factory.make_ct_series(tmp_path / "ct", n_slices=2, rows=16, cols=16)
     implicit = factory.make_ct_series(
         tmp_path / "ct-implicit", n_slices=1, rows=16, cols=16, transfer_syntax=ImplicitVRLittleEndian
@@ -83,8 +84,8 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
 
     try:
         streams = [
-            fuzz.record(settings.port, lambda p: store_session(p, slices, ExplicitVRLittleEndian)),
-            fuzz.record(settings.port, lambda p: store_session(p, implicit, ImplicitVRLittleEndian)),
+            fuzz.record(port, lambda p: store_session(p, slices, ExplicitVRLittleEndian)),
+            fuzz.record(port, lambda p: store_session(p, implicit, ImplicitVRLittleEndian)),
         ]
         assert all(len(fuzz.pdus(s)) >= 5 for s in streams)  # association, echo, stores, release
         assert _eventually(lambda: not server.active_associations)
@@ -94,7 +95,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
         hook, threading.excepthook = threading.excepthook, died.append
         try:
             for kind, data in fuzz.cases(streams, seed=seed, count=count):
-                fuzz.deliver(settings.port, data)
+                fuzz.deliver(port, data)
                 kinds[kind] += 1
             assert _eventually(lambda: not server.active_associations), "associations left open"
         finally:
@@ -106,7 +107,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
         ]
         assert _eventually(lambda: threading.active_count() <= threads + 2), "threads left running"
         assert _eventually(lambda: _descriptors() <= descriptors + 5), "descriptors left open"
-        store_session(settings.port, [], ExplicitVRLittleEndian)  # C-ECHO still answers
+        store_session(port, [], ExplicitVRLittleEndian)  # C-ECHO still answers
     finally:
         server.shutdown()
         storage.close()

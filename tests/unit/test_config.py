@@ -50,7 +50,8 @@ def test_rule_naming_an_unknown_destination_is_refused(tmp_path: Path) -> None:
     "bad",
     [
         {"scp": {"ae_title": "THIS-AE-TITLE-IS-TOO-LONG"}},
-        {"scp": {"port": 0}},
+        {"scp": {"port": 65536}},
+        {"scp": {"port": 0, "processes": 2}},  # each process would pick a port of its own
         {"quiet_period_s": 0},
         {"rules": [{"name": "r", "series_description_pattern": "("}]},
         {"unknown_key": 1},

@@ -1,35 +1,12 @@
 """A synthetic thoracic CT: a demo phantom, not a patient, made in code from a seed.
 
-It serves the tests (known labels to score segmenters against), the demo (a series to send to the
-node with no patient data anywhere) and the training of a small demo model. It is a phantom: the
-anatomy is ellipses, ellipsoids and tubes with plausible sizes, positions and CT numbers, not a
-model of any person, and nothing made from it is fit for clinical use.
-
-Geometry. Arrays are indexed (slice, row, column) as ``segmenters.base.Volume`` expects, for a
-head-first supine axial scan as displayed by convention: slices run foot to head, rows anterior
-to posterior, columns from the patient's right to the patient's left (the right lung is on the
-image's left, at the lower column indices). The anatomy is laid out in millimetres around the
-centre of the scan, so sizes in ml hold for any grid; the thorax, lung apex to the posterior
-costophrenic recesses, is about 260 mm long and fills a scan of about 300 mm (shorter scans cut
-it, longer ones add neck and upper abdomen).
-
-Anatomy: air (-1000 HU) around a torso with a fat rim (about -100) and muscle (about 40); two
-lungs (about -850, denser posteriorly) with vessel trees (+40) branching from each hilum; a heart
-anterior-left in the lower thorax with a brighter blood pool; the trachea, bifurcating into the
-main and lobar bronchi; the oesophagus (sometimes with a small air bubble) behind the trachea
-and heart, slightly left of the mid-line; the aorta; a vertebral column (bone about 700 around
-the spinal canal, cancellous bone, discs) with the spinal cord (about 30) in the canal; ribs;
-the sternum; liver and stomach (with gas) below the diaphragm; and a CT couch below the patient.
-Sizes and positions vary with the seed (``variation`` scales that); Gaussian noise and a mild
-in-plane smoothing make the noise grainy and the edges soft, as in reconstructed CT.
-
-Labels (uint8, one per voxel, ``THORAX_STRUCTURES``): 1 body (what is left of the body outline),
-2 right lung, 3 left lung, 4 heart, 5 oesophagus, 6 spinal cord, 7 trachea and bronchi (lumen).
-The lungs hold their vessels and exclude the hilum, the mediastinum and the airway lumen, as
-radiotherapy contours do.
-
-Writers: NIfTI-1 (written with the standard library and numpy: no nibabel) and a DICOM CT Image
-Storage series (pydicom), both marked as synthetic.
+It serves the tests (known labels to score segmenters against), the demo (a series with no patient
+data anywhere) and the training of a small demo model; nothing made from it is fit for clinical use.
+Arrays are indexed (slice, row, column) for a head-first supine axial scan (slices foot to head,
+rows anterior to posterior, columns patient right to left); the anatomy (torso, lungs with vessels,
+heart, airways, oesophagus, aorta, spine and cord, ribs, sternum, upper abdomen, a couch) is laid
+out in millimetres with plausible CT numbers and varies with the seed. Labels follow
+``THORAX_STRUCTURES`` as radiotherapy contours do; volume_files.py writes phantoms as NIfTI or DICOM.
 """
 
 from __future__ import annotations

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,21 +26,13 @@ from node.receive.listener import start_scp
 from node.receive.storage import Storage
 from tests import dicom_factory as factory
 from tests import fuzz
+from tests.waiting import eventually
 
 # Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
 pytestmark = pytest.mark.slow
 
 CASES = 1500  # each receive path; benchmarks/fuzz.py runs more
 SEED = 20261206
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def _descriptors() -> int:
@@ -88,7 +78,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
             fuzz.record(port, lambda p: store_session(p, implicit, ImplicitVRLittleEndian)),
         ]
         assert all(len(fuzz.pdus(s)) >= 5 for s in streams)  # association, echo, stores, release
-        assert _eventually(lambda: not server.active_associations)
+        assert eventually(lambda: not server.active_associations, timeout=30)
         threads, descriptors = threading.active_count(), _descriptors()
         kinds: Counter[str] = Counter()
         died: list[threading.ExceptHookArgs] = []
@@ -97,7 +87,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
             for kind, data in fuzz.cases(streams, seed=seed, count=count):
                 fuzz.deliver(port, data)
                 kinds[kind] += 1
-            assert _eventually(lambda: not server.active_associations), "associations left open"
+            assert eventually(lambda: not server.active_associations, timeout=30), "associations left open"
         finally:
             threading.excepthook = hook
         # Only pynetdicom's own race may end a thread (the node logs it as one line).
@@ -105,8 +95,8 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
         assert unexpected == [], [
             f"{a.thread.name if a.thread else '?'}: {a.exc_value!r}" for a in unexpected
         ]
-        assert _eventually(lambda: threading.active_count() <= threads + 2), "threads left running"
-        assert _eventually(lambda: _descriptors() <= descriptors + 5), "descriptors left open"
+        assert eventually(lambda: threading.active_count() <= threads + 2, timeout=30), "threads left running"
+        assert eventually(lambda: _descriptors() <= descriptors + 5, timeout=30), "descriptors left open"
         store_session(port, [], ExplicitVRLittleEndian)  # C-ECHO still answers
     finally:
         server.shutdown()

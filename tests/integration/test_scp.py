@@ -46,6 +46,7 @@ from node.receive.storage import Storage
 from tests import dicom_factory as factory
 from tests import peers
 from tests.shared_data import ABDOMEN_J2K, real_j2k_copy
+from tests.waiting import eventually
 
 # Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
 pytestmark = pytest.mark.slow
@@ -398,7 +399,7 @@ def test_listener_threads_are_woken_by_what_they_wait_for(
         assoc.release()
         assert assoc.is_released
     assert time.monotonic() - started < 30  # not one of the eight steps waited out its 60 s bound
-    assert _eventually(lambda: not scp.server.active_associations)
+    assert eventually(lambda: not scp.server.active_associations)
 
 
 def test_ended_associations_leave_no_descriptor_open(scp: RunningScp) -> None:
@@ -414,7 +415,7 @@ def test_ended_associations_leave_no_descriptor_open(scp: RunningScp) -> None:
         assoc.release()
 
     def open_descriptors() -> int:
-        assert _eventually(lambda: not scp.server.active_associations)
+        assert eventually(lambda: not scp.server.active_associations)
         return len(os.listdir("/proc/self/fd"))
 
     gc.disable()
@@ -437,13 +438,13 @@ def test_an_association_aborted_by_the_node_ends_at_once(
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     assert assoc.is_established
-    assert _eventually(lambda: len(scp.server.active_associations) == 1)
+    assert eventually(lambda: len(scp.server.active_associations) == 1)
     (served,) = scp.server.active_associations
     started = time.monotonic()
     served.abort()  # as the listener does to each association when it shuts down
-    assert _eventually(lambda: not served.is_alive(), timeout=10)
+    assert eventually(lambda: not served.is_alive(), timeout=10)
     assert time.monotonic() - started < 30
-    assert _eventually(lambda: assoc.is_aborted)
+    assert eventually(lambda: assoc.is_aborted)
 
 
 def test_an_association_whose_receiving_thread_died_ends_and_others_go_on(
@@ -455,10 +456,10 @@ def test_an_association_whose_receiving_thread_died_ends_and_others_go_on(
     ae.add_requested_context(CT, [ExplicitVRLittleEndian])
     first = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     assert first.is_established
-    assert _eventually(lambda: len(scp.server.active_associations) == 1)
+    assert eventually(lambda: len(scp.server.active_associations) == 1)
     (served,) = scp.server.active_associations
     served.dul.kill_dul()  # its receiving thread stops without closing anything
-    assert _eventually(lambda: not served.is_alive())
+    assert eventually(lambda: not served.is_alive())
     second = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     try:
         assert second.is_established
@@ -467,15 +468,6 @@ def test_an_association_whose_receiving_thread_died_ends_and_others_go_on(
     finally:
         second.release()
         first.abort()
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
 
 
 @pytest.mark.parametrize("fast_path", [True], ids=["fast-path"])
@@ -510,10 +502,10 @@ def test_instance_is_written_while_it_arrives_and_removed_when_its_sender_aborts
         return sum(p.stat().st_size for p in incoming.glob("*.part"))
 
     # Everything that arrived is already in a temporary file; nothing is recorded or in place.
-    assert _eventually(lambda: spooled_bytes() >= 400_000), spooled_bytes()
+    assert eventually(lambda: spooled_bytes() >= 400_000), spooled_bytes()
     assert scp.instance_count() == 0
     assoc.abort()
-    assert _eventually(lambda: not list(incoming.glob("*.part")))
+    assert eventually(lambda: not list(incoming.glob("*.part")))
     assert scp.instance_count() == 0
     assert not list(scp.root.rglob("*.dcm"))
 
@@ -535,7 +527,7 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_and_frees_its_slot(
     scp = scp_factory(min_free_bytes=0, max_associations=1, network_timeout_s=1.0)
     # Inside the first PDU (the association request), before any association exists.
     assert _stall_inside_a_pdu(scp.port, pdu_type=0x01, sent=10, announced=1000) < 20
-    assert _eventually(lambda: not scp.server.active_associations, timeout=20)
+    assert eventually(lambda: not scp.server.active_associations, timeout=20)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CT, [ExplicitVRLittleEndian])
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -544,8 +536,8 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_and_frees_its_slot(
     assert stalled.is_established
     assert stalled.dul.socket is not None and stalled.dul.socket.socket is not None
     stalled.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 100_000) + b"\0" * 1000)
-    assert _eventually(lambda: not scp.server.active_associations, timeout=20)
-    assert _eventually(lambda: not stalled.is_alive(), timeout=20)
+    assert eventually(lambda: not scp.server.active_associations, timeout=20)
+    assert eventually(lambda: not stalled.is_alive(), timeout=20)
     after = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")  # the one slot is free again
     try:
         assert after.is_established
@@ -595,7 +587,7 @@ def test_a_stop_lets_an_open_association_finish_and_refuses_new_ones(
     assert sending.send_c_store(dcmread(paths[0])).Status == StoreStatus.SUCCESS
     stopping = threading.Thread(target=stop_listening, args=(scp.server, 60.0))
     stopping.start()
-    assert _eventually(lambda: not peers.port_open(scp.port))  # a new sender is refused at once
+    assert eventually(lambda: not peers.port_open(scp.port))  # a new sender is refused at once
     statuses = [int(sending.send_c_store(dcmread(p)).Status) for p in paths[1:]]
     sending.release()
     stopping.join(timeout=30)  # the association ended: the stop does not wait out the grace period
@@ -614,7 +606,7 @@ def test_a_stop_aborts_what_is_still_open_after_the_grace_period(
     idle = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     assert idle.is_established
     stop_listening(scp.server, 0.5)
-    assert _eventually(lambda: idle.is_aborted)
+    assert eventually(lambda: idle.is_aborted)
     assert not scp.server.active_associations
     assert "1 association(s) still open after 0.5 s aborted" in caplog.text
     assert not [r for r in caplog.records if r.name.startswith("node") and r.exc_info]

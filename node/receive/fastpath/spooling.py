@@ -1,16 +1,12 @@
 """C-STORE data sets written to the storage while they arrive, not after.
 
-pynetdicom collects a data set in memory and hands it to the handler when its last fragment has
-arrived; only then could the node write the file, wait for the disk, and answer. Here every
-association's DIMSE provider moves each C-STORE's data set into a :class:`SpoolingStream` as soon
-as its command set is decoded: the fragments go to a temporary file in the storage (the middle ones
-straight from the association's PDU reader, pdu_reads.py), and the receiving thread fsyncs it
-as soon as the last one is in. When the handler runs, the file is already written and on its way
-to the disk; it reads the header back from that file (:func:`received_data_set`) meanwhile.
-
-A data set that arrives whole in the same P-DATA as its command (a small instance) is not spooled;
-the plain path writes it (node/receive/paths.py). Spools of an association that ends mid-instance,
-or of a request pynetdicom answers without calling the handler, are removed when it closes.
+pynetdicom hands a data set to the handler when its last fragment has arrived; only then could the
+node write the file and wait for the disk. Here each C-STORE's data set goes into a
+:class:`SpoolingStream` as soon as its command set is decoded: the fragments go to a temporary file
+(the middle ones straight from the PDU reader, pdu_reads.py) and the receiving thread fsyncs it as
+the last one arrives, while the handler reads the header back (:func:`received_data_set`). A data
+set that arrives whole with its command is left to the plain path; spools of an association that
+ends mid-instance are removed when it closes.
 """
 
 from __future__ import annotations

@@ -132,7 +132,10 @@ def config_check(ctx: click.Context) -> None:
     scp = settings.scp
     click.echo(f"DICOM listener: AE {scp.ae_title} on {scp.host}:{scp.port}")
     allowed = ", ".join(scp.allowed_calling_aes) or "any calling AE"
-    click.echo(f"  accepts associations from: {allowed}; at most {scp.max_associations} at once")
+    click.echo(
+        f"  accepts associations from: {allowed}; at most {scp.max_associations} at once, "
+        f"{scp.caller_limit} from one calling AE"
+    )
     if scp.processes > 1:
         click.echo(f"  {scp.processes} listener processes share the port and the association limit")
     click.echo(f"  TLS: {'on' if scp.tls_certificate else 'off'}")

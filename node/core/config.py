@@ -33,6 +33,8 @@ class ScpSettings(BaseModel):
     allowed_calling_aes: list[AETitle] = Field(default_factory=list)
     # For the node as a whole, over all its listener processes.
     max_associations: int = Field(10, ge=1)
+    # How many of them one calling AE may hold (in each listener process); 0: half, rounded up.
+    max_associations_per_caller: int = Field(0, ge=0)
     # Listener processes on the one port (SO_REUSEPORT): more cores for many senders at once.
     processes: int = Field(1, ge=1)
     # On a stop, open associations may go on for this long before they are aborted.
@@ -48,6 +50,10 @@ class ScpSettings(BaseModel):
     # Receive through node/receive/fastpath (pynetdicom internals; it runs only on a pynetdicom it
     # was tested with, else the plain path does); off: pynetdicom's public API alone.
     fast_path: bool = True
+
+    @property
+    def caller_limit(self) -> int:
+        return self.max_associations_per_caller or -(-self.max_associations // 2)
 
     @model_validator(mode="after")
     def _shared_port_is_fixed(self) -> ScpSettings:

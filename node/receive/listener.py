@@ -324,19 +324,24 @@ def start_scp(
     """Start listening in background threads; call ``shutdown()`` on the result to stop.
 
     ``path`` is how instances are received, by default the one the settings choose; ``slots``
-    counts the associations of every listener process of the node (then the port is shared).
+    counts the associations of every listener process of the node (then the port is shared),
+    else this listener counts its own.
     """
     configure_pynetdicom()
     path = path or choose_path(settings, storage)
     ae = build_ae(settings)
+    limits = AssociationSlots(
+        slots or threading.BoundedSemaphore(settings.max_associations),
+        settings.max_associations,
+        settings.caller_limit,
+    )
     handlers: list[Any] = [
         (evt.EVT_C_STORE, StoreHandler(storage, path)),
+        (evt.EVT_REQUESTED, limits.requested),
+        (evt.EVT_CONN_CLOSE, limits.closed),
         (evt.EVT_REJECTED, _log_rejection),
         *path.handlers(),
     ]
-    if slots is not None:
-        limit = AssociationSlots(slots, settings.max_associations)
-        handlers += [(evt.EVT_REQUESTED, limit.requested), (evt.EVT_CONN_CLOSE, limit.closed)]
     server = ae.make_server(
         (settings.host, settings.port),
         evt_handlers=handlers,

@@ -1,14 +1,17 @@
-"""The node's association limit, for all its listener processes together.
+"""The node's association limits: for all its listener processes together, and for each calling AE.
 
-pynetdicom counts the associations of one process; with several listener processes on one port a
-shared semaphore counts them all. An association that finds no free slot is rejected from
-``EVT_REQUESTED`` as pynetdicom rejects over its own limit (transient, local limit exceeded).
+pynetdicom counts the associations of one process; a shared semaphore counts those of every
+listener process. One calling AE may hold only ``max_associations_per_caller`` of them (counted in
+each listener process), so that a sender that opens association after association, or stalls in
+each, cannot lock every modality out. An association over a limit is rejected from
+``EVT_REQUESTED`` as pynetdicom rejects over its own (transient, local limit exceeded).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from typing import Protocol
 
 from pynetdicom import evt
@@ -30,31 +33,47 @@ class Semaphore(Protocol):
 class AssociationSlots:
     """Bind :meth:`requested` to ``EVT_REQUESTED`` and :meth:`closed` to ``EVT_CONN_CLOSE``."""
 
-    def __init__(self, semaphore: Semaphore, limit: int) -> None:
+    def __init__(self, semaphore: Semaphore, limit: int, per_caller: int) -> None:
         self.semaphore = semaphore
         self.limit = limit
-        self._held: set[int] = set()
+        self.per_caller = per_caller
+        self._held: dict[int, str] = {}  # association -> its calling AE, for those holding a slot
+        self._callers: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def requested(self, event: evt.Event) -> None:
-        if self.semaphore.acquire(False):
-            with self._lock:
-                self._held.add(id(event.assoc))
-            return
         request = event.assoc.requestor.primitive
-        log.warning(
-            "association from %s rejected: the node's %d associations are all in use",
-            request.calling_ae_title if request is not None else "?",
-            self.limit,
-        )
+        caller = str(request.calling_ae_title).strip() if request is not None else "?"
+        with self._lock:
+            over = self._callers[caller] >= self.per_caller
+            if not over:
+                self._callers[caller] += 1  # taken before the node's slot: released if that fails
+        if over:
+            why = f"{caller} holds {self.per_caller} associations already, as many as one caller may"
+            self._reject(event, why)
+            return
+        if not self.semaphore.acquire(False):
+            with self._lock:
+                self._callers[caller] -= 1
+            self._reject(event, f"the node's {self.limit} associations are all in use")
+            return
+        with self._lock:
+            self._held[id(event.assoc)] = caller
+
+    def closed(self, event: evt.Event) -> None:
+        with self._lock:
+            caller = self._held.pop(id(event.assoc), None)
+            if caller is not None:
+                self._callers[caller] -= 1
+        if caller is not None:
+            self.semaphore.release()
+
+    @staticmethod
+    def _reject(event: evt.Event, why: str) -> None:
+        request = event.assoc.requestor.primitive
+        calling = request.calling_ae_title if request is not None else "?"
+        log.warning("association from %s at %s rejected: %s", calling, event.assoc.requestor.address, why)
         event.assoc.acse.send_reject(*LIMIT_REJECTION)
         # As pynetdicom does after its own rejections: wait until the rejection is sent, else its
         # reactor closes the connection before the peer reads the answer.
         event.assoc.kill()
-
-    def closed(self, event: evt.Event) -> None:
-        with self._lock:
-            held = id(event.assoc) in self._held
-            self._held.discard(id(event.assoc))
-        if held:
-            self.semaphore.release()

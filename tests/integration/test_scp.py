@@ -294,17 +294,45 @@ def test_full_disk_answers_out_of_resources(scp_factory: Callable[..., RunningSc
     assert not [p for p in scp.root.rglob("*") if p.is_file()]
 
 
-def test_association_limit(scp_factory: Callable[..., RunningScp]) -> None:
-    scp = scp_factory(min_free_bytes=0, max_associations=1)
-    ae = AE(ae_title="TESTSCU")
+def _echo_ae(title: str) -> AE:
+    ae = AE(ae_title=title)
     ae.add_requested_context("1.2.840.10008.1.1")
-    first = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
-    second = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    return ae
+
+
+def test_association_limit(scp_factory: Callable[..., RunningScp], caplog: pytest.LogCaptureFixture) -> None:
+    scp = scp_factory(min_free_bytes=0, max_associations=1)
+    first = _echo_ae("TESTSCU").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    second = _echo_ae("ANOTHER").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     try:
         assert first.is_established
         assert second.is_rejected
+        assert "rejected: the node's 1 associations are all in use" in caplog.text
     finally:
         first.release()
+
+
+def test_one_caller_cannot_take_every_slot(
+    scp_factory: Callable[..., RunningScp], caplog: pytest.LogCaptureFixture
+) -> None:
+    scp = scp_factory(min_free_bytes=0, max_associations=4, max_associations_per_caller=2)
+    hog = _echo_ae("HOG")
+    held = [hog.associate("127.0.0.1", scp.port, ae_title="SEGNODE") for _ in range(2)]
+    others = _echo_ae("MODALITY").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    try:
+        assert all(a.is_established for a in held)
+        third = hog.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+        assert third.is_rejected
+        rejection = third.acceptor.primitive
+        assert rejection is not None and (rejection.result, rejection.result_source) == (2, 3)
+        assert others.is_established and others.send_c_echo().Status == 0  # the others still get in
+        assert "HOG holds 2 associations already, as many as one caller may" in caplog.text
+    finally:
+        for assoc in [*held, others]:
+            assoc.release()
+    again = hog.associate("127.0.0.1", scp.port, ae_title="SEGNODE")  # its slots came back
+    assert again.is_established
+    again.release()
 
 
 @pytest.fixture

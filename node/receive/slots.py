@@ -37,11 +37,13 @@ class AssociationSlots:
         self.semaphore = semaphore
         self.limit = limit
         self.per_caller = per_caller
-        self._held: dict[int, str] = {}  # association -> its calling AE, for those holding a slot
+        # Associations holding a slot (their threads) and their calling AE.
+        self._held: dict[int, tuple[threading.Thread, str]] = {}
         self._callers: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def requested(self, event: evt.Event) -> None:
+        self._release_ended()
         request = event.assoc.requestor.primitive
         caller = str(request.calling_ae_title).strip() if request is not None else "?"
         with self._lock:
@@ -58,14 +60,25 @@ class AssociationSlots:
             self._reject(event, f"the node's {self.limit} associations are all in use")
             return
         with self._lock:
-            self._held[id(event.assoc)] = caller
+            self._held[id(event.assoc)] = (event.assoc, caller)
 
     def closed(self, event: evt.Event) -> None:
+        self._release({id(event.assoc)})
+
+    def _release_ended(self) -> None:
+        """pynetdicom raises no EVT_CONN_CLOSE for an association whose receiving thread died (its
+        state machine's InvalidEventError): the slot of every association that has ended goes back."""
         with self._lock:
-            caller = self._held.pop(id(event.assoc), None)
-            if caller is not None:
+            ended = {key for key, (thread, _) in self._held.items() if not thread.is_alive()}
+        if ended:
+            self._release(ended)
+
+    def _release(self, keys: set[int]) -> None:
+        with self._lock:
+            released = [self._held.pop(key) for key in keys if key in self._held]
+            for _, caller in released:
                 self._callers[caller] -= 1
-        if caller is not None:
+        for _ in released:
             self.semaphore.release()
 
     @staticmethod

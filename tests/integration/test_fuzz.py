@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
 from node.core.config import ScpSettings
@@ -32,11 +33,32 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.slow
 
 CASES = 1500  # each receive path; benchmarks/fuzz.py runs more
+# Room for the associations that fuzzed sessions leave waiting on their timeout (0.5 s).
+SLOTS = 128
 SEED = 20261206
 
 
 def _descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _every_slot_free(server: ThreadedAssociationServer, slots: int) -> bool:
+    """Whether the node, and each of two callers, can hold every association they may at once:
+    no slot was lost to a session that ended without pynetdicom saying so."""
+    # The fuzz's 0.5 s would abort handshakes slowed by the hundreds of threads this opens.
+    server.ae.network_timeout = server.ae.acse_timeout = 30
+    port = server.server_address[1]
+    held = []
+    try:
+        for caller in ("FUZZSEED", "ANOTHER"):
+            ae = AE(ae_title=caller)
+            ae.add_requested_context(VERIFICATION)
+            held += [ae.associate("127.0.0.1", port, ae_title="SEGNODE") for _ in range(slots // 2)]
+        return all(assoc.is_established for assoc in held)
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
 
 
 def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[str]:
@@ -51,7 +73,8 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
         min_free_bytes=0,
         fast_path=fast_path,
         network_timeout_s=0.5,
-        max_associations=64,
+        max_associations=SLOTS,
+        max_associations_per_caller=SLOTS // 2,
     )
     storage = Storage(root, engine, 0)
     server = start_scp(settings, storage)
@@ -98,6 +121,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
         assert eventually(lambda: threading.active_count() <= threads + 2, timeout=30), "threads left running"
         assert eventually(lambda: _descriptors() <= descriptors + 5, timeout=30), "descriptors left open"
         store_session(port, [], ExplicitVRLittleEndian)  # C-ECHO still answers
+        assert _every_slot_free(server, SLOTS)
     finally:
         server.shutdown()
         storage.close()

@@ -45,16 +45,20 @@ def _descriptors() -> int:
 def _every_slot_free(server: ThreadedAssociationServer, slots: int) -> bool:
     """Whether the node, and each of two callers, can hold every association they may at once:
     no slot was lost to a session that ended without pynetdicom saying so."""
-    # The fuzz's 0.5 s would abort handshakes slowed by the hundreds of threads this opens.
-    server.ae.network_timeout = server.ae.acse_timeout = 30
+    # Opening this many associations takes a while on a loaded machine: no timeout of the fuzz's
+    # 0.5 s (nor an idle one) may end one before the last is open.
+    server.ae.network_timeout = server.ae.acse_timeout = 600
     port = server.server_address[1]
-    held = []
+    held, established = [], []
     try:
         for caller in ("FUZZSEED", "ANOTHER"):
             ae = AE(ae_title=caller)
+            ae.network_timeout = ae.acse_timeout = 600
             ae.add_requested_context(VERIFICATION)
-            held += [ae.associate("127.0.0.1", port, ae_title="SEGNODE") for _ in range(slots // 2)]
-        return all(assoc.is_established for assoc in held)
+            for _ in range(slots // 2):
+                held.append(ae.associate("127.0.0.1", port, ae_title="SEGNODE"))
+                established.append(held[-1].is_established)
+        return all(established)
     finally:
         for assoc in held:
             if assoc.is_established:

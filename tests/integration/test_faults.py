@@ -130,7 +130,8 @@ def test_a_worker_killed_while_a_delivery_retry_waits_loses_nothing(
 ) -> None:
     # Redis, as in production: an unacknowledged message comes back only after stale_job_s.
     pacs_port = peers.free_port()  # nobody listens yet: the PACS is down
-    node = segnode_factory(worker={"broker_url": redis_url}, **rule_to(pacs_port))
+    # A delivery claimed by the worker that is killed is held for 4 x delivery_timeout_s: keep it short.
+    node = segnode_factory(worker={"broker_url": redis_url, "delivery_timeout_s": 2}, **rule_to(pacs_port))
     node.serve(workers=False)
     first = node.worker()
     paths = factory.make_ct_series(tmp_path / "ct", n_slices=16)

@@ -1,18 +1,11 @@
 """Training and evaluation cases: a CT volume with its reference labels, from any source we read.
 
 A :class:`Case` is plain numpy, like a :class:`~segmenters.base.Volume`, so training and scoring
-never see DICOM. Readers turn the formats the field uses into cases:
-
-- NIfTI image/label pairs (``read_nifti_pair``), as public segmentation data sets ship them;
-- a CT series with an RT Structure Set (``read_dicom_rtstruct``): the AAPM 2017 thoracic
-  challenge format, whose ROIs cover part of the scan only, so each ROI's slice range is kept as
-  the range where its reference is defined;
-- a CT series with a DICOM-SEG (``read_dicom_seg``);
-- synthetic phantoms (``synthetic_cases``), which need no patient data at all.
-
-Label values follow ``synthetic.THORAX_STRUCTURES`` (1 body, 2 right lung, 3 left lung, 4 heart,
-5 oesophagus, 6 spinal cord, 7 airways) unless a reader is given another map; every case carries
-the names of its labels, and scoring matches structures by name.
+never see DICOM. Readers: NIfTI image/label pairs, a CT series with an RT Structure Set (the AAPM
+2017 layout; each ROI keeps the slice range where its reference is defined), a CT series with a
+DICOM-SEG, and synthetic phantoms. DICOM series load through segmenters/ct_series.py, as the node
+serves them. Labels follow ``synthetic.THORAX_STRUCTURES`` unless a reader is given another map;
+every case names its labels, and scoring matches structures by name.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def config_check(ctx: click.Context) -> None:
     allowed = ", ".join(scp.allowed_calling_aes) or "any calling AE"
     click.echo(
         f"  accepts associations from: {allowed}; at most {scp.max_associations} at once, "
-        f"{scp.caller_limit} from one calling AE"
+        f"{scp.caller_limit} from one calling AE, {scp.address_limit} from one address"
     )
     if scp.processes > 1:
         click.echo(f"  {scp.processes} listener processes share the port and the association limit")

@@ -35,6 +35,8 @@ class ScpSettings(BaseModel):
     max_associations: int = Field(10, ge=1)
     # How many of them one calling AE may hold (in each listener process); 0: half, rounded up.
     max_associations_per_caller: int = Field(0, ge=0)
+    # How many one calling address may hold, whatever AE titles it calls with; 0: as one caller.
+    max_associations_per_address: int = Field(0, ge=0)
     # Listener processes on the one port (SO_REUSEPORT): more cores for many senders at once.
     processes: int = Field(1, ge=1)
     # On a stop, open associations may go on for this long before they are aborted.
@@ -54,6 +56,10 @@ class ScpSettings(BaseModel):
     @property
     def caller_limit(self) -> int:
         return self.max_associations_per_caller or -(-self.max_associations // 2)
+
+    @property
+    def address_limit(self) -> int:
+        return self.max_associations_per_address or self.caller_limit
 
     @model_validator(mode="after")
     def _shared_port_is_fixed(self) -> ScpSettings:

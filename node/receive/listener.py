@@ -334,6 +334,7 @@ def start_scp(
         slots or threading.BoundedSemaphore(settings.max_associations),
         settings.max_associations,
         settings.caller_limit,
+        settings.address_limit,
     )
     handlers: list[Any] = [
         (evt.EVT_C_STORE, StoreHandler(storage, path)),

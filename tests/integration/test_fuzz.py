@@ -79,6 +79,7 @@ def run_fuzz(tmp_path: Path, fast_path: bool, count: int, seed: int) -> Counter[
         network_timeout_s=0.5,
         max_associations=SLOTS,
         max_associations_per_caller=SLOTS // 2,
+        max_associations_per_address=SLOTS,
     )
     storage = Storage(root, engine, 0)
     server = start_scp(settings, storage)

@@ -34,7 +34,14 @@ def _instances(node: SegnodeProcesses) -> int:
 def test_the_association_limit_holds_for_the_node_as_a_whole(
     segnode_factory: Callable[..., SegnodeProcesses],
 ) -> None:
-    node = segnode_factory(scp={"processes": 2, "max_associations": 2, "max_associations_per_caller": 2})
+    node = segnode_factory(
+        scp={
+            "processes": 2,
+            "max_associations": 2,
+            "max_associations_per_caller": 2,
+            "max_associations_per_address": 2,
+        }
+    )
     node.serve(workers=False)
     node.wait_for_log("serve", "listener process 2 of 2 serving")
     ae = AE(ae_title="LIMITTEST")

@@ -301,7 +301,7 @@ def _echo_ae(title: str) -> AE:
 
 
 def test_association_limit(scp_factory: Callable[..., RunningScp], caplog: pytest.LogCaptureFixture) -> None:
-    scp = scp_factory(min_free_bytes=0, max_associations=1)
+    scp = scp_factory(min_free_bytes=0, max_associations=1, max_associations_per_address=2)
     first = _echo_ae("TESTSCU").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     second = _echo_ae("ANOTHER").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
     try:
@@ -315,7 +315,9 @@ def test_association_limit(scp_factory: Callable[..., RunningScp], caplog: pytes
 def test_one_caller_cannot_take_every_slot(
     scp_factory: Callable[..., RunningScp], caplog: pytest.LogCaptureFixture
 ) -> None:
-    scp = scp_factory(min_free_bytes=0, max_associations=4, max_associations_per_caller=2)
+    scp = scp_factory(
+        min_free_bytes=0, max_associations=4, max_associations_per_caller=2, max_associations_per_address=4
+    )
     hog = _echo_ae("HOG")
     held = [hog.associate("127.0.0.1", scp.port, ae_title="SEGNODE") for _ in range(2)]
     others = _echo_ae("MODALITY").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
@@ -331,6 +333,31 @@ def test_one_caller_cannot_take_every_slot(
         for assoc in [*held, others]:
             assoc.release()
     again = hog.associate("127.0.0.1", scp.port, ae_title="SEGNODE")  # its slots came back
+    assert again.is_established
+    again.release()
+
+
+def test_one_address_cannot_take_every_slot_under_many_ae_titles(
+    scp_factory: Callable[..., RunningScp], caplog: pytest.LogCaptureFixture
+) -> None:
+    scp = scp_factory(min_free_bytes=0, max_associations=6, max_associations_per_address=2)
+    held = [_echo_ae(f"HOG{i}").associate("127.0.0.1", scp.port, ae_title="SEGNODE") for i in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = _echo_ae("HOG3").associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+        assert third.is_rejected  # a new AE title, but the same address
+        rejection = third.acceptor.primitive
+        assert rejection is not None and (rejection.result, rejection.result_source) == (2, 3)
+        assert "127.0.0.1 holds 2 associations already, as many as one address may" in caplog.text
+        # The same caller from another address of this machine still gets in.
+        other = _echo_ae("HOG3")
+        elsewhere = other.associate("127.0.0.1", scp.port, ae_title="SEGNODE", bind_address=("127.0.0.2", 0))
+        assert elsewhere.is_established and elsewhere.send_c_echo().Status == 0
+        elsewhere.release()
+    finally:
+        for assoc in held:
+            assoc.release()
+    again = _echo_ae("HOG3").associate("127.0.0.1", scp.port, ae_title="SEGNODE")  # the slots came back
     assert again.is_established
     again.release()
 

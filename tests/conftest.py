@@ -9,12 +9,16 @@ fresh_pg_url -> str                       a fresh PostgreSQL database for one te
 redis_url -> str                          a Redis database of its own for one test, flushed
 redis_session_url -> str                  the same for the session
 segnode_factory(**config) -> SegnodeProcesses   real segnode processes (node_process.py)
+tiny_disk -> Path                         a 1 MiB tmpfs that fills up (needs root)
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,3 +103,17 @@ def segnode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
     yield make
     for node in made:
         node.stop_all()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs) that fills up: the disk-full path without a threshold."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (./dev test and CI run as root)")
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)

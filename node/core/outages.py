@@ -41,7 +41,8 @@ class Outage:
         self._since = 0.0
         self._lock = threading.Lock()
 
-    def failed(self, err: BaseException) -> None:
+    def failed(self, err: BaseException, why: str | None = None) -> None:
+        """``why``: the failure as the caller understands it, told instead of ``err`` (no traceback)."""
         with self._lock:
             self.failures += 1
             if self.failures > 1:
@@ -50,8 +51,8 @@ class Outage:
         self.logger.error(
             "%s failing (%s); further failures are counted until it works again",
             self.what,
-            summary(err),
-            exc_info=None if understood(err) else err,
+            why or summary(err),
+            exc_info=None if why or understood(err) else err,
         )
 
     def succeeded(self) -> None:

@@ -6,12 +6,18 @@ build their app from the same function and register the task bodies on it.
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 from celery import Celery
 from kombu import Queue
 from kombu.transport import sqlalchemy as sqlalchemy_transport
+from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy.exc import DatabaseError
 
 from node.core.config import Settings
+from node.core.outages import summary
 
 PROCESS_JOB = "segnode.process_job"
 DELIVER_JOB = "segnode.deliver_job"
@@ -85,3 +91,31 @@ class JobQueue:
 
     def deliver(self, job_id: int) -> None:
         self.app.send_task(DELIVER_JOB, args=[job_id], queue=QUEUE)
+
+
+def broker_fault(err: BaseException, broker_url: str) -> str:
+    """What is wrong with the broker, and where, in words an admin can act on (kombu's own
+    messages name a SQL statement or a socket)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(c) for c in chain)
+    if broker_url.startswith("sqla+sqlite:///"):
+        path = Path(broker_url.removeprefix("sqla+sqlite:///"))
+        where = f"the embedded broker's file {path}"
+        if "disk is full" in text or any(getattr(c, "errno", None) == errno.ENOSPC for c in chain):
+            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+            return f"the disk holding {where} is full ({free // 1024} KiB free)"
+        if "unable to open database file" in text or any(isinstance(c, PermissionError) for c in chain):
+            return f"{where} cannot be opened or created (is its folder there and writable?)"
+        return f"{where} failed: {summary(err)}"
+    where = f"the broker at {maybe_sanitize_url(broker_url)}"
+    if "MISCONF" in text:
+        return f"{where} cannot save to its disk (full or not writable), so it refuses new messages"
+    if any(isinstance(c, ConnectionRefusedError) for c in chain):
+        return f"{where} refuses connections: is it running?"
+    if any(isinstance(c, (TimeoutError, ConnectionError)) for c in chain):
+        return f"{where} cannot be reached: {summary(err)}"
+    return f"{where} failed: {summary(err)}"

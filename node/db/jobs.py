@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from node.db.models import (
@@ -92,8 +92,13 @@ def mark_queued(session: Session, job_id: int) -> bool:
     job = session.get(Job, job_id)
     if job is None or job.state != JobState.RECEIVED:
         return False
-    transition(session, job, JobState.QUEUED, "queued", "task sent to the worker queue")
+    transition(session, job, JobState.QUEUED, "queued", "task sent to the worker queue", reason="")
     return True
+
+
+def note_waiting(session: Session, why: str) -> None:
+    """Say on every job still waiting to be queued why it waits (the broker is away)."""
+    session.execute(update(Job).where(Job.state == JobState.RECEIVED, Job.reason != why).values(reason=why))
 
 
 def requeue(session: Session, job: Job, why: str) -> None:

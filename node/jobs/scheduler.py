@@ -18,16 +18,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings
 from node.core.outages import Outage
-from node.core.queue import JobQueue
+from node.core.queue import JobQueue, broker_fault
 from node.db.engine import session_scope
-from node.db.jobs import expired_leases, jobs_with_due_deliveries, mark_queued, requeue, stale_jobs
+from node.db.jobs import (
+    expired_leases,
+    jobs_with_due_deliveries,
+    mark_queued,
+    note_waiting,
+    requeue,
+    stale_jobs,
+)
 from node.db.models import Job, JobState, utcnow
 from node.jobs.assembly import assemble
 
 log = logging.getLogger(__name__)
 
-# While the broker is down, one warning a minute says so, not one per pass.
-BROKER_WARNING_EVERY_S = 60.0
 # A job whose delivery was sent to the workers is sent again, if still due, after this many times
 # worker.delivery_timeout_s (its task was lost, or its attempt died with its worker).
 DISPATCH_AGAIN_STEPS = 4
@@ -38,7 +43,7 @@ class Scheduler:
         self.settings = settings
         self.sessions = sessions
         self.queue = queue
-        self._last_broker_warning = -BROKER_WARNING_EVERY_S
+        self._broker = Outage(log, "sending jobs to the broker")
         # job id -> (its deliveries' attempts, when it was last sent to the workers, monotonic)
         self._dispatched: dict[int, tuple[int, float]] = {}
 
@@ -59,11 +64,13 @@ class Scheduler:
         for job_id in waiting:
             try:
                 self.queue.process(job_id)
-            except Exception as err:  # noqa: BLE001 - broker down: the job stays RECEIVED and is sent later
-                if time.monotonic() - self._last_broker_warning > BROKER_WARNING_EVERY_S:
-                    self._last_broker_warning = time.monotonic()
-                    log.warning("job %d: cannot reach the broker (%s); will keep trying", job_id, err)
+            except Exception as err:  # noqa: BLE001 - broker away: the job stays RECEIVED and is sent later
+                why = broker_fault(err, self.settings.effective_broker_url)
+                self._broker.failed(err, f"{why}; {len(waiting)} job(s) wait and go once it works")
+                with session_scope(self.sessions) as session:
+                    note_waiting(session, f"waiting for the broker: {why}")
                 return
+            self._broker.succeeded()
             with session_scope(self.sessions) as session:
                 mark_queued(session, job_id)
 

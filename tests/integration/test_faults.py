@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -177,3 +178,32 @@ def test_sigterm_mid_series_lets_the_sender_finish_and_stores_every_instance(
     log = node.log("serve")
     assert "listener stopped; every association had ended" in log and "node stopped" in log
     assert "Traceback" not in log and "could not be stored" not in log
+
+
+def test_a_broker_on_a_full_disk_is_named_and_jobs_go_once_there_is_space(
+    segnode_factory: Callable[..., SegnodeProcesses], tiny_disk: Path, tmp_path: Path
+) -> None:
+    broker_file = tiny_disk / "broker.sqlite"
+    node = segnode_factory(
+        worker={"broker_url": f"sqla+sqlite:///{broker_file}"},
+        rules=[{"name": "ct", "min_slices": 3}],
+    )
+    node.serve()
+    filler = tiny_disk / "filler"
+    with filler.open("wb") as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
+    assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0  # stored elsewhere: accepted
+    node.wait_for_log("serve", "is full")
+    served = node.log("serve")
+    assert f"the disk holding the embedded broker's file {broker_file} is full" in served
+    assert "NoneType" not in served and "Traceback" not in served
+    job = node.wait_for_jobs(lambda jobs: bool(jobs) and "is full" in jobs[0].reason, what="a reason")[0]
+    assert job.state == JobState.RECEIVED
+    assert f"waiting for the broker: the disk holding the embedded broker's file {broker_file}" in job.reason
+
+    filler.unlink()  # space again: the job goes on by itself
+    done = node.wait_for_state(JobState.DELIVERED, timeout=120)[0]
+    assert done.reason == ""
+    node.wait_for_log("serve", "sending jobs to the broker working again")

@@ -362,20 +362,6 @@ def test_one_address_cannot_take_every_slot_under_many_ae_titles(
     again.release()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB file system (tmpfs) that fills up: the disk-full path without a threshold."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (./dev test and CI run as root)")
-    mount_point = tmp_path / "tiny-disk"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
 def test_disk_filling_up_mid_study_answers_out_of_resources_and_keeps_nothing_partial(
     tmp_path: Path, tiny_disk: Path, fast_path: bool
 ) -> None:

@@ -7,10 +7,12 @@ import multiprocessing
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from node.core.config import Settings, WorkerSettings
-from node.core.queue import QUEUE, EmbeddedBrokerTransport, declare_queue, make_celery
+from node.core.queue import QUEUE, EmbeddedBrokerTransport, JobQueue, broker_fault, declare_queue, make_celery
+from tests import peers
 
 
 def test_embedded_broker_is_polled_every_tenth_of_a_second(tmp_path: Path) -> None:
@@ -50,3 +52,25 @@ def test_processes_declaring_the_embedded_queue_at_once_all_succeed(tmp_path: Pa
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM kombu_queue")).scalars().all() == [QUEUE]
     engine.dispose()
+
+
+def test_a_broker_that_refuses_connections_is_named_without_its_password(tmp_path: Path) -> None:
+    url = f"redis://:secret@127.0.0.1:{peers.free_port()}/0"  # nothing listens there
+    app = make_celery(Settings(data_dir=tmp_path, worker=WorkerSettings(broker_url=url)))
+    with pytest.raises(Exception) as raised:
+        JobQueue(app).process(1)
+    why = broker_fault(raised.value, url)
+    assert why.startswith("the broker at redis://:**@127.0.0.1:") and why.endswith(
+        "refuses connections: is it running?"
+    )
+
+
+def test_an_embedded_broker_in_a_missing_folder_is_named(tmp_path: Path) -> None:
+    url = f"sqla+sqlite:///{tmp_path / 'gone' / 'broker.sqlite'}"
+    app = make_celery(Settings(data_dir=tmp_path, worker=WorkerSettings(broker_url=url)))
+    with pytest.raises(Exception) as raised:
+        JobQueue(app).process(1)
+    assert broker_fault(raised.value, url) == (
+        f"the embedded broker's file {tmp_path / 'gone' / 'broker.sqlite'} cannot be opened or created "
+        "(is its folder there and writable?)"
+    )

@@ -49,6 +49,9 @@ class ScpSettings(BaseModel):
     min_free_bytes: int = Field(1_000_000_000, ge=0)
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
+    # Mutual TLS: a caller must present a certificate this bundle (PEM) vouches for, or is refused
+    # in the handshake, before any association.
+    tls_ca_bundle: Path | None = None
     # Receive through node/receive/fastpath (pynetdicom internals; it runs only on a pynetdicom it
     # was tested with, else the plain path does); off: pynetdicom's public API alone.
     fast_path: bool = True
@@ -71,6 +74,32 @@ class ScpSettings(BaseModel):
     def _tls_pair(self) -> ScpSettings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("scp.tls_certificate and scp.tls_private_key are given together or not at all")
+        if self.tls_ca_bundle is not None and self.tls_certificate is None:
+            raise ValueError(
+                "scp.tls_ca_bundle (client certificates) needs TLS on: give scp.tls_certificate "
+                "and scp.tls_private_key too"
+            )
+        return self
+
+
+class DestinationTls(BaseModel):
+    """DICOM over TLS to a destination: whom to trust, and the certificate to show it."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
+    # PEM file of the CAs that vouch for the destination; unset: the system's trust store.
+    ca_bundle: Path | None = None
+    # The node's client certificate and key (PEM), for a destination that wants one (mutual TLS).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # The destination's certificate must name its host; off only for a PACS whose certificate
+    # names something else (an IP address, an old name) and that is trusted by its own CA.
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key are given together or not at all")
         return self
 
 
@@ -81,6 +110,8 @@ class DicomDestination(BaseModel):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    # Unset: plain TCP.
+    tls: DestinationTls | None = None
 
 
 # One kind today; a DICOMweb (STOW-RS) kind joins as a union discriminated by ``kind``.

@@ -269,8 +269,9 @@ class NodeServer(ThreadedAssociationServer):
         if self.ssl_context is not None:
             try:
                 client = self.ssl_context.wrap_socket(client, server_side=True)
-            except OSError:  # no handshake, or a failed one: socketserver drops the request
+            except OSError as err:  # no handshake, or a failed one: socketserver drops the request
                 client.close()
+                _log_tls_refusal(err, address)
                 raise
         return client, address
 
@@ -301,11 +302,25 @@ def stop_listening(server: ThreadedAssociationServer, grace_s: float) -> None:
         log.info("listener stopped; every association had ended")
 
 
+def _log_tls_refusal(err: OSError, address: tuple[str, int]) -> None:
+    """A handshake that failed on a certificate or a protocol is a refusal, logged as one; a caller
+    that hung up or went silent (a port probe) is not."""
+    if isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLEOFError | ssl.SSLSyscallError):
+        if isinstance(err, ssl.SSLCertVerificationError):
+            why = f"certificate verify failed: {err.verify_message}"
+        else:
+            why = (err.reason or str(err)).lower().replace("_", " ")
+        log.warning("TLS connection from %s refused: %s", address[0], why)
+
+
 def _ssl_context(settings: ScpSettings) -> ssl.SSLContext | None:
     if settings.tls_certificate is None or settings.tls_private_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    if settings.tls_ca_bundle is not None:  # mutual TLS: no certificate it vouches for, no handshake
+        context.load_verify_locations(cafile=settings.tls_ca_bundle)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

@@ -121,3 +121,56 @@ def test_a_base_declared_in_the_same_file_is_refused() -> None:
                 "thorax-cropped": {"base": "thorax", "crop_to_body": True},
             },
         )
+
+
+# --- TLS: mutual authentication inbound, TLS to destinations ------------------------------------------
+
+TLS_CONFIG = CONFIG.replace(
+    "  allowed_calling_aes: [CT01, PACS]\n",
+    "  allowed_calling_aes: [CT01, PACS]\n"
+    "  tls_certificate: /etc/segnode/tls.crt\n"
+    "  tls_private_key: /etc/segnode/tls.key\n"
+    "  tls_ca_bundle: /etc/segnode/clients-ca.pem\n",
+).replace(
+    "port: 4242}",
+    "port: 2762, tls: {ca_bundle: /etc/segnode/pacs-ca.pem, "
+    "certificate: /etc/segnode/node.crt, private_key: /etc/segnode/node.key}}",
+)
+
+
+def test_tls_settings_are_read_for_the_listener_and_a_destination(tmp_path: Path) -> None:
+    path = tmp_path / "segnode.yaml"
+    path.write_text(TLS_CONFIG)
+    settings = load_settings(path)
+    assert settings.scp.tls_ca_bundle == Path("/etc/segnode/clients-ca.pem")
+    tls = settings.destinations["pacs"].tls
+    assert tls is not None and tls.ca_bundle == Path("/etc/segnode/pacs-ca.pem")
+    assert tls.certificate == Path("/etc/segnode/node.crt") and tls.check_hostname
+    plain = load_settings(None, destinations={"pacs": {"ae_title": "P", "host": "h", "port": 1}})
+    assert plain.destinations["pacs"].tls is None
+
+
+@pytest.mark.parametrize(
+    ("scp", "message"),
+    [
+        ({"tls_ca_bundle": "ca.pem"}, r"scp.tls_ca_bundle \(client certificates\) needs TLS on"),
+        ({"tls_certificate": "t.crt", "tls_ca_bundle": "ca.pem"}, "given together or not at all"),
+    ],
+)
+def test_client_certificates_without_tls_are_refused(scp: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        load_settings(None, scp=scp)
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ({"certificate": "node.crt"}, "tls.certificate and tls.private_key are given together or not at all"),
+        ({"private_key": "node.key"}, "tls.certificate and tls.private_key are given together or not at all"),
+        ({"ca_bundel": "ca.pem"}, "ca_bundel\n  Extra inputs are not permitted"),
+    ],
+)
+def test_destination_tls_that_cannot_work_is_refused(tls: dict[str, object], message: str) -> None:
+    pacs = {"ae_title": "PACS", "host": "pacs.example", "port": 2762, "tls": tls}
+    with pytest.raises(ValidationError, match=message):
+        load_settings(None, destinations={"pacs": pacs})

@@ -1,20 +1,98 @@
-"""C-STORE to a DICOM peer (a PACS), with the association's socket tuned for small PDUs."""
+"""C-STORE to a DICOM peer (a PACS), over TLS where configured, with the association's socket
+tuned for small PDUs."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+import time
 from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
-from node.core.config import DicomDestination
+from node.core.config import DestinationTls, DicomDestination
 from node.core.dicom import rejection_reason
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
 
 SUCCESS_CATEGORIES = {"Success", "Warning"}
 PERMANENT = 0x01  # A-ASSOCIATE-RJ result: rejected-permanent
+# A-ABORT PDU (PS3.8 9.3.8), source: service user: what a TLS probe says once its handshake is done.
+A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+# The network, not the peer's judgement of a certificate: worth trying again.
+SSL_NETWORK_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would ask on the terminal, and a worker has none.
+    raise ValueError("it is encrypted: give an unencrypted key, readable by the worker's user alone")
+
+
+def _client_context(tls: DestinationTls, where: str) -> ssl.SSLContext:
+    """The TLS context for a destination; a file that cannot be used is a configuration fault."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_bundle)
+    except (OSError, ValueError) as err:
+        raise DeliveryRefusedError(f"{where}: cannot use tls.ca_bundle {tls.ca_bundle}: {_why(err)}") from err
+    context.check_hostname = tls.check_hostname  # the certificate itself is verified either way
+    if tls.certificate is not None:
+        try:
+            context.load_cert_chain(tls.certificate, tls.private_key, password=_no_password)
+        except (OSError, ValueError) as err:
+            raise DeliveryRefusedError(
+                f"{where}: cannot use tls.certificate {tls.certificate} with tls.private_key "
+                f"{tls.private_key}: {_why(err)}"
+            ) from err
+    return context
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, ssl.SSLError) and "PEM lib" in str(err):  # OpenSSL's words, and no reason
+        return "not a PEM certificate and its matching private key"
+    if isinstance(err, ssl.SSLError) and err.reason:
+        return err.reason.lower().replace("_", " ")
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)
+
+
+def _tls_refusal(destination: DicomDestination, context: ssl.SSLContext, timeout_s: float) -> str | None:
+    """Why TLS with ``destination`` fails, or None where it works (then the fault lies elsewhere).
+
+    pynetdicom only logs why its handshake failed, so this handshake is made again with the same
+    context to learn it. Under TLS 1.3 the server judges the client's certificate after the
+    handshake is done on the client's side: its verdict is the answer to the first bytes sent, an
+    A-ABORT, which a server that accepted the certificate answers by closing the connection.
+    """
+    host = destination.host
+    try:
+        with (
+            socket.create_connection((host, destination.port), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            try:
+                tls.sendall(A_ABORT)
+            except (BrokenPipeError, ConnectionResetError, *SSL_NETWORK_ERRORS):
+                pass  # it hung up at once: its alert, if any, is read next
+            tls.recv(1)
+    except ssl.SSLCertVerificationError as err:
+        return f"the destination's certificate is refused, certificate verify failed: {err.verify_message}"
+    except SSL_NETWORK_ERRORS:
+        return None
+    except ssl.SSLError as err:
+        words = _why(err)  # an alert from the destination, e.g. "tlsv1 alert unknown ca"
+        offered = destination.tls is not None and destination.tls.certificate is not None
+        if "certificate" in words or "unknown ca" in words:
+            if not offered:
+                return f"the destination wants a client certificate and tls.certificate is not set: {words}"
+            return f"the destination refused the node's client certificate (tls.certificate): {words}"
+        if not offered:  # TLS 1.2 peers refuse a missing client certificate with a bare "handshake failure"
+            return f"the handshake failed: {words} (tls.certificate is not set: does it want one?)"
+        return f"the handshake failed: {words}"
+    except OSError:  # refused, reset, timed out: the network
+        return None
+    return None
 
 
 def send_by_c_store(
@@ -24,9 +102,11 @@ def send_by_c_store(
 
     Every wait (the association, each response, each read) ends after ``timeout_s``: a PACS that
     does not answer costs that and a retry, not a worker. A permanent rejection of the association
-    (an AE title it does not know) raises :class:`DeliveryRefusedError` at once.
+    (an AE title it does not know) raises :class:`DeliveryRefusedError` at once, and so does a TLS
+    handshake that fails on a certificate (ours or the destination's), with the TLS reason.
     """
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    context = _client_context(destination.tls, where) if destination.tls is not None else None
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = timeout_s
@@ -35,9 +115,21 @@ def send_by_c_store(
     ae.network_timeout = timeout_s
     for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    # pynetdicom makes the TCP connection and the TLS handshake within connection_timeout.
+    tls_args = (context, destination.host) if context is not None else None
+    started = time.monotonic()
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         rejection = assoc.acceptor.primitive if assoc.is_rejected else None
+        if rejection is None and context is not None:
+            # A failure that took the whole timeout was a wait, not a verdict on a certificate.
+            quick = time.monotonic() - started < timeout_s
+            refusal = _tls_refusal(destination, context, timeout_s) if quick else None
+            if refusal is not None:
+                raise DeliveryRefusedError(f"{where}: TLS: {refusal}")
+            raise DestinationUnavailableError(
+                f"{where}: no answer over TLS (connection refused, timed out, or closed in the handshake)"
+            )
         if rejection is None:
             raise DestinationUnavailableError(f"{where}: no answer (connection refused or timed out)")
         why = rejection_reason(rejection.result_source, rejection.diagnostic)
@@ -48,6 +140,9 @@ def send_by_c_store(
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # pynetdicom leaves the connected socket with no timeout: a peer stalling inside a PDU
+            # would hold the worker for good.
+            sock.settimeout(timeout_s)
         answers = []
         for ds in datasets:
             status = assoc.send_c_store(ds)

@@ -474,8 +474,8 @@ def start_orthanc(
             [exe, str(config_path)], workdir / f"orthanc-{attempt}.log", workdir, nodelay_env()
         )
         orthanc = Orthanc(
-            http=f"http://{LOCALHOST}:{http_port}",
-            http_port=http_port,
+            http=f"http://{LOCALHOST}:{settings['HttpPort']}",
+            http_port=int(settings["HttpPort"]),
             dicom_port=int(settings["DicomPort"]),
             aet=aet,
             workdir=workdir,

@@ -20,7 +20,7 @@ from node.core.logs import configure_logging
 from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.engine import SchemaOutOfDateError, session_scope
-from node.db.jobs import JobNotFoundError, cancel, retry
+from node.db.jobs import JobNotFoundError, cancel, request_completion, retry
 from node.db.models import Job, JobState, Series
 
 log = logging.getLogger("segnode")
@@ -274,11 +274,11 @@ def jobs_list(ctx: click.Context, state: str | None, limit: int) -> None:
             query = query.where(Job.state == JobState(state))
         rows = session.execute(query).all()
     columns = ("ID", "STATE", "SEGMENTER", "CREATED (UTC)", "UPDATED (UTC)", "ATT", "SERIES")
-    header = "{:>5}  {:<9}  {:<12} {:<19}  {:<19}  {:>3}  {}".format(*columns)
+    header = "{:>5}  {:<10}  {:<12} {:<19}  {:<19}  {:>3}  {}".format(*columns)
     click.echo(header)
     for job, series_uid in rows:
         click.echo(
-            f"{job.id:>5}  {job.state.value:<9}  {(job.segmenter or '-'):<12} "
+            f"{job.id:>5}  {job.state.value:<10}  {(job.segmenter or '-'):<12} "
             f"{_fmt_time(job.created_at):<19}  "
             f"{_fmt_time(job.updated_at):<19}  {job.attempts:>3}  {series_uid}"
         )
@@ -343,6 +343,23 @@ def jobs_cancel(ctx: click.Context, job_id: int) -> None:
     except (JobNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"job {job_id} cancelled")
+
+
+@main.command("complete")
+@click.argument("uid")
+@click.pass_context
+def complete(ctx: click.Context, uid: str) -> None:
+    """Take a series (or every series of a study) as complete now, without waiting for its quiet
+    period: its job is made on the node's next pass."""
+    sessions = _sessions(ctx)
+    with session_scope(sessions) as session:
+        waiting = request_completion(session, uid)
+    if waiting is None:
+        raise click.ClickException(f"no series or study {uid} has been received")
+    if not waiting:
+        click.echo(f"{uid}: nothing is waiting; every series already has its job")
+        return
+    click.echo(f"{uid}: {len(waiting)} series taken as complete; their jobs follow within seconds")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,11 @@ class Rule(BaseModel):
     calling_aes: list[str] = Field(default_factory=list)
     segmenter: str = "classical"
     destinations: list[str] = Field(default_factory=list)
+    # When the series is complete (node.jobs.completion); unset: the node-wide values.
+    complete_by: Literal["series", "study"] = "series"
+    quiet_period_s: float | None = Field(None, gt=0)
+    fast_completion: bool = True
+    force_complete_s: float | None = Field(None, gt=0)
 
     @field_validator("series_description_pattern")
     @classmethod
@@ -225,7 +230,13 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     # Empty: a SQLite database in the data folder.
     database_url: str = ""
+    # A series is complete after this long without a new instance...
     quiet_period_s: float = Field(30.0, gt=0)
+    # ... or this long after the association that brought it was released, when it forms a whole
+    # regular volume (fast completion; a rule may turn it off) ...
+    release_grace_s: float = Field(2.0, ge=0)
+    # ... or, still receiving, this long after its first instance (0: never forced).
+    force_complete_s: float = Field(3600.0, ge=0)
     assembly_poll_s: float = Field(1.0, gt=0)
     scp: ScpSettings = Field(default_factory=ScpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

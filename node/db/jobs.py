@@ -20,6 +20,7 @@ from node.db.models import (
     JobEvent,
     JobState,
     Series,
+    Study,
     utcnow,
 )
 
@@ -130,6 +131,31 @@ def cancel(session: Session, job_id: int, who: str) -> Job:
     job.lease_expires_at = None
     transition(session, job, JobState.CANCELLED, "cancelled", reason=f"cancelled by {who}")
     return job
+
+
+def supersede(session: Session, job: Job, by: int) -> bool:
+    """A job whose series grew after it was made stops where it is, as a cancelled one does (a
+    worker running it discards its result, nothing more is sent); False if it had finished."""
+    if job.state in TERMINAL_STATES:
+        return False
+    job.lease_expires_at = None
+    reason = f"superseded by job {by}: the series grew after this job was made"
+    transition(session, job, JobState.SUPERSEDED, "superseded", reason=reason)
+    return True
+
+
+def request_completion(session: Session, uid: str) -> list[str] | None:
+    """Ask that the series ``uid``, or every series of the study ``uid``, be taken as complete;
+    the UIDs of those still waiting for their job; None if no such series or study was received."""
+    series = list(session.scalars(select(Series).where(Series.series_instance_uid == uid)))
+    if not series:
+        series = list(session.scalars(select(Series).join(Study).where(Study.study_instance_uid == uid)))
+    if not series:
+        return None
+    waiting = [s for s in series if s.instance_count > s.assembled_count]
+    for each in waiting:
+        each.complete_requested_at = utcnow()
+    return [s.series_instance_uid for s in waiting]
 
 
 def _get(session: Session, job_id: int) -> Job:

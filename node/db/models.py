@@ -56,9 +56,12 @@ class JobState(enum.StrEnum):
     FAILED = "FAILED"
     REJECTED = "REJECTED"
     CANCELLED = "CANCELLED"
+    SUPERSEDED = "SUPERSEDED"  # its series grew; a newer job of the series takes its place
 
 
-TERMINAL_STATES = frozenset({JobState.DELIVERED, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED})
+TERMINAL_STATES = frozenset(
+    {JobState.DELIVERED, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED, JobState.SUPERSEDED}
+)
 
 
 class DeliveryState(enum.StrEnum):
@@ -96,6 +99,10 @@ class Series(Base):
     assembled_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    # When an association that stored instances of the series was released (fast completion).
+    released_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # When someone asked for the series to be taken as complete now (the CLI, the dashboard).
+    complete_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -112,6 +119,12 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     image_type: Mapped[str] = mapped_column(String(128), default="")
     slice_thickness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Where the image lies: its orientation (ImageOrientationPatient, rounded), its position along
+    # the orientation's normal, and the slices its sender says the acquisition has; what fast
+    # completion needs to tell a whole volume from part of one.
+    orientation: Mapped[str] = mapped_column(String(96), default="")
+    slice_position: Mapped[float | None] = mapped_column(Float, nullable=True)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Relative to the storage folder.
     path: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(BigInteger)

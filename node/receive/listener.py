@@ -13,6 +13,7 @@ import socketserver
 import ssl
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
@@ -96,7 +97,7 @@ def _ascii(ds: Dataset, keyword: str) -> str:
     if not isinstance(element, RawDataElement):
         return _text(ds, keyword)
     vr = element.VR or dictionary_VR(element.tag)  # implicit VR: the dictionary's
-    if vr not in ("UI", "CS", "DS"):  # UN (some gateways send it) and anything odd: pydicom decides
+    if vr not in ("UI", "CS", "DS", "IS"):  # UN (some gateways send it) and anything odd: pydicom decides
         return _text(ds, keyword)
     if not element.value:
         return ""
@@ -108,6 +109,10 @@ def _ascii(ds: Dataset, keyword: str) -> str:
 
 def instance_facts(ds: Dataset, transfer_syntax_uid: str) -> InstanceFacts:
     thickness = _ascii(ds, "SliceThickness").split("\\")[0].strip()
+    orientation, position = geometry(
+        _ascii(ds, "ImageOrientationPatient"), _ascii(ds, "ImagePositionPatient")
+    )
+    images = _ascii(ds, "ImagesInAcquisition").split("\\")[0].strip()
     return InstanceFacts(
         study_uid=_ascii(ds, "StudyInstanceUID"),
         series_uid=_ascii(ds, "SeriesInstanceUID"),
@@ -119,7 +124,38 @@ def instance_facts(ds: Dataset, transfer_syntax_uid: str) -> InstanceFacts:
         series_description=_text(ds, "SeriesDescription"),  # LO: its character set decides
         body_part=_ascii(ds, "BodyPartExamined"),
         slice_thickness=float(thickness) if thickness else None,
+        orientation=orientation,
+        slice_position=position,
+        images_in_acquisition=int(images) if images.isdigit() and int(images) > 0 else None,
     )
+
+
+def geometry(orientation: str, position: str) -> tuple[str, float | None]:
+    """An image's orientation (rounded, to compare) and its position along the orientation's normal;
+    ("", None) when either is missing or malformed."""
+    try:
+        cosines = [float(v) for v in orientation.split("\\")]
+        point = [float(v) for v in position.split("\\")]
+    except ValueError:
+        return "", None
+    if len(cosines) != 6 or len(point) != 3:
+        return "", None
+    (a, b, c), (d, e, f) = cosines[:3], cosines[3:]
+    normal = (b * f - c * e, c * d - a * f, a * e - b * d)
+    if not 0.8 < sum(n * n for n in normal) < 1.2:  # not two orthogonal unit vectors
+        return "", None
+    rounded = "\\".join(f"{v:.4f}" for v in cosines).replace("-0.0000", "0.0000")
+    return rounded, sum(n * p for n, p in zip(normal, point, strict=True))
+
+
+@dataclass
+class _Sent:
+    """What one association has sent: the series it stored instances of, and whether the node
+    refused any instance."""
+
+    thread: threading.Thread
+    series: set[str] = field(default_factory=set)
+    refused: bool = False
 
 
 class StoreHandler:
@@ -130,6 +166,38 @@ class StoreHandler:
         self.path = path
         self.storing = Outage(log, "storing instances")
         self.disk_full = Outage(log, "the storage disk (full)")
+        # What each open association has sent so far, for fast completion.
+        self._sent: dict[int, _Sent] = {}
+        self._sent_lock = threading.Lock()
+
+    def released(self, event: evt.Event) -> None:
+        """Bound to ``EVT_RELEASED``: the sender says it is done, which fast completion heeds
+        unless the node refused one of its instances (the sender will send it again)."""
+        sent = self._forget(event)
+        if sent is not None and sent.series and not sent.refused:
+            try:
+                self.storage.mark_released(sent.series)
+            except Exception as err:  # noqa: BLE001 - the quiet period completes these series instead
+                log.warning(
+                    "association released but not recorded (%s): its series wait out the quiet period", err
+                )
+
+    def aborted(self, event: evt.Event) -> None:
+        """Bound to ``EVT_ABORTED``: an aborted association says nothing about its series."""
+        self._forget(event)
+
+    def _forget(self, event: evt.Event) -> _Sent | None:
+        """What ``event``'s association sent, forgotten with what every association that ended
+        without a word (its thread died) sent."""
+        with self._sent_lock:
+            sent = self._sent.pop(id(event.assoc), None)
+            for key in [k for k, other in self._sent.items() if not other.thread.is_alive()]:
+                del self._sent[key]
+        return sent
+
+    def _of(self, event: evt.Event) -> _Sent:
+        """Call with ``_sent_lock`` held."""
+        return self._sent.setdefault(id(event.assoc), _Sent(event.assoc))
 
     def __call__(self, event: evt.Event) -> Dataset:
         request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
@@ -137,10 +205,14 @@ class StoreHandler:
         try:  # the file is flushed while the header is read
             staged = self.path.staged(event)
         except StorageFullError as err:
-            return self._not_stored(err)
-        status = self._store(staged, event, calling_ae, request_uid)
+            status = self._not_stored(err)
+        else:
+            status = self._store(staged, event, calling_ae, request_uid)
+            if int(status.Status) != StoreStatus.SUCCESS:
+                staged.discard()  # refused before or while storing: nothing of it is kept
         if int(status.Status) != StoreStatus.SUCCESS:
-            staged.discard()  # refused before or while storing: nothing of it is kept
+            with self._sent_lock:
+                self._of(event).refused = True
         return status
 
     def _store(
@@ -185,6 +257,8 @@ class StoreHandler:
             return self._not_stored(err)
         self.storing.succeeded()
         self.disk_full.succeeded()
+        with self._sent_lock:
+            self._of(event).series.add(facts.series_uid)
         if outcome is StoreOutcome.DUPLICATE:
             log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
         return _status(StoreStatus.SUCCESS)
@@ -351,8 +425,11 @@ def start_scp(
         settings.caller_limit,
         settings.address_limit,
     )
+    store = StoreHandler(storage, path)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, StoreHandler(storage, path)),
+        (evt.EVT_C_STORE, store),
+        (evt.EVT_RELEASED, store.released),
+        (evt.EVT_ABORTED, store.aborted),
         (evt.EVT_REQUESTED, limits.requested),
         (evt.EVT_CONN_CLOSE, limits.closed),
         (evt.EVT_REJECTED, _log_rejection),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node.core.uids import is_valid_uid
@@ -56,6 +56,9 @@ class InstanceFacts:
     series_description: str = ""
     body_part: str = ""
     slice_thickness: float | None = None
+    orientation: str = ""
+    slice_position: float | None = None
+    images_in_acquisition: int | None = None
 
 
 class StoreOutcome(enum.Enum):
@@ -182,6 +185,15 @@ class Storage:
                 target.unlink(missing_ok=True)
             raise
 
+    def mark_released(self, series_uids: set[str]) -> None:
+        """Record that an association which stored instances of these series was released."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(SERIES)
+                .where(SERIES.c.series_instance_uid.in_(sorted(series_uids)))
+                .values(released_at=utcnow())
+            )
+
     def _unrecorded(self, sop_instance_uid: str) -> bool:
         """Whether no row names the instance, so that the file placed for it may go when its own
         row failed. Not known (the database failing too) keeps the file: another association may
@@ -245,6 +257,9 @@ class Storage:
                 "transfer_syntax_uid": facts.transfer_syntax_uid,
                 "image_type": facts.image_type[:128],
                 "slice_thickness": facts.slice_thickness,
+                "orientation": facts.orientation,
+                "slice_position": facts.slice_position,
+                "images_in_acquisition": facts.images_in_acquisition,
                 "path": relative.as_posix(),
                 "size_bytes": size,
                 "received_at": now,

@@ -54,7 +54,7 @@ def test_series_by_storescu_comes_back_as_seg_in_orthanc(
 
     listing = node.cli("jobs", "list")
     assert listing.returncode == 0, listing.stderr
-    assert f"{job.id}  DELIVERED  classical" in listing.stdout
+    assert f"{job.id}  DELIVERED   classical" in listing.stdout
     shown = node.cli("jobs", "show", str(job.id))
     assert shown.returncode == 0, shown.stderr
     for event in ("created", "queued", "started", "segmented", "sent", "delivered"):

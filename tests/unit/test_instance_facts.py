@@ -54,6 +54,9 @@ def test_facts_of_a_ct_header() -> None:
     )
     ds.SpecificCharacterSet, ds.SeriesDescription = "ISO_IR 100", "Thorax für Bestrahlung"
     ds.BodyPartExamined, ds.SliceThickness = "CHEST", "1.25"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
+    ds.ImagePositionPatient = [-100, 42.5, 80]
+    ds.ImagesInAcquisition = 300
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     write_dataset(buffer, ds)
@@ -62,8 +65,13 @@ def test_facts_of_a_ct_header() -> None:
     assert facts.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
     assert facts.series_description == "Thorax für Bestrahlung"  # decoded with its character set
     assert (facts.modality, facts.body_part, facts.slice_thickness) == ("CT", "CHEST", 1.25)
+    # Row (1, 0, 0) x column (0, 0, -1) = (0, 1, 0): the position along it is y.
+    assert facts.orientation == "1.0000\\0.0000\\0.0000\\0.0000\\0.0000\\-1.0000"
+    assert facts.slice_position == 42.5
+    assert facts.images_in_acquisition == 300
     missing = instance_facts(Dataset(), "1.2.840.10008.1.2")
     assert (missing.study_uid, missing.slice_thickness, missing.image_type) == ("", None, "")
+    assert (missing.orientation, missing.slice_position, missing.images_in_acquisition) == ("", None, None)
 
 
 def test_values_sent_as_un_are_read_as_their_dictionary_vr() -> None:

@@ -26,6 +26,11 @@ class Concept:
 # Categories and types used by the segment descriptions (SNOMED CT, as DICOM CID 7150 / 7166 list them).
 ANATOMICAL_STRUCTURE = Concept("91723000", "Anatomical Structure")
 BODY_CATEGORY = Concept("91723000", "Anatomical Structure")
+ENTIRE_BODY = Concept("38266002", "Entire body")
+
+# Types of structures that contain every other structure a segmenter labels. With one label per
+# voxel, a segmenter can only label such a structure as what the others leave of it.
+_CONTAINING_TYPES = frozenset({(ENTIRE_BODY.scheme, ENTIRE_BODY.value)})
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,16 @@ class Structure:
     type: Concept
     laterality: Concept | None = None
     rgb: tuple[int, int, int] = (255, 255, 255)
+
+    @property
+    def covers_all_labels(self) -> bool:
+        """True when the structure contains all the others (its type is the entire body).
+
+        Its label in a map is only the remainder, so outputs that can overlap (a SEG) write it as
+        the union of every label: what its code names. Decided by the code, not a stored flag, so
+        model cards saved before this existed (the demo model's) are read the same way.
+        """
+        return (self.type.scheme, self.type.value) in _CONTAINING_TYPES
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,8 @@ class Segmenter(Protocol):
     """Turns a CT volume into a label map.
 
     ``predict`` returns a uint8 array of ``volume.hu.shape`` where 0 is background and every other
-    value is the ``label`` of one of ``structures``. Structures do not overlap: one label per voxel.
+    value is the ``label`` of one of ``structures``. Structures do not overlap: one label per voxel,
+    so a structure that contains the others (the body) labels only what they leave of it.
     """
 
     @property

@@ -438,3 +438,34 @@ def lung_and_bone_labels(hu: np.ndarray, right_lung: int, left_lung: int, bone: 
     labels[:, :, half:][lung[:, :, half:]] = left_lung
     labels[hu == BONE_HU] = bone
     return labels
+
+
+# De-identification Method Code Sequence items (CID 7050): the profile and one option.
+BASIC_PROFILE = ("113100", "DCM", "Basic Application Confidentiality Profile")
+MODIFIED_DATES_OPTION = ("113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates Option")
+
+
+def make_deidentified_ct_series(
+    folder: Path,
+    *,
+    method: str | None = "segnode test factory",
+    method_codes: Sequence[tuple[str, str, str]] = (BASIC_PROFILE, MODIFIED_DATES_OPTION),
+    **series: Any,
+) -> list[Path]:
+    """:func:`make_ct_series` as a de-identifier leaves it: Patient Identity Removed YES, with
+    ``method`` and ``method_codes`` (value, scheme, meaning) as the method; give neither to get the
+    series some public collections hold, which says YES but not how."""
+    paths = make_ct_series(folder, patient_name="Anonymized^", patient_id="ANON0001", **series)
+    items = []
+    for value, scheme, meaning in method_codes:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        items.append(item)
+    for path in paths:
+        modify(
+            path,
+            PatientIdentityRemoved="YES",
+            DeidentificationMethod=method,
+            DeidentificationMethodCodeSequence=items or None,
+        )
+    return paths

@@ -36,6 +36,7 @@ def segment_series(
     *,
     transfer_syntax: str,
     decode_workers: int | None = None,
+    fast_overlap: bool = True,
 ) -> SegResult:
     """Build the volume from ``paths``, run ``segmenter`` and write its SEG to ``output``."""
     timings: dict[str, float] = {}
@@ -55,7 +56,12 @@ def segment_series(
 
     start = time.perf_counter()
     seg = build_seg(
-        series, labels, segmenter.algorithm, list(segmenter.structures), transfer_syntax=transfer_syntax
+        series,
+        labels,
+        segmenter.algorithm,
+        list(segmenter.structures),
+        transfer_syntax=transfer_syntax,
+        fast_overlap=fast_overlap,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     write_seg(seg, output)

@@ -87,6 +87,7 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
                 output,
                 transfer_syntax=TRANSFER_SYNTAXES[ctx.settings.worker.seg_transfer_syntax],
                 decode_workers=ctx.settings.worker.cpu_threads or None,
+                fast_overlap=ctx.settings.worker.seg_fast_overlap,
             )
     except SeriesRejectedError as err:
         runs.ended(job_id, JobState.REJECTED, str(err))

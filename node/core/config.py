@@ -220,6 +220,8 @@ class WorkerSettings(BaseModel):
     # that lapsed goes to another worker. Clocks of node and workers must agree to well within it.
     lease_s: float = Field(60.0, ge=1)
     seg_transfer_syntax: Literal["explicit", "jpeg2000"] = "explicit"
+    # The overlapping body segment via highdicom internals (far less memory); false: its public API.
+    seg_fast_overlap: bool = True
 
 
 class Settings(BaseSettings):

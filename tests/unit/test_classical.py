@@ -423,3 +423,14 @@ def test_rtstruct_tumour_matches_the_published_segmentation() -> None:
         )
     assert np.count_nonzero(gtv) > 10_000
     assert np.array_equal(gtv, published)
+
+
+def test_only_the_body_covers_the_other_labels_and_each_structure_has_its_own_colour(
+    segmenter: ClassicalSegmenter,
+) -> None:
+    # Label 1 is the body minus the lungs and airways; its code ("Entire body") names the whole body,
+    # so the SEG writes it as every labelled voxel (tests/unit/test_seg_writer.py checks the masks).
+    covering = [s.label for s in segmenter.structures if s.covers_all_labels]
+    assert covering == [BODY]
+    colours = [s.rgb for s in segmenter.structures]
+    assert len(set(colours)) == len(colours)

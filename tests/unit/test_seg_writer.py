@@ -13,14 +13,24 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
+from segmenters import anatomy
 from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure
+from segmenters.classical import ClassicalSegmenter
 from segmenters.ct_series import SeriesVolume, load_series
+from segmenters.datasets import read_dicom_seg
 from tests import dicom_factory as f
 from workers.errors import ProcessingFailedError, SeriesRejectedError
-from workers.seg_writer import build_seg, seg_uids, series_description, write_seg
+from workers.seg_writer import (
+    UNRECORDED_DEIDENTIFICATION,
+    build_seg,
+    seg_uids,
+    series_description,
+    write_seg,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 REAL_J2K = SHARED_DATA / "ct-abdomen-j2k"
+REAL_THORAX = SHARED_DATA / "ct-thorax-lung1-002" / "ct"
 
 ALGORITHM = AlgorithmInfo("segnode-classical", "1.0", Concept("123109", "Manual Processing", "DCM"))
 RIGHT = Concept("24028007", "Right")
@@ -31,6 +41,14 @@ LEFT_LUNG = Structure(3, "Left lung", ANATOMICAL_STRUCTURE, LUNG, laterality=LEF
 HEART = Structure(4, "Heart", ANATOMICAL_STRUCTURE, Concept("80891009", "Heart"), rgb=(206, 110, 84))
 BONE = Structure(7, "Vertebra", ANATOMICAL_STRUCTURE, Concept("51282000", "Vertebral column"))
 STRUCTURES = (RIGHT_LUNG, LEFT_LUNG, HEART, BONE)  # the heart is not in the phantom
+# As the classical segmenter labels them: the body (label 1) is what the lungs and airways leave.
+BODY = anatomy.structure(1, "body")
+WITH_BODY = (
+    BODY,
+    anatomy.structure(2, "right_lung"),
+    anatomy.structure(3, "left_lung"),
+    anatomy.structure(4, "airways"),  # the phantom's vertebra stands in for them
+)
 
 
 @pytest.fixture
@@ -203,10 +221,17 @@ def test_same_input_gives_the_same_uids(series: SeriesVolume) -> None:
     assert seg_uids(reloaded, ALGORITHM) == seg_uids(series, ALGORITHM)
 
 
-def test_uids_change_with_a_new_slice_or_version(ct_paths: list[Path], series: SeriesVolume) -> None:
+def test_a_grown_series_keeps_its_uids_a_new_algorithm_gets_new_ones(
+    ct_paths: list[Path], series: SeriesVolume
+) -> None:
+    # A series that grew after its job was made: the corrected SEG replaces the first one in the
+    # PACS (same UIDs) instead of standing beside it.
     shorter = load_series(ct_paths[:-1])
-    assert seg_uids(shorter, ALGORITHM)[0] != seg_uids(series, ALGORITHM)[0]
-    assert seg_uids(shorter, ALGORITHM)[1] != seg_uids(series, ALGORITHM)[1]
+    assert seg_uids(shorter, ALGORITHM) == seg_uids(series, ALGORITHM)
+    assert (
+        build_seg(shorter, phantom_labels(shorter.volume.hu), ALGORITHM, STRUCTURES).SOPInstanceUID
+        == (seg_uids(series, ALGORITHM)[1])
+    )
     newer = AlgorithmInfo(ALGORITHM.name, "1.1", ALGORITHM.family)
     assert seg_uids(series, newer)[0] != seg_uids(series, ALGORITHM)[0]
     other = AlgorithmInfo("segnode-unet", ALGORITHM.version, ALGORITHM.family)
@@ -215,8 +240,154 @@ def test_uids_change_with_a_new_slice_or_version(ct_paths: list[Path], series: S
     assert seg.SOPInstanceUID == seg_uids(series, newer)[1]
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless], ids=lambda s: s.name)
+def test_a_retry_writes_the_same_bytes(series: SeriesVolume, tmp_path: Path, syntax: str) -> None:
+    labels = phantom_labels(series.volume.hu)
+    first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
+    write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax), first)
+    write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax), second)
+    assert first.read_bytes() == second.read_bytes()
+    # What highdicom would make up at each build is derived or left out instead.
+    seg = pydicom.dcmread(first)
+    uids = {item.DimensionOrganizationUID for item in seg.DimensionIndexSequence}
+    assert uids == {seg.DimensionOrganizationSequence[0].DimensionOrganizationUID}
+    assert uids.isdisjoint({str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID)})
+    # The content date-time is the newest source image's (the factory writes 2024-01-02 10:15).
+    assert (seg.ContentDate, seg.ContentTime) == ("20240102", "101500")
+    assert "InstanceCreationTime" not in seg
+    assert all("ContributionDateTime" not in item for item in seg.ContributingEquipmentSequence)
+
+
 def _paths_of(series: SeriesVolume) -> list[str]:
     return [str(ds.filename) for ds in series.datasets]
+
+
+# --- the body segment, overlapping the others ------------------------------------------------
+
+
+def labels_with_body(hu: np.ndarray) -> np.ndarray:
+    """The phantom's lungs (2, 3) and vertebra (4), and body 1 for the rest of the patient."""
+    labels = f.lung_and_bone_labels(hu, 2, 3, 4)
+    labels[(hu > f.AIR_HU) & (labels == 0)] = BODY.label
+    return labels
+
+
+def segment_masks(seg: hd.seg.Segmentation, series: SeriesVolume) -> dict[str, np.ndarray]:
+    """Each segment's mask by segment label, indexed like ``series.volume.hu``."""
+    numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(series.sop_instance_uids), segment_numbers=numbers
+    )
+    return {item.SegmentLabel: pixels[..., k] > 0 for k, item in enumerate(seg.SegmentSequence)}
+
+
+def test_body_segment_is_the_whole_body_and_the_others_are_unchanged(
+    series: SeriesVolume, ct_paths: list[Path], tmp_path: Path, strict_reading: None
+) -> None:
+    labels = labels_with_body(series.volume.hu)
+    path = tmp_path / "seg.dcm"
+    write_seg(build_seg(series, labels, ALGORITHM, WITH_BODY), path)
+    if shutil.which("dciodvfy"):
+        dciodvfy(path)
+    back = hd.seg.segread(path)
+    assert back.SegmentsOverlap == "YES"
+    body = back.SegmentSequence[0]
+    assert body.SegmentLabel == "Body"
+    assert body.SegmentedPropertyTypeCodeSequence[0].CodeValue == "38266002"  # Entire body
+    masks = segment_masks(back, series)
+    # The whole body: the lungs and the vertebra inside it too, not only what label 1 marks.
+    np.testing.assert_array_equal(masks["Body"], labels > 0)
+    assert masks["Body"][labels == 2].all() and np.count_nonzero(labels == 2) > 0
+    for structure in WITH_BODY[1:]:
+        np.testing.assert_array_equal(masks[structure.name], labels == structure.label)
+    # Read back as a label map (training data), the later segments win: the map comes back whole.
+    case = read_dicom_seg(ct_paths[0].parent, path, WITH_BODY)
+    np.testing.assert_array_equal(case.labels, labels)
+
+
+def test_body_alone_overlaps_nothing(series: SeriesVolume) -> None:
+    labels = (series.volume.hu > f.AIR_HU).astype(np.uint8)  # a scan with no lungs: body only
+    seg = build_seg(series, labels, ALGORITHM, WITH_BODY)
+    assert seg.SegmentsOverlap == "NO" and len(seg.SegmentSequence) == 1
+
+
+def test_a_body_the_segmenter_did_not_find_is_not_written(series: SeriesVolume) -> None:
+    # The union of the lungs is not a body: without label 1 there is no Body segment.
+    labels = f.lung_and_bone_labels(series.volume.hu, 2, 3, 4)
+    seg = build_seg(series, labels, ALGORITHM, WITH_BODY)
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == [s.name for s in WITH_BODY[1:]]
+    assert seg.SegmentsOverlap == "NO"
+
+
+# --- colours ----------------------------------------------------------------------------------
+
+
+def _lab(rgb: tuple[int, int, int]) -> np.ndarray:
+    """CIELAB (L 0..100, a and b -128..127) of an RGB colour, via highdicom's DICOM encoding."""
+    value = np.asarray(hd.color.CIELabColor.from_rgb(*rgb).value, dtype=np.float64)
+    return value * np.array([100.0, 255.0, 255.0]) / 65535.0 - np.array([0.0, 128.0, 128.0])
+
+
+def test_every_structure_of_the_anatomy_table_has_a_colour_of_its_own() -> None:
+    structures = [anatomy.structure(k, key) for k, key in enumerate(anatomy.keys(), start=1)]
+    assert len({s.rgb for s in structures}) == len(structures)
+    for k, a in enumerate(structures):
+        for b in structures[k + 1 :]:
+            distance = float(np.linalg.norm(_lab(a.rgb) - _lab(b.rgb)))
+            assert distance >= 15.0, (a.name, b.name, distance)  # CIE76: told apart at a glance
+
+
+def test_each_segment_of_a_seg_has_its_own_display_colour(
+    series: SeriesVolume, tmp_path: Path, strict_reading: None
+) -> None:
+    write_seg(build_seg(series, labels_with_body(series.volume.hu), ALGORITHM, WITH_BODY), tmp_path / "s.dcm")
+    segments = pydicom.dcmread(tmp_path / "s.dcm").SegmentSequence
+    colours = [tuple(item.RecommendedDisplayCIELabValue) for item in segments]
+    assert len(colours) == 4 and len(set(colours)) == 4
+    by_label = dict(zip((item.SegmentLabel for item in segments), colours, strict=True))
+    assert by_label["Right lung"] != by_label["Left lung"]
+
+
+# --- de-identified series ---------------------------------------------------------------------
+
+
+def test_a_deidentified_series_gives_a_seg_that_says_so_and_how(tmp_path: Path, strict_reading: None) -> None:
+    series = load_series(f.make_deidentified_ct_series(tmp_path / "ct", n_slices=6, rows=32, cols=48))
+    path = tmp_path / "seg.dcm"
+    write_seg(build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES), path)
+    if shutil.which("dciodvfy"):
+        dciodvfy(path)
+    seg = pydicom.dcmread(path)
+    assert seg.PatientIdentityRemoved == "YES"
+    assert seg.DeidentificationMethod == "segnode test factory"
+    codes = [
+        (c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in seg.DeidentificationMethodCodeSequence
+    ]
+    assert codes == [f.BASIC_PROFILE, f.MODIFIED_DATES_OPTION]
+
+
+def test_a_deidentified_series_that_does_not_say_how_gives_a_valid_seg(
+    tmp_path: Path, strict_reading: None
+) -> None:
+    # As the shared thorax series: YES, and no method at all. Copied as it is, the SEG would fail
+    # validation (De-identification Method is type 1C).
+    paths = f.make_deidentified_ct_series(
+        tmp_path / "ct", method=None, method_codes=(), n_slices=6, rows=32, cols=48
+    )
+    series = load_series(paths)
+    path = tmp_path / "seg.dcm"
+    write_seg(build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES), path)
+    if shutil.which("dciodvfy"):
+        dciodvfy(path)
+    seg = pydicom.dcmread(path)
+    assert (seg.PatientIdentityRemoved, seg.DeidentificationMethod) == ("YES", UNRECORDED_DEIDENTIFICATION)
+    assert "DeidentificationMethodCodeSequence" not in seg
+
+
+def test_an_identified_series_gives_no_deidentification_attributes(series: SeriesVolume) -> None:
+    seg = build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES)
+    for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        assert keyword not in seg
 
 
 # --- rejected label maps ----------------------------------------------------------------------
@@ -311,3 +482,23 @@ def test_real_series_seg(tmp_path: Path, strict_reading: None) -> None:
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     check_roundtrip(path, series, labels, [HEART, BONE])
+
+
+@pytest.mark.skipif(not REAL_THORAX.is_dir(), reason="shared test data not present")
+def test_real_thorax_classical_seg(tmp_path: Path, strict_reading: None) -> None:
+    # A real de-identified thorax (Patient Identity Removed YES, no method given) through the
+    # classical segmenter: a valid SEG whose Body is the patient's whole outline.
+    series = load_series(sorted(REAL_THORAX.iterdir()))
+    segmenter = ClassicalSegmenter()
+    labels = segmenter.predict(series.volume)
+    path = tmp_path / "seg.dcm"
+    write_seg(build_seg(series, labels, segmenter.algorithm, segmenter.structures), path)
+    if shutil.which("dciodvfy"):
+        dciodvfy(path)
+    back = hd.seg.segread(path)
+    assert back.PatientIdentityRemoved == "YES" and back.DeidentificationMethod
+    masks = segment_masks(back, series)
+    np.testing.assert_array_equal(masks["Body"], labels > 0)
+    assert masks["Body"][masks["Right lung"]].all() and masks["Right lung"].any()
+    for structure in segmenter.structures[1:]:
+        np.testing.assert_array_equal(masks[structure.name], labels == structure.label)

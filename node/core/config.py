@@ -239,7 +239,9 @@ class Settings(BaseSettings):
     release_grace_s: float = Field(2.0, ge=0)
     # ... or, still receiving, this long after its first instance (0: never forced).
     force_complete_s: float = Field(3600.0, ge=0)
-    assembly_poll_s: float = Field(1.0, gt=0)
+    # How often the scheduler looks for complete series and due work: a fraction of the time a
+    # technologist waits for a result, for one indexed query.
+    assembly_poll_s: float = Field(0.25, gt=0)
     scp: ScpSettings = Field(default_factory=ScpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)

@@ -3,6 +3,8 @@ rejects the association for good, one that is only full for now."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +60,55 @@ def test_a_pacs_that_never_answers_costs_the_timeout_not_the_worker(
     pacs = DicomDestination(ae_title="SILENT", host="127.0.0.1", port=port)
     with pytest.raises(DestinationUnavailableError, match=r"no C-STORE response within 1 s"):
         send_by_c_store(pacs, one_slice, "SEGNODE", timeout_s=1)
+
+
+@pytest.fixture
+def stalling_pacs(storescp: peers.StoreSCP) -> Iterator[int]:
+    """A proxy to storescp that passes the association's acceptance, then three bytes of the next
+    PDU (the C-STORE response), then nothing: a PACS that stalls inside a PDU."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def relay() -> None:
+        client, _ = listener.accept()
+        server = socket.create_connection(storescp.address)
+
+        def upstream() -> None:
+            with contextlib.suppress(OSError):
+                while data := client.recv(65536):
+                    server.sendall(data)
+
+        threading.Thread(target=upstream, daemon=True).start()
+        header = server.recv(6, socket.MSG_WAITALL)
+        client.sendall(header + server.recv(int.from_bytes(header[2:], "big"), socket.MSG_WAITALL))
+        client.sendall(server.recv(3, socket.MSG_WAITALL))
+        done.wait(120)
+        client.close()
+        server.close()
+
+    threading.Thread(target=relay, daemon=True).start()
+    yield listener.getsockname()[1]
+    done.set()
+    listener.close()
+
+
+def test_a_pacs_that_stalls_inside_a_pdu_costs_the_timeout_not_the_worker(
+    stalling_pacs: int, one_slice: list[Path]
+) -> None:
+    pacs = DicomDestination(ae_title="STORESCP", host="127.0.0.1", port=stalling_pacs)
+    raised: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            send_by_c_store(pacs, one_slice, "SEGNODE", timeout_s=1)
+        except BaseException as err:  # noqa: BLE001 - kept for the assertions below
+            raised.append(err)
+
+    sender = threading.Thread(target=deliver, daemon=True)
+    sender.start()
+    sender.join(60)  # pynetdicom alone would read on for good
+    assert not sender.is_alive(), "the delivery still waits on a PACS that stalled inside a PDU"
+    assert len(raised) == 1 and isinstance(raised[0], DestinationUnavailableError), raised
 
 
 def test_a_permanent_rejection_is_refused_at_once_a_transient_one_retried(

@@ -138,12 +138,21 @@ def config_check(ctx: click.Context) -> None:
     )
     if scp.processes > 1:
         click.echo(f"  {scp.processes} listener processes share the port and the association limit")
-    click.echo(f"  TLS: {'on' if scp.tls_certificate else 'off'}")
+    tls = "off"
+    if scp.tls_certificate:
+        tls = f"on, senders need a certificate from {scp.tls_ca_bundle}" if scp.tls_ca_bundle else "on"
+    click.echo(f"  TLS: {tls}")
     click.echo(f"  receives with: {describe_path(scp)}")
     click.echo(f"Data folder: {settings.data_dir}")
     click.echo(f"Database: {_redact(settings.effective_database_url)}")
     click.echo(f"Broker: {_redact(settings.effective_broker_url)}")
-    click.echo(f"A series is complete after {settings.quiet_period_s:g} s without new instances.")
+    click.echo(
+        f"A series is complete {settings.release_grace_s:g} s after its sender released it whole "
+        f"(at once when all it announced arrived), else after {settings.quiet_period_s:g} s without "
+        f"new instances"
+        + (f", or {settings.force_complete_s:g} s after its first" if settings.force_complete_s else "")
+        + "."
+    )
     if not settings.rules:
         click.echo("No routing rules: every series is stored and recorded as not routed.")
     for i, rule in enumerate(settings.rules, 1):
@@ -152,13 +161,32 @@ def config_check(ctx: click.Context) -> None:
             f"send to {', '.join(rule.destinations) or '-'}"
         )
         click.echo(f"  when: {_describe(rule)}")
+        if rule.model_fields_set & {"complete_by", "quiet_period_s", "fast_completion", "force_complete_s"}:
+            click.echo(f"  complete: {_describe_completion(rule)}")
     for name, declared in settings.segmenters.items():
         click.echo(f"Segmenter {name!r}: {_describe_segmenter(declared)}")
     for name, dest in settings.destinations.items():
-        click.echo(f"Destination {name!r}: C-STORE to {dest.ae_title}@{dest.host}:{dest.port}")
+        over = ""
+        if dest.tls is not None:
+            trust = dest.tls.ca_bundle or "the system's CAs"
+            over = (
+                f" over TLS (trusting {trust}{', with a client certificate' if dest.tls.certificate else ''})"
+            )
+        click.echo(f"Destination {name!r}: C-STORE to {dest.ae_title}@{dest.host}:{dest.port}{over}")
     if problems:
         raise click.ClickException("; ".join(problems))
     click.echo("Configuration OK.")
+
+
+def _describe_completion(rule: Any) -> str:
+    parts = ["by study, the study's jobs together" if rule.complete_by == "study" else "by series"]
+    if rule.quiet_period_s is not None:
+        parts.append(f"quiet period {rule.quiet_period_s:g} s")
+    if not rule.fast_completion:
+        parts.append("no fast completion")
+    if rule.force_complete_s is not None:
+        parts.append(f"forced after {rule.force_complete_s:g} s")
+    return ", ".join(parts)
 
 
 def _describe(rule: Any) -> str:

@@ -103,13 +103,17 @@ def test_config_check_and_schema_guard(
     segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
 ) -> None:
     node = segnode_factory(
-        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}},
-        rules=[{"name": "chest", "body_parts": ["CHEST"], "destinations": ["pacs"]}],
+        destinations={
+            "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "tls": {"ca_bundle": "ca.pem"}}
+        },
+        rules=[{"name": "chest", "body_parts": ["CHEST"], "destinations": ["pacs"], "complete_by": "study"}],
     )
     checked = node.cli("config", "check")
     assert checked.returncode == 0, checked.stderr
     assert "Rule 1 'chest': segmenter classical, send to pacs" in checked.stdout
     assert "body part CHEST" in checked.stdout
+    assert "complete: by study, the study's jobs together" in checked.stdout
+    assert "C-STORE to PACS@127.0.0.1:4242 over TLS (trusting ca.pem)" in checked.stdout
     assert "Configuration OK." in checked.stdout
 
     refused = node.cli("jobs", "list")

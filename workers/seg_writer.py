@@ -10,24 +10,20 @@ one in the PACS under the same UIDs: never two SEGs of one series by one algorit
 
 from __future__ import annotations
 
-import copy
-import datetime
 import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
-from pydicom.valuerep import DA, TM
 
-from node.core.uids import derive_uid
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
+from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.seg_overlap import make_segmentation
 
@@ -43,9 +39,6 @@ DEFAULT_TRANSFER_SYNTAX = ExplicitVRLittleEndian
 SUPPORTED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, JPEG2000Lossless)
 DEFAULT_SERIES_NUMBER = 9901  # sorts after the scanner's own series in a PACS series list
 CONTENT_LABEL = "AI_SEGMENTATION"  # CS, at most 16 characters
-# De-identification Method (LO) for a de-identified source that does not say how (as some public
-# collections do): the SEG must give a method when Patient Identity Removed is YES.
-UNRECORDED_DEIDENTIFICATION = "Source images de-identified; method not recorded"
 
 
 def build_seg(
@@ -88,7 +81,7 @@ def build_seg(
         for number, structure in enumerate(present, start=1)
     ]
     series_uid, instance_uid = seg_uids(series, segmenter_algorithm)
-    content_date, content_time = _content_date_time(series.datasets)
+    content_date, content_time = content_date_time(series.datasets)
     seg = make_segmentation(
         union_segments=[n for n, s in enumerate(present, start=1) if s.covers_all_labels],
         fast=fast_overlap,
@@ -102,7 +95,7 @@ def build_seg(
         instance_number=instance_number,
         manufacturer=manufacturer,
         manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions or _segnode_version(),
+        software_versions=software_versions or software_version(),
         device_serial_number=device_serial_number,
         transfer_syntax_uid=transfer_syntax,
         series_description=series_description(segmenter_algorithm),
@@ -113,8 +106,8 @@ def build_seg(
         omit_empty_frames=True,
         workers=encode_workers,
     )
-    _make_reproducible(seg, derive_uid(*_uid_parts(series, segmenter_algorithm), "seg-dimensions"))
-    _copy_deidentification(seg, series.datasets[0])
+    _make_reproducible(seg, derived_uid(series, segmenter_algorithm, "seg-dimensions"))
+    copy_deidentification(seg, series.datasets[0])
     log.info(
         "built SEG %s for series %s: %d segment(s), %d frame(s)",
         instance_uid,
@@ -126,14 +119,8 @@ def build_seg(
 
 
 def seg_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of the SEG: a function of the series and the algorithm.
-
-    The instances are left out on purpose: a series that grew gets a corrected SEG under the same
-    UIDs, which replaces the earlier one in the PACS. The algorithm name and version are in, so a
-    new model never overwrites an old model's result.
-    """
-    parts = _uid_parts(series, algorithm)
-    return derive_uid(*parts, "seg-series"), derive_uid(*parts, "seg-instance")
+    """(SeriesInstanceUID, SOPInstanceUID) of the SEG (:func:`workers.derived.derived_uid`)."""
+    return derived_uid(series, algorithm, "seg-series"), derived_uid(series, algorithm, "seg-instance")
 
 
 def series_description(algorithm: AlgorithmInfo) -> str:
@@ -264,53 +251,6 @@ def _coded(concept: Concept) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=concept.value, scheme_designator=concept.scheme, meaning=concept.meaning)
 
 
-def _uid_parts(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, ...]:
-    return (series.series_instance_uid, algorithm.name, algorithm.version)
-
-
-# Per source instance, the first date (and time) present, content first: when its pixels were made.
-_DATE_TIME_KEYWORDS = (
-    ("ContentDate", "ContentTime"),
-    ("AcquisitionDate", "AcquisitionTime"),
-    ("SeriesDate", "SeriesTime"),
-    ("StudyDate", "StudyTime"),
-)
-_NO_DATE = datetime.datetime(1900, 1, 1)  # a series with no date at all (some de-identified ones)
-
-
-def _content_date_time(datasets: Sequence[Dataset]) -> tuple[datetime.date, datetime.time]:
-    """The SEG's Content Date and Time: the latest content date-time of the source instances.
-
-    Not the time of writing, so that a retry writes the same bytes; the SEG's content is a function
-    of the source images alone, and cannot predate the newest of them.
-    """
-    latest: datetime.datetime | None = None
-    for ds in datasets:
-        for date_keyword, time_keyword in _DATE_TIME_KEYWORDS:
-            moment = _date_time(ds.get(date_keyword), ds.get(time_keyword))
-            if moment is not None:
-                latest = moment if latest is None else max(latest, moment)
-                break
-    moment = latest or _NO_DATE
-    return moment.date(), moment.time()
-
-
-def _date_time(date: object, time: object) -> datetime.datetime | None:
-    """``date`` (DA) and ``time`` (TM, midnight when absent) as one naive date-time; None without a
-    valid date. A malformed time counts as absent: the date alone still says when."""
-    try:
-        day = DA(str(date).strip()) if date else None
-    except ValueError:
-        return None
-    if day is None:
-        return None
-    try:
-        clock = TM(str(time).strip()) if time else None
-    except ValueError:
-        clock = None
-    return datetime.datetime.combine(day, clock.replace(tzinfo=None) if clock else datetime.time())
-
-
 def _make_reproducible(seg: hd.seg.Segmentation, dimension_organization_uid: str) -> None:
     """Replace what highdicom makes up at each build with derived values, or drop it where it is
     optional, so that the same input gives the same bytes: the dimension organisation UID (random)
@@ -323,30 +263,3 @@ def _make_reproducible(seg: hd.seg.Segmentation, dimension_organization_uid: str
     for equipment in seg.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in equipment:  # type 3
             del equipment.ContributionDateTime
-
-
-def _copy_deidentification(seg: hd.seg.Segmentation, source: Dataset) -> None:
-    """A SEG of a de-identified series says so, and how, as its source does.
-
-    Patient Identity Removed YES requires a De-identification Method or its code sequence (type 1C);
-    a source that gives neither gets :data:`UNRECORDED_DEIDENTIFICATION` rather than a SEG that
-    fails validation or drops the flag.
-    """
-    if str(source.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
-        return
-    seg.PatientIdentityRemoved = "YES"
-    method = source.get("DeidentificationMethod")
-    codes = source.get("DeidentificationMethodCodeSequence")
-    if method:
-        seg.DeidentificationMethod = copy.deepcopy(method)
-    if codes:
-        seg.DeidentificationMethodCodeSequence = copy.deepcopy(codes)
-    if not method and not codes:
-        seg.DeidentificationMethod = UNRECORDED_DEIDENTIFICATION
-
-
-def _segnode_version() -> str:
-    try:
-        return f"segnode {version('segnode')}"
-    except PackageNotFoundError:  # running from a source checkout
-        return "segnode (source)"

@@ -19,9 +19,9 @@ from segmenters.classical import ClassicalSegmenter
 from segmenters.ct_series import SeriesVolume, load_series
 from segmenters.datasets import read_dicom_seg
 from tests import dicom_factory as f
+from workers.derived import UNRECORDED_DEIDENTIFICATION
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.seg_writer import (
-    UNRECORDED_DEIDENTIFICATION,
     build_seg,
     seg_uids,
     series_description,

@@ -1,0 +1,102 @@
+"""What every object the node derives from a series shares (SEG, RTSTRUCT, SR, overlay images):
+UIDs that are a function of the series and the algorithm, a content date taken from the source, the
+source's de-identification, and the software that made it. Derived so, a retry writes the same bytes
+and a corrected result of a grown series replaces the earlier one under the same UIDs.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, TM
+
+from node.core.uids import derive_uid
+from segmenters.base import AlgorithmInfo
+from segmenters.ct_series import SeriesVolume
+
+# De-identification Method (LO) for a de-identified source that does not say how (as some public
+# collections do): a derived object must give a method when Patient Identity Removed is YES.
+UNRECORDED_DEIDENTIFICATION = "Source images de-identified; method not recorded"
+
+
+def derived_uid(series: SeriesVolume, algorithm: AlgorithmInfo, what: str) -> str:
+    """A UID for ``what`` (e.g. "seg-series", "rtstruct-instance") of ``series`` by ``algorithm``.
+
+    The instances are left out on purpose: a series that grew gets a corrected object under the
+    same UIDs. The algorithm name and version are in, so a new model never overwrites an old result.
+    """
+    return derive_uid(series.series_instance_uid, algorithm.name, algorithm.version, what)
+
+
+# Per source instance, the first date (and time) present, content first: when its pixels were made.
+_DATE_TIME_KEYWORDS = (
+    ("ContentDate", "ContentTime"),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("StudyDate", "StudyTime"),
+)
+_NO_DATE = datetime.datetime(1900, 1, 1)  # a series with no date at all (some de-identified ones)
+
+
+def content_date_time(datasets: Sequence[Dataset]) -> tuple[datetime.date, datetime.time]:
+    """Content Date and Time of a derived object: the latest content date-time of the source
+    instances. Not the time of writing, so that a retry writes the same bytes; the object's content
+    is a function of the source images alone, and cannot predate the newest of them.
+    """
+    latest: datetime.datetime | None = None
+    for ds in datasets:
+        for date_keyword, time_keyword in _DATE_TIME_KEYWORDS:
+            moment = _moment(ds.get(date_keyword), ds.get(time_keyword))
+            if moment is not None:
+                latest = moment if latest is None else max(latest, moment)
+                break
+    moment = latest or _NO_DATE
+    return moment.date(), moment.time()
+
+
+def _moment(date: object, time: object) -> datetime.datetime | None:
+    """``date`` (DA) and ``time`` (TM, midnight when absent) as one naive date-time; None without a
+    valid date. A malformed time counts as absent: the date alone still says when."""
+    try:
+        day = DA(str(date).strip()) if date else None
+    except ValueError:
+        return None
+    if day is None:
+        return None
+    try:
+        clock = TM(str(time).strip()) if time else None
+    except ValueError:
+        clock = None
+    return datetime.datetime.combine(day, clock.replace(tzinfo=None) if clock else datetime.time())
+
+
+def copy_deidentification(derived: Dataset, source: Dataset) -> None:
+    """An object derived from a de-identified series says so, and how, as its source does.
+
+    Patient Identity Removed YES requires a De-identification Method or its code sequence (type 1C);
+    a source that gives neither gets :data:`UNRECORDED_DEIDENTIFICATION` rather than an object that
+    fails validation or drops the flag.
+    """
+    if str(source.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
+        return
+    derived.PatientIdentityRemoved = "YES"
+    method = source.get("DeidentificationMethod")
+    codes = source.get("DeidentificationMethodCodeSequence")
+    if method:
+        derived.DeidentificationMethod = copy.deepcopy(method)
+    if codes:
+        derived.DeidentificationMethodCodeSequence = copy.deepcopy(codes)
+    if not method and not codes:
+        derived.DeidentificationMethod = UNRECORDED_DEIDENTIFICATION
+
+
+def software_version() -> str:
+    """What made the object, for its Software Versions."""
+    try:
+        return f"segnode {version('segnode')}"
+    except PackageNotFoundError:  # running from a source checkout
+        return "segnode (source)"

@@ -57,21 +57,14 @@ class Postgres:
         self.dir.mkdir()
         self.port = peers.free_port()
         self.log = workdir / "postgres.log"
-        self._as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self._as_owner:
-            shutil.chown(workdir, "postgres")
-            shutil.chown(self.dir, "postgres")
-        init = [
-            *self._as_owner,
-            str(self.bin / "initdb"),
-            "-D",
-            str(self.dir),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ]
-        subprocess.run([*init, "--no-sync"], check=True, capture_output=True)
+        # PostgreSQL will not run as root; as its own user it is still this process's child, so
+        # that a killed one is reaped before the next start reads its lock file.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(workdir, self.user)
+            shutil.chown(self.dir, self.user)
+        init = [str(self.bin / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync"]
+        subprocess.run(init, check=True, capture_output=True, user=self.user)
         self.process: peers.PeerProcess | None = None
 
     @property
@@ -80,8 +73,8 @@ class Postgres:
 
     def start(self) -> None:
         options = ["-p", str(self.port), "-k", str(self.dir), "-c", f"listen_addresses={peers.LOCALHOST}"]
-        argv = [*self._as_owner, str(self.bin / "postgres"), "-D", str(self.dir), *options]
-        self.process = peers.PeerProcess(argv, self.log, self.dir.parent, os.environ)
+        argv = [str(self.bin / "postgres"), "-D", str(self.dir), *options]
+        self.process = peers.PeerProcess(argv, self.log, self.dir.parent, os.environ, user=self.user)
         deadline = time.monotonic() + 60
         while subprocess.run(
             [str(self.bin / "pg_isready"), "-q", "-h", peers.LOCALHOST, "-p", str(self.port)], check=False

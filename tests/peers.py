@@ -98,7 +98,10 @@ def _die_with_parent() -> None:
 class PeerProcess:
     """A server process in its own process group, its output in a log file."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, argv: Sequence[str], log_path: Path, cwd: Path, env: Mapping[str, str], user: str | None = None
+    ) -> None:
+        """``user``: run as that user (PostgreSQL will not run as root), still this process's child."""
         self.argv = list(argv)
         self.log_path = log_path
         with log_path.open("ab") as log:
@@ -110,6 +113,7 @@ class PeerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,  # the test process starts peers from one thread
+                user=user,
             )
 
     @property

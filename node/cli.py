@@ -329,13 +329,14 @@ def jobs_show(ctx: click.Context, job_id: int) -> None:
         click.echo(f"  rule:       {job.rule or '-'}; segmenter: {job.segmenter or '-'}")
         click.echo(f"  attempts:   {job.attempts}; worker: {job.worker or '-'}")
         click.echo(f"  created:    {_fmt_time(job.created_at)}; finished: {_fmt_time(job.finished_at)}")
+        click.echo(f"  outputs:    {', '.join(job.outputs)}")
         if job.output_sop_instance_uid:
-            click.echo(f"  output:     SEG {job.output_sop_instance_uid}")
+            click.echo(f"  SEG:        {job.output_sop_instance_uid}")
         if job.reason:
             click.echo(f"  reason:     {job.reason}")
         for d in job.deliveries:
             click.echo(
-                f"  delivery:   {d.destination}: {d.state.value} "
+                f"  delivery:   {d.output} to {d.destination}: {d.state.value} "
                 f"after {d.attempts} attempt(s) {d.last_status}"
             )
         click.echo("  history:")

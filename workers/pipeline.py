@@ -1,4 +1,5 @@
-"""One job's work, free of Celery: load the series, segment it, write the DICOM-SEG.
+"""One job's work, free of Celery: load the series, segment it, write its results (SEG, RTSTRUCT,
+SR, overlay images).
 
 The task layer calls :func:`segment_series` and does the bookkeeping; tests and benchmarks call it
 directly, and it reports how long each step took.
@@ -8,22 +9,38 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from segmenters.base import Segmenter
 from segmenters.ct_series import DecodeFailedError, UnsuitableSeriesError, load_series
 from workers.errors import ProcessingFailedError, SeriesRejectedError
+from workers.overlay_writer import build_overlay, write_overlay
+from workers.rtstruct_writer import build_rtstruct
 from workers.seg_writer import build_seg, write_seg
+from workers.sr_writer import build_sr
 
 log = logging.getLogger(__name__)
 
 
+# Where each output lies in a job's results folder: one file each, the overlay a folder of images.
+RESULT_FILES = {"seg": "seg.dcm", "rtstruct": "rtstruct.dcm", "sr": "sr.dcm"}
+OVERLAY_FOLDER = "overlay"
+
+
+def result_files(folder: Path, output: str) -> list[Path]:
+    """The files of one output in a job's results ``folder``, as :func:`segment_series` wrote them."""
+    if output == "overlay":
+        return sorted((folder / OVERLAY_FOLDER).glob("*.dcm"))
+    return [folder / RESULT_FILES[output]]
+
+
 @dataclass
-class SegResult:
-    path: Path
-    sop_instance_uid: str
-    series_instance_uid: str
+class Results:
+    folder: Path
+    outputs: list[str]
+    seg_uid: str  # '' when no SEG was asked for
     segments: int
     seconds: dict[str, float] = field(default_factory=dict)
     decode_processes: int = 1
@@ -32,13 +49,15 @@ class SegResult:
 def segment_series(
     paths: list[Path],
     segmenter: Segmenter,
-    output: Path,
+    folder: Path,
     *,
     transfer_syntax: str,
+    outputs: Sequence[str] = ("seg",),
     decode_workers: int | None = None,
     fast_overlap: bool = True,
-) -> SegResult:
-    """Build the volume from ``paths``, run ``segmenter`` and write its SEG to ``output``."""
+) -> Results:
+    """Build the volume from ``paths``, run ``segmenter`` and write each of ``outputs`` (seg,
+    rtstruct, sr, overlay) into ``folder``, at the places :func:`result_files` names."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     try:
@@ -48,29 +67,37 @@ def segment_series(
     except DecodeFailedError as err:
         raise ProcessingFailedError(str(err)) from err
     timings["load_decode"] = time.perf_counter() - start
-    decoders = series.decode_processes
 
     start = time.perf_counter()
     labels = segmenter.predict(series.volume)
     timings["segment"] = time.perf_counter() - start
 
+    folder.mkdir(parents=True, exist_ok=True)
+    algorithm, structures = segmenter.algorithm, list(segmenter.structures)
     start = time.perf_counter()
     seg = build_seg(
-        series,
-        labels,
-        segmenter.algorithm,
-        list(segmenter.structures),
-        transfer_syntax=transfer_syntax,
-        fast_overlap=fast_overlap,
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_seg(seg, output)
+        series, labels, algorithm, structures, transfer_syntax=transfer_syntax, fast_overlap=fast_overlap
+    )  # also when not sent: the SR refers to it, and it says which structures were found
+    if "seg" in outputs:
+        write_seg(seg, folder / RESULT_FILES["seg"])
     timings["write_seg"] = time.perf_counter() - start
-    return SegResult(
-        path=output,
-        sop_instance_uid=str(seg.SOPInstanceUID),
-        series_instance_uid=str(seg.SeriesInstanceUID),
+    if "rtstruct" in outputs:
+        start = time.perf_counter()
+        write_seg(build_rtstruct(series, labels, algorithm, structures), folder / RESULT_FILES["rtstruct"])
+        timings["write_rtstruct"] = time.perf_counter() - start
+    if "sr" in outputs:
+        start = time.perf_counter()
+        write_seg(build_sr(series, labels, algorithm, structures, seg), folder / RESULT_FILES["sr"])
+        timings["write_sr"] = time.perf_counter() - start
+    if "overlay" in outputs:
+        start = time.perf_counter()
+        write_overlay(build_overlay(series, labels, algorithm, structures), folder / OVERLAY_FOLDER)
+        timings["write_overlay"] = time.perf_counter() - start
+    return Results(
+        folder=folder,
+        outputs=list(outputs),
+        seg_uid=str(seg.SOPInstanceUID) if "seg" in outputs else "",
         segments=len(seg.SegmentSequence),
         seconds=timings,
-        decode_processes=decoders,
+        decode_processes=series.decode_processes,
     )

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings
 from node.core.queue import DELIVER_JOB, PROCESS_JOB, JobQueue
-from node.db.job_runs import DeliveryOutcome, JobRuns
+from node.db.job_runs import DeliveryOutcome, DueDelivery, JobRuns
 from node.db.models import JobState
 from segmenters import registry
 from segmenters.base import Segmenter
@@ -31,7 +31,7 @@ from workers.errors import (
 )
 from workers.inputs import job_inputs
 from workers.lease import lease_kept
-from workers.pipeline import segment_series
+from workers.pipeline import result_files, segment_series
 from workers.segmenter_factory import build_segmenter
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
         log.info("job %d: not waiting (already taken or finished); nothing to do", job_id)
         return False
     log.info("job %d series %s: running %s", job_id, job.series_uid, job.segmenter)
-    output = ctx.settings.output_dir / f"job-{job_id}" / "seg.dcm"
+    folder = ctx.settings.output_dir / f"job-{job_id}"
     every_s = ctx.settings.worker.lease_s / RENEWALS_PER_LEASE
     try:
         with lease_kept(runs, job_id, every_s):
@@ -84,7 +84,8 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
             result = segment_series(
                 paths,
                 ctx.segmenter(job.segmenter),
-                output,
+                folder,
+                outputs=job.outputs,
                 transfer_syntax=TRANSFER_SYNTAXES[ctx.settings.worker.seg_transfer_syntax],
                 decode_workers=ctx.settings.worker.cpu_threads or None,
                 fast_overlap=ctx.settings.worker.seg_fast_overlap,
@@ -106,8 +107,8 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
     timing += f" ({len(paths)} slices decoded by {result.decode_processes} process(es))"
-    message = f"{result.segments} segments; {timing}"
-    if not runs.segmented(job_id, output, result.sop_instance_uid, message):
+    message = f"{result.segments} segments; {', '.join(result.outputs)} written; {timing}"
+    if not runs.segmented(job_id, folder, result.outputs, result.seg_uid, message):
         log.info("job %d series %s: segmented (%s); nothing to deliver", job_id, job.series_uid, timing)
         return False
     log.info("job %d series %s: segmented (%s)", job_id, job.series_uid, timing)
@@ -120,28 +121,34 @@ def backoff_s(settings: Settings, attempts: int) -> float:
 
 
 def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> None:
-    """Send the job's SEG to every destination whose delivery is due. A failed attempt is due
+    """Send the job's results to every destination whose delivery is due. A failed attempt is due
     again after its backoff, kept in the database: the scheduler sends the job when it is."""
     runs = ctx.runs(worker)
     settings = ctx.settings
     due = runs.claim_due_deliveries(job_id, hold_s=ATTEMPT_HOLD_STEPS * settings.worker.delivery_timeout_s)
     if due is None:
         return
-    output, claimed = due
-    for delivery_id, name in claimed:
-        outcome = _deliver(settings, name, output)
-        runs.attempted(
-            job_id,
-            delivery_id,
-            outcome,
-            settings.worker.delivery_max_attempts,
-            lambda attempts: backoff_s(settings, attempts),
-        )
-        log.info("job %d: delivery to %s: %s", job_id, name, "sent" if outcome.delivered else outcome.answer)
+    folder, claimed = due
+    by_destination: dict[str, list[DueDelivery]] = {}
+    for delivery in claimed:
+        by_destination.setdefault(delivery.destination, []).append(delivery)
+    for name, deliveries in by_destination.items():  # one association carries every output due
+        files = [path for d in deliveries for path in result_files(folder, d.output)]
+        outcome = _deliver(settings, name, files)
+        for delivery in deliveries:
+            runs.attempted(
+                job_id,
+                delivery.delivery_id,
+                outcome,
+                settings.worker.delivery_max_attempts,
+                lambda attempts: backoff_s(settings, attempts),
+            )
+        what = ", ".join(d.output for d in deliveries)
+        log.info("job %d: %s to %s: %s", job_id, what, name, "sent" if outcome.delivered else outcome.answer)
     runs.delivery_settled(job_id)
 
 
-def _deliver(settings: Settings, name: str, output: Path) -> DeliveryOutcome:
+def _deliver(settings: Settings, name: str, files: list[Path]) -> DeliveryOutcome:
     destination = settings.destinations.get(name)
     if destination is None:
         return DeliveryOutcome(False, True, f"destination {name!r} is no longer configured")
@@ -149,7 +156,7 @@ def _deliver(settings: Settings, name: str, output: Path) -> DeliveryOutcome:
         return DeliveryOutcome(
             True,
             False,
-            send(destination, [output], settings.scp.ae_title, settings.worker.delivery_timeout_s),
+            send(destination, files, settings.scp.ae_title, settings.worker.delivery_timeout_s),
         )
     except DestinationUnavailableError as err:
         return DeliveryOutcome(False, False, str(err))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -18,6 +18,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+# What a job can write and send.
+Output = Literal["seg", "rtstruct", "sr", "overlay"]
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$")]
 
@@ -136,11 +139,26 @@ class Rule(BaseModel):
     calling_aes: list[str] = Field(default_factory=list)
     segmenter: str = "classical"
     destinations: list[str] = Field(default_factory=list)
+    # What the job writes and sends: a SEG; RTSTRUCT contours for planning systems; an SR with each
+    # segment's volume and mean HU (it refers to the SEG's segments, so needs seg); overlay images
+    # (the CT with the segments drawn in) for viewers that show no SEG.
+    outputs: list[Output] = Field(default_factory=lambda: [cast(Output, "seg")])
     # When the series is complete (node.jobs.completion); unset: the node-wide values.
     complete_by: Literal["series", "study"] = "series"
     quiet_period_s: float | None = Field(None, gt=0)
     fast_completion: bool = True
     force_complete_s: float | None = Field(None, gt=0)
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_make_sense(cls, value: list[Output]) -> list[Output]:
+        if not value:
+            raise ValueError("outputs names at least one of seg, rtstruct, sr, overlay")
+        if len(set(value)) != len(value):
+            raise ValueError("outputs names an output twice")
+        if "sr" in value and "seg" not in value:
+            raise ValueError("outputs: sr refers to the SEG's segments, so it needs seg too")
+        return value
 
     @field_validator("series_description_pattern")
     @classmethod

@@ -34,7 +34,15 @@ class ClaimedJob:
     rule: str | None
     segmenter: str
     destinations: list[str]
+    outputs: list[str]
     inputs: list[InputRow]
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    delivery_id: int
+    destination: str
+    output: str
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class JobRuns:
                 rule=job.rule,
                 segmenter=job.segmenter or "",
                 destinations=list(job.destinations),
+                outputs=list(job.outputs),
                 inputs=[InputRow(r.path, r.sop_class_uid, r.image_type) for r in rows],
             )
 
@@ -120,33 +129,45 @@ class JobRuns:
             )
             return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
 
-    def segmented(self, job_id: int, output: Path, sop_instance_uid: str, message: str) -> bool:
-        """Record the SEG; True when it is this worker's and has destinations to deliver to. A
-        job that is no longer ours keeps its state: the result is discarded."""
+    def segmented(self, job_id: int, folder: Path, outputs: list[str], seg_uid: str, message: str) -> bool:
+        """Record the results, written to ``folder``; True when the job is this worker's and has
+        destinations to deliver them to (one delivery per output and destination). A job that is
+        no longer ours keeps its state: the results are discarded."""
         with session_scope(self.sessions) as session:
             job = self._ours(session, job_id)
             if job is None:
                 return False
-            job.output_path = str(output)
-            job.output_sop_instance_uid = sop_instance_uid
+            job.output_path = str(folder)
+            job.output_sop_instance_uid = seg_uid
             job.lease_expires_at = None
-            existing = {d.destination: d for d in job.deliveries}
+            existing = {(d.destination, d.output): d for d in job.deliveries}
             for name in job.destinations:
-                delivery = existing.get(name)
-                if delivery is None:
-                    session.add(
-                        Delivery(job_id=job.id, destination=name, state=DeliveryState.PENDING, attempts=0)
-                    )
-                else:
-                    delivery.state, delivery.attempts, delivery.next_attempt_at = (
-                        DeliveryState.PENDING,
-                        0,
-                        None,
-                    )
+                for output in outputs:
+                    delivery = existing.get((name, output))
+                    if delivery is None:
+                        session.add(
+                            Delivery(
+                                job_id=job.id,
+                                destination=name,
+                                output=output,
+                                state=DeliveryState.PENDING,
+                                attempts=0,
+                            )
+                        )
+                    else:
+                        delivery.state, delivery.attempts, delivery.next_attempt_at = (
+                            DeliveryState.PENDING,
+                            0,
+                            None,
+                        )
             transition(session, job, JobState.SEGMENTED, "segmented", message)
             if not job.destinations:
                 transition(
-                    session, job, JobState.DELIVERED, "delivered", "the rule names no destination; SEG kept"
+                    session,
+                    job,
+                    JobState.DELIVERED,
+                    "delivered",
+                    "the rule names no destination; results kept",
                 )
                 return False
             return True
@@ -169,10 +190,10 @@ class JobRuns:
             return None
         return job
 
-    def claim_due_deliveries(self, job_id: int, hold_s: float) -> tuple[Path, list[tuple[int, str]]] | None:
-        """The SEG and the deliveries due now, each held ``hold_s`` ahead for this attempt (another
-        worker's task finds it not due; a worker that dies mid-attempt leaves it due again then).
-        None unless the job waits for delivery."""
+    def claim_due_deliveries(self, job_id: int, hold_s: float) -> tuple[Path, list[DueDelivery]] | None:
+        """The results' folder and the deliveries due now, each held ``hold_s`` ahead for this
+        attempt (another worker's task finds it not due; a worker that dies mid-attempt leaves it
+        due again then). None unless the job waits for delivery."""
         now = utcnow()
         due = Delivery.next_attempt_at.is_(None) | (Delivery.next_attempt_at <= now)
         with session_scope(self.sessions) as session:
@@ -187,7 +208,7 @@ class JobRuns:
                     .values(next_attempt_at=now + timedelta(seconds=hold_s))
                 )
                 if taken.rowcount == 1:  # type: ignore[attr-defined]
-                    claimed.append((delivery.id, delivery.destination))
+                    claimed.append(DueDelivery(delivery.id, delivery.destination, delivery.output))
             return Path(job.output_path), claimed
 
     def attempted(
@@ -212,13 +233,15 @@ class JobRuns:
             else:
                 delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff_s(delivery.attempts))
             event = "sent" if outcome.delivered else "send_failed"
-            message = f"to {delivery.destination}, attempt {delivery.attempts}: {outcome.answer}"
+            message = (
+                f"{delivery.output} to {delivery.destination}, attempt {delivery.attempts}: {outcome.answer}"
+            )
             if delivery.state == DeliveryState.PENDING:
                 message += f"; next attempt in {backoff_s(delivery.attempts):g} s"
             record_event(session, job, event, message)
 
     def delivery_settled(self, job_id: int) -> None:
-        """DELIVERED when every destination took the SEG, FAILED when one never will; else the
+        """DELIVERED when every destination took every output, FAILED when one never will; else the
         job waits, and the scheduler sends it to a worker when its next delivery is due."""
         with session_scope(self.sessions) as session:
             job = session.get_one(Job, job_id)
@@ -233,7 +256,8 @@ class JobRuns:
             if DeliveryState.PENDING in states:
                 return
             reason = "; ".join(
-                f"{d.destination} did not accept the SEG after {d.attempts} attempt(s): {d.last_status}"
+                f"{d.destination} did not accept the {d.output} after {d.attempts} attempt(s): "
+                f"{d.last_status}"
                 for d in job.deliveries
                 if d.state == DeliveryState.FAILED
             )

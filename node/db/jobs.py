@@ -69,6 +69,7 @@ def create_job(
     state: JobState,
     message: str,
     reason: str = "",
+    outputs: list[str] | None = None,
 ) -> Job:
     """A new job for ``series`` as it is now, with its first event."""
     job = Job(
@@ -76,6 +77,7 @@ def create_job(
         rule=rule,
         segmenter=segmenter,
         destinations=list(destinations),
+        outputs=list(outputs or ["seg"]),
         state=state,
         reason=reason,
         instance_count=series.instance_count,

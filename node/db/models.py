@@ -141,6 +141,8 @@ class Job(Base):
     rule: Mapped[str | None] = mapped_column(String(64), nullable=True)
     segmenter: Mapped[str | None] = mapped_column(String(64), nullable=True)
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # What the job writes and sends (its rule's outputs): seg, rtstruct, sr, overlay.
+    outputs: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["seg"])
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     # The number of instances the job covers (the series may grow later: then a new job).
@@ -178,13 +180,15 @@ class JobEvent(Base):
 
 
 class Delivery(Base):
-    """One destination of one job: delivered once the destination answered success."""
+    """One output of one job to one destination: delivered once the destination answered success."""
 
     __tablename__ = "deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
+    # Which of the job's outputs it carries (seg, rtstruct, sr, overlay).
+    output: Mapped[str] = mapped_column(String(16), default="seg")
     state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState, native_enum=False, length=16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status: Mapped[str] = mapped_column(Text, default="")

@@ -176,6 +176,7 @@ def _make_job(session: Session, item: _Waiting, why: str) -> int | None:
         rule=rule.name,
         segmenter=rule.segmenter,
         destinations=rule.destinations,
+        outputs=list(rule.outputs),
         state=JobState.RECEIVED,
         message=f"{grown}series complete with {series.instance_count} instances ({why}); {decision.reason}",
     )

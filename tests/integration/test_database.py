@@ -355,7 +355,7 @@ def test_a_lapsed_lease_goes_to_any_other_worker_and_the_old_one_is_ignored(
         assert expired_leases(session, utcnow()) == []
     assert other.renew(job_id)
     assert not dead.renew(job_id)
-    assert not dead.segmented(job_id, tmp_path / "seg.dcm", "1.2.3", "late result")  # discarded
+    assert not dead.segmented(job_id, tmp_path, ["seg"], "1.2.3", "late result")  # discarded
     assert not dead.ended(job_id, JobState.FAILED, "late failure")
     assert _job(sessions, job_id).state == JobState.RUNNING
 
@@ -369,7 +369,7 @@ def test_a_cancelled_job_stays_cancelled_whatever_its_worker_reports(
     with sessions.begin() as session:
         cancel(session, job_id, who="test")
     assert not runs.renew(job_id)
-    assert not runs.segmented(job_id, tmp_path / "seg.dcm", "1.2.3", "done")
+    assert not runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "done")
     job = _job(sessions, job_id)
     assert (job.state, job.reason) == (JobState.CANCELLED, "cancelled by test")
     with sessions.begin() as session, pytest.raises(ValueError, match="CANCELLED already"):
@@ -426,7 +426,7 @@ def test_the_delivery_schedule_is_the_databases(sessions: sessionmaker[Session],
         (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
     runs = JobRuns(sessions, "w@a/1", lease_s=60)
     assert runs.claim(job_id) is not None
-    assert runs.segmented(job_id, tmp_path / "seg.dcm", "1.2.3", "1 segment")
+    assert runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "1 segment")
 
     def due(after_s: float = 0) -> dict[int, int]:
         with sessions() as session:
@@ -434,10 +434,10 @@ def test_the_delivery_schedule_is_the_databases(sessions: sessionmaker[Session],
 
     assert due() == {job_id: 0}  # the first attempt is due at once
     claimed = runs.claim_due_deliveries(job_id, hold_s=120)
-    assert claimed is not None and [name for _, name in claimed[1]] == ["pacs"]
+    assert claimed is not None and [(d.destination, d.output) for d in claimed[1]] == [("pacs", "seg")]
     assert JobRuns(sessions, "w@b/2", lease_s=60).claim_due_deliveries(job_id, hold_s=120) == (claimed[0], [])
     assert due() == {} and due(after_s=121) == {job_id: 0}  # held for the attempt, due if it died
-    ((delivery_id, _),) = claimed[1]
+    delivery_id = claimed[1][0].delivery_id
     refused = DeliveryOutcome(delivered=False, permanent=False, answer="connection refused")
     runs.attempted(job_id, delivery_id, refused, max_attempts=3, backoff_s=lambda attempts: 60.0 * attempts)
     runs.delivery_settled(job_id)

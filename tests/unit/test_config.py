@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from node.core.config import load_settings
+from node.core.config import Rule, load_settings
 from segmenters.cropping import DEFAULT_MARGIN_MM
 
 CONFIG = """
@@ -174,3 +174,16 @@ def test_destination_tls_that_cannot_work_is_refused(tls: dict[str, object], mes
     pacs = {"ae_title": "PACS", "host": "pacs.example", "port": 2762, "tls": tls}
     with pytest.raises(ValidationError, match=message):
         load_settings(None, destinations={"pacs": pacs})
+
+
+def test_a_rules_outputs_are_known_distinct_and_an_sr_comes_with_its_seg() -> None:
+    assert Rule(name="r").outputs == ["seg"]
+    assert Rule(name="r", outputs=["rtstruct", "overlay"]).outputs == ["rtstruct", "overlay"]
+    for outputs, words in [
+        ([], "at least one"),
+        (["seg", "seg"], "twice"),
+        (["sr"], "sr refers to the SEG's segments"),
+        (["seg", "pdf"], "Input should be"),
+    ]:
+        with pytest.raises(ValidationError, match=words):
+            Rule(name="r", outputs=outputs)

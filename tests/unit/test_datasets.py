@@ -100,7 +100,7 @@ def test_a_network_is_served_exactly_the_volume_it_was_trained_on(tmp_path: Path
     segment_series(
         sorted((THORAX / "ct").iterdir()),
         served,
-        tmp_path / "seg.dcm",
+        tmp_path / "results",
         transfer_syntax=ExplicitVRLittleEndian,
     )
     (volume,) = served.volumes

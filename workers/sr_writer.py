@@ -1,0 +1,284 @@
+"""Measure each segment of a SEG and report it as a DICOM SR (TID 1500 Measurement Report).
+
+The SEG shows where a structure is; the SR says how big it is and how dense, in numbers a PACS,
+a viewer or a research pipeline can read without decoding a mask: one volumetric measurement group
+(TID 1411) per segment of the SEG, each referencing that segment, with the segment's volume in mL
+and its mean attenuation in HU over the source CT. The numbers come from the label map the SEG was
+made of, counted voxel by voxel, so they agree with the SEG exactly.
+
+The IOD is Comprehensive 3D SR, as highdicom's TID 1500 documentation builds it; nothing here needs
+3D coordinates, but it is what TID 1500 readers (dcmqi, OHIF, highdicom) expect. Like the SEG, the
+SR's UIDs and dates derive from the series and the algorithm only (:mod:`workers.derived`), so a
+retried job writes the same bytes and a corrected SR replaces the earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
+
+from node.core.uids import derive_uid
+from segmenters.base import AlgorithmInfo, Concept, Structure
+from segmenters.ct_series import SeriesVolume
+from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
+from workers.errors import ProcessingFailedError
+from workers.seg_writer import write_seg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERIES_NUMBER = 9903  # after the SEG (9901) in a PACS series list
+
+# The measurements, as dcmqi and the DICOM examples code them for CT: Volume (SCT) in millilitres,
+# and the mean (derivation, CID 7464) of the attenuation coefficient in Hounsfield units.
+VOLUME = hd.sr.CodedConcept.from_code(codes.SCT.Volume)  # 118565006
+MILLILITRE = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+ATTENUATION = hd.sr.CodedConcept.from_code(codes.DCM.AttenuationCoefficient)  # 112031
+MEAN = hd.sr.CodedConcept.from_code(codes.SCT.Mean)  # 373098007
+HOUNSFIELD_UNIT = hd.sr.CodedConcept.from_code(codes.UCUM.HounsfieldUnit)  # [hnsf'U]
+# CID 100 has no code per body region a segmenter might see; the report names the modality only.
+PROCEDURE = hd.sr.CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRegion)  # 25045-6
+
+# The device that made the observations is segnode itself, whichever series it measures: one UID
+# for it (TID 1004 requires one), derived rather than random so the bytes stay the same.
+DEVICE_OBSERVER_UID = derive_uid("segnode", "device-observer")
+
+
+@dataclass(frozen=True)
+class SegmentStatistics:
+    """What the SR says of one segment: its voxel count, volume and mean HU."""
+
+    segment_number: int
+    structure: Structure
+    voxels: int
+    volume_ml: float
+    mean_hu: float
+
+
+def build_sr(
+    series: SeriesVolume,
+    label_map: np.ndarray,
+    algorithm: AlgorithmInfo,
+    structures: Sequence[Structure],
+    seg: Dataset,
+    *,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    instance_number: int = 1,
+    manufacturer: str = "segnode",
+    manufacturer_model_name: str = "segnode",
+    software_versions: str | None = None,
+    device_serial_number: str = "segnode",
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report of volume and mean HU of every segment of ``seg``.
+
+    ``seg`` is the SEG that :func:`workers.seg_writer.build_seg` made of ``label_map`` (indexed like
+    ``series.volume.hu``) with ``algorithm`` and ``structures``, built or read back. Its segments
+    are the structures present in the map, numbered in the order of ``structures``; the body's is
+    every labelled voxel. Raises :class:`ProcessingFailedError` when the map or the SEG does not
+    fit the series or each other: an SR whose numbers disagree with its SEG is never written.
+    """
+    stats = segment_statistics(series, label_map, algorithm, structures)
+    _check_seg(seg, series, stats)
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, family=_coded(algorithm.family)
+    )
+    groups = [_measurement_group(series, algorithm, algorithm_id, seg, s) for s in stats]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID,
+            name="segnode",
+            manufacturer_name=manufacturer,
+            model_name=manufacturer_model_name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
+    )
+    content_date, content_time = content_date_time(series.datasets)
+    series_uid, instance_uid = sr_uids(series, algorithm)
+    sr = hd.sr.Comprehensive3DSR(
+        # The CT first: the SR takes its patient and study from evidence[0].
+        evidence=[*series.datasets, seg],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions or software_version(),
+        device_serial_number=device_serial_number,
+        series_description=series_description(algorithm),
+        content_date=content_date,
+        content_time=content_time,
+        # Complete: every segment of the SEG is measured. Preliminary and unverified: no person
+        # has reviewed an automatic measurement.
+        is_complete=True,
+    )
+    _make_reproducible(sr)
+    copy_deidentification(sr, series.datasets[0])
+    log.info(
+        "built SR %s for series %s: %d segment(s) of SEG %s measured",
+        sr.SOPInstanceUID,
+        series.series_instance_uid,
+        len(stats),
+        seg.SOPInstanceUID,
+    )
+    return sr
+
+
+def write_sr(sr: Dataset, path: Path) -> None:
+    """Write ``sr`` to ``path`` durably and atomically, as :func:`workers.seg_writer.write_seg` does."""
+    write_seg(sr, path)
+
+
+def sr_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SR (:func:`workers.derived.derived_uid`)."""
+    return derived_uid(series, algorithm, "sr-series"), derived_uid(series, algorithm, "sr-instance")
+
+
+def series_description(algorithm: AlgorithmInfo) -> str:
+    """What a technologist reads in the PACS series list (LO: at most 64 characters)."""
+    name = f"{algorithm.name} {algorithm.version}"
+    for prefix in ("AI measurements (", "AI ("):
+        if len(prefix) + len(name) + 1 <= 64:
+            return f"{prefix}{name})"
+    return f"AI ({name[: 64 - len('AI ()')]})"
+
+
+def segment_statistics(
+    series: SeriesVolume,
+    label_map: np.ndarray,
+    algorithm: AlgorithmInfo,
+    structures: Sequence[Structure],
+) -> list[SegmentStatistics]:
+    """Voxel count, volume and mean HU of each structure present in ``label_map``, numbered as the
+    SEG numbers its segments: in the order of ``structures``, absent ones left out; a structure that
+    covers all labels (the body) counts every labelled voxel.
+
+    One pass, slice by slice (a whole-map bincount would first copy the map into 64-bit integers).
+    The volume is the voxel count times the voxel's volume: row and column spacing by the spacing
+    between slice centres, which is what a voxel of a stack of slices stands for (not the slice
+    thickness, which overlapping or gapped slices make larger or smaller).
+    """
+    who = f"{algorithm.name} {algorithm.version}"
+    hu = series.volume.hu
+    if label_map.shape != hu.shape:
+        raise ProcessingFailedError(
+            f"segmenter {who} returned a label map of shape {label_map.shape} for a volume of shape "
+            f"{hu.shape}"
+        )
+    if label_map.dtype.kind not in "iu":
+        raise ProcessingFailedError(f"segmenter {who} returned a label map of type {label_map.dtype}")
+    labels = [s.label for s in structures]
+    if len(set(labels)) != len(labels) or any(lab <= 0 for lab in labels):
+        raise ProcessingFailedError(
+            f"segmenter {who} declares structure labels {labels}; they must be distinct and positive"
+        )
+    counts = np.zeros(max(labels, default=0) + 1, dtype=np.int64)
+    sums = np.zeros(counts.size, dtype=np.float64)
+    for label_plane, hu_plane in zip(label_map, hu, strict=True):
+        if label_plane.dtype.kind == "i" and label_plane.min() < 0:
+            raise ProcessingFailedError(f"segmenter {who} returned negative labels")
+        flat = label_plane.ravel().astype(np.intp, copy=False)
+        c = np.bincount(flat, minlength=counts.size)
+        s = np.bincount(flat, weights=hu_plane.ravel().astype(np.float64, copy=False), minlength=counts.size)
+        if c.size > counts.size:  # a label no structure has: reported below
+            counts, sums = np.pad(counts, (0, c.size - counts.size)), np.pad(sums, (0, c.size - sums.size))
+        counts += c
+        sums += s
+    unknown = sorted({int(v) for v in np.flatnonzero(counts)} - {0, *labels})
+    if unknown:
+        raise ProcessingFailedError(
+            f"segmenter {who} labelled voxels with value(s) {unknown[:10]} that name none of its structures"
+        )
+    voxel_ml = float(np.prod(series.volume.spacing)) / 1000.0  # mm^3 -> mL
+    out: list[SegmentStatistics] = []
+    for structure in structures:
+        if counts[structure.label] == 0:
+            continue  # not found: no segment in the SEG, nothing to measure
+        if structure.covers_all_labels:
+            n, total = int(counts[1:].sum()), float(sums[1:].sum())
+        else:
+            n, total = int(counts[structure.label]), float(sums[structure.label])
+        out.append(SegmentStatistics(len(out) + 1, structure, n, n * voxel_ml, total / n))
+    return out
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _check_seg(seg: Dataset, series: SeriesVolume, stats: Sequence[SegmentStatistics]) -> None:
+    """The SEG is one of this series, with the segments the label map gives, in the same order."""
+    if seg.SOPClassUID != SegmentationStorage:
+        raise ProcessingFailedError(
+            f"the SR measures a SEG; {seg.SOPInstanceUID} is of SOP class {seg.SOPClassUID}"
+        )
+    if seg.StudyInstanceUID != series.study_instance_uid:
+        raise ProcessingFailedError(
+            f"SEG {seg.SOPInstanceUID} belongs to another study than series {series.series_instance_uid}"
+        )
+    found = [(int(item.SegmentNumber), str(item.SegmentLabel)) for item in seg.SegmentSequence]
+    expected = [(s.segment_number, s.structure.name[:64]) for s in stats]
+    if found != expected:
+        raise ProcessingFailedError(
+            f"SEG {seg.SOPInstanceUID} has segments {found[:20]}; the label map gives {expected[:20]}"
+        )
+
+
+def _measurement_group(
+    series: SeriesVolume,
+    algorithm: AlgorithmInfo,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    seg: Dataset,
+    stats: SegmentStatistics,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for one segment: what it is (finding, site), where (the SEG's segment, and through
+    it the CT slices it lies on), and its volume and mean HU."""
+    structure = stats.structure
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid(series, algorithm, f"sr-tracking:{structure.name}"),
+        identifier=structure.name[:64],
+    )
+    measurements = [
+        hd.sr.Measurement(name=VOLUME, value=stats.volume_ml, unit=MILLILITRE),
+        hd.sr.Measurement(name=ATTENUATION, value=stats.mean_hu, unit=HOUNSFIELD_UNIT, derivation=MEAN),
+    ]
+    site = hd.sr.FindingSite(
+        anatomic_location=_coded(structure.type),
+        laterality=_coded(structure.laterality) if structure.laterality is not None else None,
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, stats.segment_number),
+        finding_type=_coded(structure.type),
+        finding_category=_coded(structure.category),
+        finding_sites=[site],
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+    )
+
+
+def _coded(concept: Concept) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=concept.value, scheme_designator=concept.scheme, meaning=concept.meaning)
+
+
+def _make_reproducible(sr: hd.sr.Comprehensive3DSR) -> None:
+    """Drop what highdicom stamps with the time of building (all optional, type 3), so that the
+    same input gives the same bytes: instance creation date and time, and contribution times."""
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in sr:
+            delattr(sr, keyword)
+    for equipment in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:
+            del equipment.ContributionDateTime

@@ -1,15 +1,19 @@
 """What every object the node derives from a series shares (SEG, RTSTRUCT, SR, overlay images):
 UIDs that are a function of the series and the algorithm, a content date taken from the source, the
-source's de-identification, and the software that made it. Derived so, a retry writes the same bytes
-and a corrected result of a grown series replaces the earlier one under the same UIDs.
+source's de-identification, the software that made it, and a durable write. Derived so, a retry
+writes the same bytes and a corrected result of a grown series replaces the earlier one under the
+same UIDs.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import os
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, TM
@@ -100,3 +104,27 @@ def software_version() -> str:
         return f"segnode {version('segnode')}"
     except PackageNotFoundError:  # running from a source checkout
         return "segnode (source)"
+
+
+def write_dataset(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` to ``path`` durably: a temp file beside it, fsync, atomic rename, fsync the folder.
+
+    A crash leaves either the old file or the complete new one, never a partial object.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

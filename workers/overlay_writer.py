@@ -35,9 +35,14 @@ from scipy import ndimage
 
 from segmenters.base import AlgorithmInfo, Structure
 from segmenters.ct_series import SeriesVolume
-from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
+from workers.derived import (
+    content_date_time,
+    copy_deidentification,
+    derived_uid,
+    software_version,
+    write_dataset,
+)
 from workers.errors import ProcessingFailedError
-from workers.seg_writer import write_seg
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +176,13 @@ def build_overlay(
 
 def write_overlay(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
     """Write each overlay image into ``folder`` as ``<SOP Instance UID>.dcm``, durably and
-    atomically (:func:`workers.seg_writer.write_seg`); returns the paths in the order given."""
+    atomically (:func:`workers.seg_writer.write_dataset`); returns the paths in the order given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for ds in datasets:
         path = folder / f"{ds.SOPInstanceUID}.dcm"
-        write_seg(ds, path)
+        write_dataset(ds, path)
         paths.append(path)
     return paths
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from segmenters.base import Segmenter
 from segmenters.ct_series import DecodeFailedError, UnsuitableSeriesError, load_series
+from workers.derived import write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.overlay_writer import build_overlay, write_overlay
 from workers.rtstruct_writer import build_rtstruct
-from workers.seg_writer import build_seg, write_seg
+from workers.seg_writer import build_seg
 from workers.sr_writer import build_sr
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,17 @@ def segment_series(
         series, labels, algorithm, structures, transfer_syntax=transfer_syntax, fast_overlap=fast_overlap
     )  # also when not sent: the SR refers to it, and it says which structures were found
     if "seg" in outputs:
-        write_seg(seg, folder / RESULT_FILES["seg"])
+        write_dataset(seg, folder / RESULT_FILES["seg"])
     timings["write_seg"] = time.perf_counter() - start
     if "rtstruct" in outputs:
         start = time.perf_counter()
-        write_seg(build_rtstruct(series, labels, algorithm, structures), folder / RESULT_FILES["rtstruct"])
+        write_dataset(
+            build_rtstruct(series, labels, algorithm, structures), folder / RESULT_FILES["rtstruct"]
+        )
         timings["write_rtstruct"] = time.perf_counter() - start
     if "sr" in outputs:
         start = time.perf_counter()
-        write_seg(build_sr(series, labels, algorithm, structures, seg), folder / RESULT_FILES["sr"])
+        write_dataset(build_sr(series, labels, algorithm, structures, seg), folder / RESULT_FILES["sr"])
         timings["write_sr"] = time.perf_counter() - start
     if "overlay" in outputs:
         start = time.perf_counter()

@@ -15,7 +15,7 @@ of a straight run say nothing), which keeps a 512 x 512 body outline to hundreds
 
 Everything written is a function of the series, the label map and the algorithm: UIDs derived as
 the SEG's are, dates from the source images, coordinates at a fixed precision. A retried job writes
-the same bytes (:func:`workers.seg_writer.write_seg` writes this object too).
+the same bytes (:func:`workers.seg_writer.write_dataset` writes this object too).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from skimage.measure import approximate_polygon, find_contours
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
 from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
-from workers.seg_writer import _present_structures
+from workers.seg_writer import present_structures
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def build_rtstruct(
     present, :class:`ProcessingFailedError` when the map does not fit the series or its structures.
     ``tolerance_px`` simplifies the outlines further (:data:`SIMPLIFY_TOLERANCE_PX`).
     """
-    present = _present_structures(series, label_map, algorithm, structures)
+    present = present_structures(series, label_map, algorithm, structures)
     content_date, content_time = content_date_time(series.datasets)
     time = content_time.strftime("%H%M%S") + (
         f".{content_time.microsecond:06d}" if content_time.microsecond else ""

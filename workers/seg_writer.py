@@ -11,14 +11,10 @@ one in the PACS under the same UIDs: never two SEGs of one series by one algorit
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from segmenters.base import AlgorithmInfo, Concept, Structure
@@ -69,7 +65,7 @@ def build_seg(
     """
     if transfer_syntax not in SUPPORTED_TRANSFER_SYNTAXES:
         raise ValueError(f"transfer syntax {transfer_syntax} is not one of {SUPPORTED_TRANSFER_SYNTAXES}")
-    present = _present_structures(series, label_map, segmenter_algorithm, structures)
+    present = present_structures(series, label_map, segmenter_algorithm, structures)
     seg_map = _to_segment_numbers(label_map, present)
     algorithm_id = hd.AlgorithmIdentificationSequence(
         name=segmenter_algorithm.name,
@@ -136,34 +132,10 @@ def series_description(algorithm: AlgorithmInfo) -> str:
     return f"AI ({name[: 64 - len('AI ()')]})"
 
 
-def write_seg(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` to ``path`` durably: a temp file beside it, fsync, atomic rename, fsync the folder.
-
-    A crash leaves either the old file or the complete new one, never a partial SEG.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _present_structures(
+def present_structures(
     series: SeriesVolume,
     label_map: np.ndarray,
     algorithm: AlgorithmInfo,

@@ -28,9 +28,14 @@ from pydicom.uid import SegmentationStorage
 from node.core.uids import derive_uid
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
-from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
+from workers.derived import (
+    content_date_time,
+    copy_deidentification,
+    derived_uid,
+    software_version,
+    write_dataset,
+)
 from workers.errors import ProcessingFailedError
-from workers.seg_writer import write_seg
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +143,8 @@ def build_sr(
 
 
 def write_sr(sr: Dataset, path: Path) -> None:
-    """Write ``sr`` to ``path`` durably and atomically, as :func:`workers.seg_writer.write_seg` does."""
-    write_seg(sr, path)
+    """Write ``sr`` to ``path`` durably and atomically, as :func:`workers.seg_writer.write_dataset` does."""
+    write_dataset(sr, path)
 
 
 def sr_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:

@@ -23,7 +23,8 @@ from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Struct
 from segmenters.ct_series import SeriesVolume, load_series
 from tests import dicom_factory as factory
 from workers import seg_overlap
-from workers.seg_writer import build_seg, write_seg
+from workers.derived import write_dataset
+from workers.seg_writer import build_seg
 
 ALGORITHM = AlgorithmInfo("segnode-contract", "1.0", Concept("123109", "Manual Processing", "DCM"))
 # As the classical segmenter labels them: the body (label 1) is what the lungs and bone leave.
@@ -87,8 +88,8 @@ def test_both_routes_write_the_same_bytes(
 ) -> None:
     labels = labels_with_body(series.volume.hu)
     fast, public = tmp_path / "fast.dcm", tmp_path / "public.dcm"
-    write_seg(build_seg(series, labels, ALGORITHM, WITH_BODY, transfer_syntax=syntax), fast)
-    write_seg(
+    write_dataset(build_seg(series, labels, ALGORITHM, WITH_BODY, transfer_syntax=syntax), fast)
+    write_dataset(
         build_seg(series, labels, ALGORITHM, WITH_BODY, transfer_syntax=syntax, fast_overlap=False), public
     )
     assert fast.read_bytes() == public.read_bytes()
@@ -107,8 +108,8 @@ def test_both_routes_write_the_same_bytes(
 def test_the_body_alone_does_not_overlap(series: SeriesVolume, tmp_path: Path) -> None:
     labels = (series.volume.hu > factory.AIR_HU).astype(np.uint8)
     fast, public = tmp_path / "fast.dcm", tmp_path / "public.dcm"
-    write_seg(build_seg(series, labels, ALGORITHM, WITH_BODY, fast_overlap=True), fast)
-    write_seg(build_seg(series, labels, ALGORITHM, WITH_BODY, fast_overlap=False), public)
+    write_dataset(build_seg(series, labels, ALGORITHM, WITH_BODY, fast_overlap=True), fast)
+    write_dataset(build_seg(series, labels, ALGORITHM, WITH_BODY, fast_overlap=False), public)
     assert fast.read_bytes() == public.read_bytes()
     assert pydicom.dcmread(fast).SegmentsOverlap == "NO"
 

@@ -16,8 +16,9 @@ from segmenters.ct_series import load_series
 from segmenters.datasets import read_dicom_seg, read_rtstruct_folder
 from tests import dicom_factory as f
 from tests.shared_data import THORAX
+from workers.derived import write_dataset
 from workers.pipeline import segment_series
-from workers.seg_writer import build_seg, write_seg
+from workers.seg_writer import build_seg
 
 ALGORITHM = AlgorithmInfo("segnode-test", "1.0", Concept("123110", "Artificial Intelligence", "DCM"))
 LUNG = Concept("39607008", "Lung")
@@ -38,7 +39,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nd
     labels = f.lung_and_bone_labels(hu, RIGHT_LUNG.label, LEFT_LUNG.label, BONE.label)
     labels[0] = 0  # an empty slice: the SEG leaves its frames out
     seg_file = folder / "seg.dcm"
-    write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES), seg_file)
+    write_dataset(build_seg(series, labels, ALGORITHM, STRUCTURES), seg_file)
     return folder / "ct", seg_file, labels
 
 

@@ -29,7 +29,7 @@ from segmenters.rtstruct import read_rtstruct_masks
 from tests import dicom_factory as f
 from tests.shared_data import THORAX
 from tests.unit.test_seg_writer import ALGORITHM, dciodvfy
-from workers.derived import UNRECORDED_DEIDENTIFICATION
+from workers.derived import UNRECORDED_DEIDENTIFICATION, write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.rtstruct_writer import (
     DEFAULT_SERIES_NUMBER,
@@ -38,7 +38,7 @@ from workers.rtstruct_writer import (
     series_description,
     slice_contours,
 )
-from workers.seg_writer import build_seg, write_seg
+from workers.seg_writer import build_seg
 
 BODY = anatomy.structure(1, "body")
 RIGHT_LUNG = anatomy.structure(2, "right_lung")
@@ -192,7 +192,7 @@ def test_rtstruct_is_valid_and_reads_back_as_the_label_map(
     series: SeriesVolume, labels: np.ndarray, tmp_path: Path, strict_reading: None
 ) -> None:
     path = tmp_path / "rtstruct.dcm"
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     info, masks = read_back(path, series)
@@ -216,7 +216,7 @@ def test_a_hole_and_islands_are_contours_of_their_own_combined_by_xor(
     series: SeriesVolume, labels: np.ndarray, tmp_path: Path
 ) -> None:
     path = tmp_path / "rtstruct.dcm"
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
     ds = pydicom.dcmread(path)
     right_lung = [slice_of(c, series) for c in contour_items(ds, 2)]
     assert [right_lung.count(k) for k in range(8)] == [3] * 8  # outline, hole, island in the hole
@@ -237,8 +237,8 @@ def test_a_hole_and_islands_are_contours_of_their_own_combined_by_xor(
 def test_rois_carry_the_seg_segments_numbers_names_and_codes(
     series: SeriesVolume, labels: np.ndarray, strict_reading: None, tmp_path: Path
 ) -> None:
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), tmp_path / "rt.dcm")
-    write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES), tmp_path / "seg.dcm")
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), tmp_path / "rt.dcm")
+    write_dataset(build_seg(series, labels, ALGORITHM, STRUCTURES), tmp_path / "seg.dcm")
     rt, seg = pydicom.dcmread(tmp_path / "rt.dcm"), pydicom.dcmread(tmp_path / "seg.dcm")
     rois, observations = rt.StructureSetROISequence, rt.RTROIObservationsSequence
     assert [(int(r.ROINumber), r.ROIName) for r in rois] == [
@@ -278,7 +278,7 @@ def test_every_image_is_referenced_and_every_contour_its_own(
     series: SeriesVolume, labels: np.ndarray, tmp_path: Path
 ) -> None:
     path = tmp_path / "rtstruct.dcm"
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
     ds = pydicom.dcmread(path)
     (frame,) = ds.ReferencedFrameOfReferenceSequence
     assert frame.FrameOfReferenceUID == series.frame_of_reference_uid == ds.FrameOfReferenceUID
@@ -311,7 +311,7 @@ def test_header_names_the_algorithm_and_copies_patient_and_study(
     series: SeriesVolume, labels: np.ndarray, tmp_path: Path, strict_reading: None
 ) -> None:
     path = tmp_path / "rtstruct.dcm"
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
     ds, source = pydicom.dcmread(path), series.datasets[0]
     assert ds.SOPClassUID == pydicom.uid.RTStructureSetStorage and ds.Modality == "RTSTRUCT"
     assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == rtstruct_uids(series, ALGORITHM)
@@ -338,8 +338,8 @@ def test_header_names_the_algorithm_and_copies_patient_and_study(
 
 def test_a_retry_writes_the_same_bytes(series: SeriesVolume, labels: np.ndarray, tmp_path: Path) -> None:
     first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), first)
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), second)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), first)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), second)
     assert first.read_bytes() == second.read_bytes()
 
 
@@ -359,7 +359,7 @@ def test_a_deidentified_series_gives_an_rtstruct_that_says_so(tmp_path: Path, st
     series = load_series(paths)
     labels = f.lung_and_bone_labels(series.volume.hu, RIGHT_LUNG.label, LEFT_LUNG.label, AIRWAYS.label)
     path = tmp_path / "rtstruct.dcm"
-    write_seg(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     ds = pydicom.dcmread(path)
@@ -445,7 +445,7 @@ def test_real_thorax_classical_rtstruct(tmp_path: Path, strict_reading: None) ->
     ds = build_rtstruct(series, labels, segmenter.algorithm, segmenter.structures)
     print(f"thorax RTSTRUCT built in {time.perf_counter() - start:.2f} s")
     path = tmp_path / "rtstruct.dcm"
-    write_seg(ds, path)
+    write_dataset(ds, path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     info, masks = read_back(path, series)

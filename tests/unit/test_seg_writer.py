@@ -1,4 +1,4 @@
-"""build_seg / write_seg: every SEG written is validated by dciodvfy and read back strictly."""
+"""build_seg / write_dataset: every SEG written is validated by dciodvfy and read back strictly."""
 
 from __future__ import annotations
 
@@ -19,14 +19,9 @@ from segmenters.classical import ClassicalSegmenter
 from segmenters.ct_series import SeriesVolume, load_series
 from segmenters.datasets import read_dicom_seg
 from tests import dicom_factory as f
-from workers.derived import UNRECORDED_DEIDENTIFICATION
+from workers.derived import UNRECORDED_DEIDENTIFICATION, write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
-from workers.seg_writer import (
-    build_seg,
-    seg_uids,
-    series_description,
-    write_seg,
-)
+from workers.seg_writer import build_seg, seg_uids, series_description
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 REAL_J2K = SHARED_DATA / "ct-abdomen-j2k"
@@ -131,7 +126,7 @@ def test_seg_is_valid_and_reads_back(
     labels = phantom_labels(series.volume.hu)
     seg = build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax)
     path = tmp_path / "seg.dcm"
-    write_seg(seg, path)
+    write_dataset(seg, path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     present = [RIGHT_LUNG, LEFT_LUNG, BONE]
@@ -147,7 +142,7 @@ def test_seg_is_valid_and_reads_back(
 
 def test_segment_descriptions_are_coded(series: SeriesVolume, strict_reading: None, tmp_path: Path) -> None:
     seg = build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES)
-    write_seg(seg, tmp_path / "seg.dcm")
+    write_dataset(seg, tmp_path / "seg.dcm")
     back = pydicom.dcmread(tmp_path / "seg.dcm")
     right, left, bone = back.SegmentSequence
     for item, structure in ((right, RIGHT_LUNG), (left, LEFT_LUNG), (bone, BONE)):
@@ -196,7 +191,7 @@ def test_non_contiguous_labels_are_renumbered(
     labels = phantom_labels(series.volume.hu)
     labels[labels == LEFT_LUNG.label] = 0  # only the right lung (2) and bone (7) remain
     seg = build_seg(series, labels, ALGORITHM, STRUCTURES)
-    write_seg(seg, tmp_path / "seg.dcm")
+    write_dataset(seg, tmp_path / "seg.dcm")
     check_roundtrip(tmp_path / "seg.dcm", series, labels, [RIGHT_LUNG, BONE])
 
 
@@ -244,8 +239,8 @@ def test_a_grown_series_keeps_its_uids_a_new_algorithm_gets_new_ones(
 def test_a_retry_writes_the_same_bytes(series: SeriesVolume, tmp_path: Path, syntax: str) -> None:
     labels = phantom_labels(series.volume.hu)
     first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
-    write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax), first)
-    write_seg(build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax), second)
+    write_dataset(build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax), first)
+    write_dataset(build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=syntax), second)
     assert first.read_bytes() == second.read_bytes()
     # What highdicom would make up at each build is derived or left out instead.
     seg = pydicom.dcmread(first)
@@ -286,7 +281,7 @@ def test_body_segment_is_the_whole_body_and_the_others_are_unchanged(
 ) -> None:
     labels = labels_with_body(series.volume.hu)
     path = tmp_path / "seg.dcm"
-    write_seg(build_seg(series, labels, ALGORITHM, WITH_BODY), path)
+    write_dataset(build_seg(series, labels, ALGORITHM, WITH_BODY), path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     back = hd.seg.segread(path)
@@ -340,7 +335,9 @@ def test_every_structure_of_the_anatomy_table_has_a_colour_of_its_own() -> None:
 def test_each_segment_of_a_seg_has_its_own_display_colour(
     series: SeriesVolume, tmp_path: Path, strict_reading: None
 ) -> None:
-    write_seg(build_seg(series, labels_with_body(series.volume.hu), ALGORITHM, WITH_BODY), tmp_path / "s.dcm")
+    write_dataset(
+        build_seg(series, labels_with_body(series.volume.hu), ALGORITHM, WITH_BODY), tmp_path / "s.dcm"
+    )
     segments = pydicom.dcmread(tmp_path / "s.dcm").SegmentSequence
     colours = [tuple(item.RecommendedDisplayCIELabValue) for item in segments]
     assert len(colours) == 4 and len(set(colours)) == 4
@@ -354,7 +351,7 @@ def test_each_segment_of_a_seg_has_its_own_display_colour(
 def test_a_deidentified_series_gives_a_seg_that_says_so_and_how(tmp_path: Path, strict_reading: None) -> None:
     series = load_series(f.make_deidentified_ct_series(tmp_path / "ct", n_slices=6, rows=32, cols=48))
     path = tmp_path / "seg.dcm"
-    write_seg(build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES), path)
+    write_dataset(build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES), path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     seg = pydicom.dcmread(path)
@@ -376,7 +373,7 @@ def test_a_deidentified_series_that_does_not_say_how_gives_a_valid_seg(
     )
     series = load_series(paths)
     path = tmp_path / "seg.dcm"
-    write_seg(build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES), path)
+    write_dataset(build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES), path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     seg = pydicom.dcmread(path)
@@ -453,7 +450,7 @@ def test_write_seg_replaces_atomically(series: SeriesVolume, tmp_path: Path) -> 
     seg = build_seg(series, phantom_labels(series.volume.hu), ALGORITHM, STRUCTURES)
     path = tmp_path / "seg.dcm"
     path.write_bytes(b"old")
-    write_seg(seg, path)
+    write_dataset(seg, path)
     assert pydicom.dcmread(path).SOPInstanceUID == seg.SOPInstanceUID
     assert [p.name for p in tmp_path.iterdir()] == ["seg.dcm"]  # no temp file left behind
 
@@ -461,7 +458,7 @@ def test_write_seg_replaces_atomically(series: SeriesVolume, tmp_path: Path) -> 
 def test_write_seg_leaves_nothing_on_failure(tmp_path: Path) -> None:
     broken = pydicom.Dataset()  # no file meta: pydicom refuses to write it as a file
     with pytest.raises((ValueError, AttributeError)):
-        write_seg(broken, tmp_path / "seg.dcm")
+        write_dataset(broken, tmp_path / "seg.dcm")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -478,7 +475,7 @@ def test_real_series_seg(tmp_path: Path, strict_reading: None) -> None:
     labels[(hu > 20) & (hu < 80)] = HEART.label  # any soft-tissue label will do here
     seg = build_seg(series, labels, ALGORITHM, STRUCTURES, transfer_syntax=JPEG2000Lossless)
     path = tmp_path / "seg.dcm"
-    write_seg(seg, path)
+    write_dataset(seg, path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     check_roundtrip(path, series, labels, [HEART, BONE])
@@ -492,7 +489,7 @@ def test_real_thorax_classical_seg(tmp_path: Path, strict_reading: None) -> None
     segmenter = ClassicalSegmenter()
     labels = segmenter.predict(series.volume)
     path = tmp_path / "seg.dcm"
-    write_seg(build_seg(series, labels, segmenter.algorithm, segmenter.structures), path)
+    write_dataset(build_seg(series, labels, segmenter.algorithm, segmenter.structures), path)
     if shutil.which("dciodvfy"):
         dciodvfy(path)
     back = hd.seg.segread(path)

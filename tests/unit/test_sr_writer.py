@@ -28,8 +28,9 @@ from tests.unit.test_seg_writer import (
     labels_with_body,
     phantom_labels,
 )
+from workers.derived import write_dataset
 from workers.errors import ProcessingFailedError
-from workers.seg_writer import build_seg, write_seg
+from workers.seg_writer import build_seg
 from workers.sr_writer import build_sr, segment_statistics, series_description, sr_uids, write_sr
 
 REAL_THORAX = THORAX / "ct"
@@ -56,7 +57,7 @@ def _write_seg_and_sr(
 ) -> tuple[Path, Path]:
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
     seg = build_seg(series, labels, ALGORITHM, structures)
-    write_seg(seg, seg_path)
+    write_dataset(seg, seg_path)
     write_sr(build_sr(series, labels, ALGORITHM, structures, seg), sr_path)
     return seg_path, sr_path
 
@@ -268,7 +269,7 @@ def test_real_thorax_classical_sr(tmp_path: Path, strict_reading: None) -> None:
     labels = segmenter.predict(series.volume)
     seg = build_seg(series, labels, segmenter.algorithm, segmenter.structures)
     seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
-    write_seg(seg, seg_path)
+    write_dataset(seg, seg_path)
     write_sr(build_sr(series, labels, segmenter.algorithm, segmenter.structures, seg), sr_path)
     if shutil.which("dciodvfy"):
         dciodvfy(sr_path)

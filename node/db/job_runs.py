@@ -256,7 +256,7 @@ class JobRuns:
             if DeliveryState.PENDING in states:
                 return
             reason = "; ".join(
-                f"{d.destination} did not accept the {d.output} after {d.attempts} attempt(s): "
+                f"{d.destination} did not accept the {shown(d.output)} after {d.attempts} attempt(s): "
                 f"{d.last_status}"
                 for d in job.deliveries
                 if d.state == DeliveryState.FAILED
@@ -268,6 +268,11 @@ class JobRuns:
                 "failed",
                 reason=f"{reason}. Fix the destination, then retry the job.",
             )
+
+
+def shown(output: str) -> str:
+    """An output as people name it: SEG, RTSTRUCT, SR, overlay images."""
+    return "overlay images" if output == "overlay" else output.upper()
 
 
 def _lapsed(expires_at: datetime | None, now: datetime) -> bool:

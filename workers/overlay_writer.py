@@ -1,22 +1,9 @@
-"""Overlay images: the CT slices with the segmentation burned in, for viewers that cannot show a SEG.
+"""Overlay images: the CT slices with each structure's outline burned in and a legend, for viewers
+that cannot show a SEG.
 
-One single-frame Secondary Capture image (RGB) per CT slice, on the CT's own pixel grid: the slice in
-the source's window (a body window, W 400 / L 40, when the source gives none) as grey, the outline of
-each structure in its display colour and a legend in the top-left corner with the structures drawn on
-that slice and the line "AI result - not for primary diagnosis". Secondary Capture Image Storage is
-the image object every PACS and viewer displays; the multi-frame and enhanced forms are not.
-
-Outlines, not filled areas: the grey values inside a structure stay those of the CT, so the anatomy
-(a tumour in a lung, a vessel at the hilum) is read as it is, and a colour never mixes with the grey.
-The body, which contains every other structure, is drawn as its outer outline only.
-
-The images are marked as what they are: derived and secondary, burned-in annotation, a series
-description and image comments that say "not for diagnosis", and each image names its CT slice as
-its source. The Secondary Capture IOD has no Frame of Reference or Image Plane module, so position,
-orientation and frame of reference are left out (a viewer cannot link these images to the CT); the
-pixel spacing (SC Image module) and the patient orientation letters (General Image) are kept.
-Like the other derived objects, every UID and date derives from the series and the algorithm
-(:mod:`workers.derived`), so a retried job writes the very same files.
+Single-frame Secondary Capture (the image object every viewer displays), outlines rather than fills
+so the anatomy inside stays readable, marked derived and "not for primary diagnosis". The SC IOD has
+no Frame of Reference, so a viewer cannot link these images to the CT geometrically.
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
 """Turn a segmenter's label map into an RT Structure Set (RTSTRUCT) that a planning system imports.
 
-The SEG says the same thing voxel by voxel; radiotherapy systems read contours. One ROI per
-structure the segmenter found, in the SEG's order, under the SEG's names and SNOMED CT codes (the
-body as the whole body), contoured slice by slice on the CT's own grid and Frame of Reference.
-
-Contours are the 0.5 iso-lines of each slice's mask (scikit-image's marching squares), so they pass
-half-way between the pixel centres inside and outside: filled at the pixel centres they give back
-the mask exactly. A structure with a hole or several islands gives several contours on a slice;
-DICOM has no hole flag, and the convention readers follow (dicompyler-core's DVH calculation, the
-node's own reader in :mod:`segmenters.rtstruct`, planning systems) is that the contours of one ROI
-on one plane combine by XOR: a contour inside another is a hole. The iso-lines of a mask never
-cross, so that is exactly what they say. Only their corners are written (the points in the middle
-of a straight run say nothing), which keeps a 512 x 512 body outline to hundreds of points.
-
-Everything written is a function of the series, the label map and the algorithm: UIDs derived as
-the SEG's are, dates from the source images, coordinates at a fixed precision. A retried job writes
-the same bytes (:func:`workers.seg_writer.write_dataset` writes this object too).
+One ROI per structure, in the SEG's order and with its codes, contoured per slice as the 0.5
+iso-lines of the mask (scikit-image), so filled at pixel centres they give the mask back. DICOM has
+no hole flag: the contours of one ROI on one plane combine by XOR, the convention readers follow.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""Measure each segment of a SEG and report it as a DICOM SR (TID 1500 Measurement Report).
+"""Measure each segment of a SEG and report it as a DICOM SR (TID 1500 Measurement Report): volume
+in mL and mean HU, in numbers a PACS or a research pipeline reads without decoding a mask.
 
-The SEG shows where a structure is; the SR says how big it is and how dense, in numbers a PACS,
-a viewer or a research pipeline can read without decoding a mask: one volumetric measurement group
-(TID 1411) per segment of the SEG, each referencing that segment, with the segment's volume in mL
-and its mean attenuation in HU over the source CT. The numbers come from the label map the SEG was
-made of, counted voxel by voxel, so they agree with the SEG exactly.
-
-The IOD is Comprehensive 3D SR, as highdicom's TID 1500 documentation builds it; nothing here needs
-3D coordinates, but it is what TID 1500 readers (dcmqi, OHIF, highdicom) expect. Like the SEG, the
-SR's UIDs and dates derive from the series and the algorithm only (:mod:`workers.derived`), so a
-retried job writes the same bytes and a corrected SR replaces the earlier one.
+Counted from the label map the SEG was made of, so they agree with it exactly; Comprehensive 3D SR
+because that is what TID 1500 readers (highdicom, dcmqi, OHIF) expect.
 """
 
 from __future__ import annotations

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, TM
 
 from node.core.uids import derive_uid
-from segmenters.base import AlgorithmInfo
+from segmenters.base import AlgorithmInfo, Structure
 from segmenters.ct_series import SeriesVolume
+from workers.errors import ProcessingFailedError
 
 # De-identification Method (LO) for a de-identified source that does not say how (as some public
 # collections do): a derived object must give a method when Patient Identity Removed is YES.
@@ -128,3 +130,36 @@ def write_dataset(ds: Dataset, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_label_map(
+    series: SeriesVolume, label_map: np.ndarray, algorithm: AlgorithmInfo, structures: Sequence[Structure]
+) -> None:
+    """Raise :class:`ProcessingFailedError` for a label map that does not fit the series or a set of
+    structures that cannot name its labels: the segmenter's fault, not the series'."""
+    who = f"{algorithm.name} {algorithm.version}"
+    if label_map.shape != series.volume.hu.shape:
+        raise ProcessingFailedError(
+            f"segmenter {who} returned a label map of shape {label_map.shape} for a volume of shape "
+            f"{series.volume.hu.shape}"
+        )
+    if label_map.dtype.kind not in "iu":
+        raise ProcessingFailedError(
+            f"segmenter {who} returned a label map of type {label_map.dtype}; an integer type "
+            "(uint8) is required"
+        )
+    labels = [s.label for s in structures]
+    if len(set(labels)) != len(labels) or any(lab <= 0 for lab in labels):
+        raise ProcessingFailedError(
+            f"segmenter {who} declares structure labels {labels}; they must be distinct and positive"
+        )
+
+
+def series_description(algorithm: AlgorithmInfo, what: str) -> str:
+    """What a technologist reads in the PACS series list (LO: at most 64 characters), e.g.
+    "AI segmentation (classical 1.0)": when it does not fit, ``what`` gives way before the name."""
+    name = f"{algorithm.name} {algorithm.version}"
+    for prefix in (f"AI {what} (", "AI ("):
+        if len(prefix) + len(name) + 1 <= 64:
+            return f"{prefix}{name})"
+    return f"AI ({name[: 64 - len('AI ()')]})"

@@ -23,6 +23,7 @@ from scipy import ndimage
 from segmenters.base import AlgorithmInfo, Structure
 from segmenters.ct_series import SeriesVolume
 from workers.derived import (
+    check_label_map,
     content_date_time,
     copy_deidentification,
     derived_uid,
@@ -190,22 +191,9 @@ def _check_labels(
     structures: Sequence[Structure],
 ) -> list[set[int]]:
     """The labels present on each slice; the map checked as the SEG writer checks it."""
+    check_label_map(series, label_map, algorithm, structures)
     who = f"{algorithm.name} {algorithm.version}"
-    if label_map.shape != series.volume.hu.shape:
-        raise ProcessingFailedError(
-            f"segmenter {who} returned a label map of shape {label_map.shape} for a volume of shape "
-            f"{series.volume.hu.shape}"
-        )
-    if label_map.dtype.kind not in "iu":
-        raise ProcessingFailedError(
-            f"segmenter {who} returned a label map of type {label_map.dtype}; an integer type "
-            "(uint8) is required"
-        )
     labels = [s.label for s in structures]
-    if len(set(labels)) != len(labels) or any(lab <= 0 for lab in labels):
-        raise ProcessingFailedError(
-            f"segmenter {who} declares structure labels {labels}; they must be distinct and positive"
-        )
     known = set(labels)
     present: list[set[int]] = []
     for plane in label_map:

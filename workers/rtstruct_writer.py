@@ -22,6 +22,7 @@ from skimage.measure import approximate_polygon, find_contours
 
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
+from workers import derived
 from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
 from workers.seg_writer import present_structures
 
@@ -127,13 +128,7 @@ def rtstruct_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, 
 
 
 def series_description(algorithm: AlgorithmInfo) -> str:
-    """What a technologist reads in the PACS series list (LO: at most 64 characters), worded as
-    the SEG's: the algorithm's name and version first, the word "contours" gives way before them."""
-    name = f"{algorithm.name} {algorithm.version}"
-    for prefix in ("AI contours (", "AI ("):
-        if len(prefix) + len(name) + 1 <= 64:
-            return f"{prefix}{name})"
-    return f"AI ({name[: 64 - len('AI ()')]})"
+    return derived.series_description(algorithm, "contours")
 
 
 def slice_contours(mask: np.ndarray, tolerance_px: float = SIMPLIFY_TOLERANCE_PX) -> list[np.ndarray]:

@@ -19,7 +19,14 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
-from workers.derived import content_date_time, copy_deidentification, derived_uid, software_version
+from workers import derived
+from workers.derived import (
+    check_label_map,
+    content_date_time,
+    copy_deidentification,
+    derived_uid,
+    software_version,
+)
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.seg_overlap import make_segmentation
 
@@ -120,16 +127,7 @@ def seg_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
 
 
 def series_description(algorithm: AlgorithmInfo) -> str:
-    """What a technologist reads in the PACS series list (LO: at most 64 characters).
-
-    The algorithm's name and version matter most (which model, cropped or not), so when they do
-    not fit the words "segmentation" give way first (the modality, SEG, says it), then the end.
-    """
-    name = f"{algorithm.name} {algorithm.version}"
-    for prefix in ("AI segmentation (", "AI ("):
-        if len(prefix) + len(name) + 1 <= 64:
-            return f"{prefix}{name})"
-    return f"AI ({name[: 64 - len('AI ()')]})"
+    return derived.series_description(algorithm, "segmentation")
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -142,22 +140,9 @@ def present_structures(
     structures: Sequence[Structure],
 ) -> list[Structure]:
     """The structures found in ``label_map``, in the segmenter's order; checks the map first."""
+    check_label_map(series, label_map, algorithm, structures)
     who = f"{algorithm.name} {algorithm.version}"
-    if label_map.shape != series.volume.hu.shape:
-        raise ProcessingFailedError(
-            f"segmenter {who} returned a label map of shape {label_map.shape} for a volume of shape "
-            f"{series.volume.hu.shape}"
-        )
-    if label_map.dtype.kind not in "iu":
-        raise ProcessingFailedError(
-            f"segmenter {who} returned a label map of type {label_map.dtype}; an integer type "
-            "(uint8) is required"
-        )
     labels = [s.label for s in structures]
-    if len(set(labels)) != len(labels) or any(lab <= 0 for lab in labels):
-        raise ProcessingFailedError(
-            f"segmenter {who} declares structure labels {labels}; they must be distinct and positive"
-        )
     # Per-slice counts: bincount of the whole map would first copy it into a 64-bit array.
     counts = np.zeros(1, dtype=np.int64)
     for plane in label_map:

@@ -21,7 +21,9 @@ from pydicom.uid import SegmentationStorage
 from node.core.uids import derive_uid
 from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
+from workers import derived
 from workers.derived import (
+    check_label_map,
     content_date_time,
     copy_deidentification,
     derived_uid,
@@ -146,12 +148,7 @@ def sr_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
 
 
 def series_description(algorithm: AlgorithmInfo) -> str:
-    """What a technologist reads in the PACS series list (LO: at most 64 characters)."""
-    name = f"{algorithm.name} {algorithm.version}"
-    for prefix in ("AI measurements (", "AI ("):
-        if len(prefix) + len(name) + 1 <= 64:
-            return f"{prefix}{name})"
-    return f"AI ({name[: 64 - len('AI ()')]})"
+    return derived.series_description(algorithm, "measurements")
 
 
 def segment_statistics(
@@ -169,20 +166,10 @@ def segment_statistics(
     between slice centres, which is what a voxel of a stack of slices stands for (not the slice
     thickness, which overlapping or gapped slices make larger or smaller).
     """
+    check_label_map(series, label_map, algorithm, structures)
     who = f"{algorithm.name} {algorithm.version}"
     hu = series.volume.hu
-    if label_map.shape != hu.shape:
-        raise ProcessingFailedError(
-            f"segmenter {who} returned a label map of shape {label_map.shape} for a volume of shape "
-            f"{hu.shape}"
-        )
-    if label_map.dtype.kind not in "iu":
-        raise ProcessingFailedError(f"segmenter {who} returned a label map of type {label_map.dtype}")
     labels = [s.label for s in structures]
-    if len(set(labels)) != len(labels) or any(lab <= 0 for lab in labels):
-        raise ProcessingFailedError(
-            f"segmenter {who} declares structure labels {labels}; they must be distinct and positive"
-        )
     counts = np.zeros(max(labels, default=0) + 1, dtype=np.int64)
     sums = np.zeros(counts.size, dtype=np.float64)
     for label_plane, hu_plane in zip(label_map, hu, strict=True):

@@ -177,7 +177,9 @@ class Sender(threading.Thread):
     def _send(self, datasets: list[Dataset]) -> list[Dataset]:
         """Send in one association; what is left to send."""
         ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        # pynetdicom 3.0.4's SCU now and then waits for a response that has arrived: it gives up
+        # after this, and sends what was not acknowledged again, well within the quiet period.
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
         ae.add_requested_context(CT_IMAGE, [ExplicitVRLittleEndian])
         assoc = ae.associate(peers.LOCALHOST, self.node.port, ae_title="SEGNODE")
         if not assoc.is_established:
@@ -249,8 +251,9 @@ def run(minutes: float, senders: int, slices: int, seed: int, workdir: Path, dra
             workdir / "node",
             {
                 "database_url": postgres.url,
-                # Longer than a node restart: a series cut by a kill is finished before it is assembled.
-                "quiet_period_s": 10.0,
+                # The default: far longer than a node restart or a sender's stall, so a series cut
+                # short is finished before it is assembled (a sender paused longer is a new job).
+                "quiet_period_s": 30.0,
                 "scp": {"network_timeout_s": 10.0, "max_associations": 16},
                 "worker": {
                     "broker_url": redis.url,

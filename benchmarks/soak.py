@@ -32,13 +32,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from node.core.dicom import CT_IMAGE
-from node.db.models import Instance, Job, JobState, Series
+from node.db.models import TERMINAL_STATES, Instance, Job, JobState, Series
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
-SETTLED = {JobState.DELIVERED, JobState.FAILED, JobState.REJECTED}
 # Seconds between two faults, drawn uniformly; and how long a killed server stays down.
 FAULT_EVERY_S = (10.0, 30.0)
 DOWN_S = (1.0, 5.0)
@@ -336,7 +335,7 @@ def _check(
         jobs = jobs_by_series()
         return all(
             any(j.state == JobState.DELIVERED for j in jobs.get(uid, []))
-            and all(j.state in SETTLED for j in jobs[uid])
+            and all(j.state in TERMINAL_STATES for j in jobs[uid])
             for uid in sent.series
         )
 
@@ -359,7 +358,7 @@ def _check(
         f"series {uid}: "
         + ", ".join(f"job {j.id} {j.state.value} {j.reason}".strip() for j in jobs.get(uid, []))
         for uid in sent.series
-        if delivered[uid] == 0 or any(j.state not in SETTLED for j in jobs.get(uid, []))
+        if delivered[uid] == 0 or any(j.state not in TERMINAL_STATES for j in jobs.get(uid, []))
     ]
     return Report(
         faults=faults,

@@ -145,7 +145,6 @@ def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> None:
             )
         what = ", ".join(d.output for d in deliveries)
         log.info("job %d: %s to %s: %s", job_id, what, name, "sent" if outcome.delivered else outcome.answer)
-    runs.delivery_settled(job_id)
 
 
 def _deliver(settings: Settings, name: str, files: list[Path]) -> DeliveryOutcome:

@@ -219,8 +219,10 @@ class JobRuns:
         max_attempts: int,
         backoff_s: Callable[[int], float],
     ) -> None:
-        """One delivery attempt and its answer. A delivery still pending is due again after
-        ``backoff_s`` of its attempts; it fails for good after ``max_attempts``."""
+        """One delivery attempt and its answer, and the job settled with it in one transaction, so
+        a worker killed after it leaves no job waiting on deliveries that are over. A delivery still
+        pending is due again after ``backoff_s`` of its attempts; it fails for good after
+        ``max_attempts``."""
         with session_scope(self.sessions) as session:
             delivery = session.get_one(Delivery, delivery_id)
             job = session.get_one(Job, job_id)
@@ -239,35 +241,34 @@ class JobRuns:
             if delivery.state == DeliveryState.PENDING:
                 message += f"; next attempt in {backoff_s(delivery.attempts):g} s"
             record_event(session, job, event, message)
+            session.flush()
+            _settle(session, job)
 
-    def delivery_settled(self, job_id: int) -> None:
-        """DELIVERED when every destination took every output, FAILED when one never will; else the
-        job waits, and the scheduler sends it to a worker when its next delivery is due."""
-        with session_scope(self.sessions) as session:
-            job = session.get_one(Job, job_id)
-            if job.state != JobState.SEGMENTED:
-                return
-            states = [d.state for d in job.deliveries]
-            if all(s == DeliveryState.DELIVERED for s in states):
-                transition(
-                    session, job, JobState.DELIVERED, "delivered", "every destination answered success"
-                )
-                return
-            if DeliveryState.PENDING in states:
-                return
-            reason = "; ".join(
-                f"{d.destination} did not accept the {shown(d.output)} after {d.attempts} attempt(s): "
-                f"{d.last_status}"
-                for d in job.deliveries
-                if d.state == DeliveryState.FAILED
-            )
-            transition(
-                session,
-                job,
-                JobState.FAILED,
-                "failed",
-                reason=f"{reason}. Fix the destination, then retry the job.",
-            )
+
+def _settle(session: Session, job: Job) -> None:
+    """DELIVERED when every destination took every output, FAILED when one never will; else the
+    job waits, and the scheduler sends it to a worker when its next delivery is due."""
+    if job.state != JobState.SEGMENTED:
+        return
+    states = [d.state for d in job.deliveries]
+    if all(s == DeliveryState.DELIVERED for s in states):
+        transition(session, job, JobState.DELIVERED, "delivered", "every destination answered success")
+        return
+    if DeliveryState.PENDING in states:
+        return
+    reason = "; ".join(
+        f"{d.destination} did not accept the {shown(d.output)} after {d.attempts} attempt(s): "
+        f"{d.last_status}"
+        for d in job.deliveries
+        if d.state == DeliveryState.FAILED
+    )
+    transition(
+        session,
+        job,
+        JobState.FAILED,
+        "failed",
+        reason=f"{reason}. Fix the destination, then retry the job.",
+    )
 
 
 def shown(output: str) -> str:

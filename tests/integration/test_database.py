@@ -440,9 +440,47 @@ def test_the_delivery_schedule_is_the_databases(sessions: sessionmaker[Session],
     delivery_id = claimed[1][0].delivery_id
     refused = DeliveryOutcome(delivered=False, permanent=False, answer="connection refused")
     runs.attempted(job_id, delivery_id, refused, max_attempts=3, backoff_s=lambda attempts: 60.0 * attempts)
-    runs.delivery_settled(job_id)
     assert due() == {} and due(after_s=61) == {job_id: 1}  # the retry is due after its backoff
     with sessions() as session:
         job = session.get_one(Job, job_id)
         assert job.state == JobState.SEGMENTED
         assert "attempt 1: connection refused; next attempt in 60 s" in job.events[-1].message
+
+
+def test_the_attempt_that_ends_a_jobs_deliveries_settles_the_job(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    # A worker killed right after recording an attempt must not leave the job SEGMENTED with no
+    # delivery pending, which nothing would ever pick up again: the attempt itself settles it.
+    settings = settings_for(
+        tmp_path,
+        destinations={n: {"ae_title": n.upper(), "host": "127.0.0.1", "port": 104} for n in ("a", "b")},
+        rules=[{"name": "ct", "min_slices": 1, "destinations": ["a", "b"]}],
+    )
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    storage.store([b"ct"], facts(series="1.2.3.1"), "CT01")
+    storage.store([b"ct"], facts(series="1.2.3.2"), "CT01")
+    with sessions.begin() as session:
+        job_ids = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    runs = JobRuns(sessions, "w@a/1", lease_s=60)
+    outcomes = {
+        "delivered": DeliveryOutcome(delivered=True, permanent=False, answer="0x0000"),
+        "refused": DeliveryOutcome(delivered=False, permanent=True, answer="association rejected"),
+    }
+    states: dict[str, tuple[JobState, str | None]] = {}
+    for job_id, last in zip(sorted(job_ids), outcomes, strict=True):
+        assert runs.claim(job_id) is not None
+        assert runs.segmented(job_id, tmp_path, ["seg"], f"1.2.3.{job_id}", "1 segment")
+        claimed = runs.claim_due_deliveries(job_id, hold_s=120)
+        assert claimed is not None and len(claimed[1]) == 2
+        first, second = claimed[1]
+        runs.attempted(job_id, first.delivery_id, outcomes["delivered"], 3, lambda attempts: 60.0)
+        with sessions() as session:
+            assert session.get_one(Job, job_id).state == JobState.SEGMENTED  # "b" still pending
+        runs.attempted(job_id, second.delivery_id, outcomes[last], 3, lambda attempts: 60.0)
+        with sessions() as session:
+            job = session.get_one(Job, job_id)
+            states[last] = (job.state, job.reason)
+    assert states["delivered"] == (JobState.DELIVERED, "")
+    assert states["refused"][0] == JobState.FAILED
+    assert "b did not accept the SEG after 1 attempt(s): association rejected" in states["refused"][1]

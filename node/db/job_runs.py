@@ -257,8 +257,7 @@ def _settle(session: Session, job: Job) -> None:
     if DeliveryState.PENDING in states:
         return
     reason = "; ".join(
-        f"{d.destination} did not accept the {shown(d.output)} after {d.attempts} attempt(s): "
-        f"{d.last_status}"
+        f"{d.destination} did not accept the {shown(d.output)} after {d.attempts} attempt(s): {d.last_status}"
         for d in job.deliveries
         if d.state == DeliveryState.FAILED
     )

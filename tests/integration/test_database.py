@@ -467,7 +467,7 @@ def test_the_attempt_that_ends_a_jobs_deliveries_settles_the_job(
         "delivered": DeliveryOutcome(delivered=True, permanent=False, answer="0x0000"),
         "refused": DeliveryOutcome(delivered=False, permanent=True, answer="association rejected"),
     }
-    states: dict[str, tuple[JobState, str | None]] = {}
+    states: dict[str, tuple[JobState, str]] = {}
     for job_id, last in zip(sorted(job_ids), outcomes, strict=True):
         assert runs.claim(job_id) is not None
         assert runs.segmented(job_id, tmp_path, ["seg"], f"1.2.3.{job_id}", "1 segment")

@@ -62,7 +62,7 @@ SPLIT_MAX_EROSIONS = 12  # erosions tried to separate two lungs that touch
 SPLIT_MIN_SHARE = 0.1  # the smaller of two eroded pieces holds at least this share of the larger
 
 _BAND = np.uint8(255)  # marks working voxels on a boundary, settled at full resolution
-_SLAB = 8  # working slices refined at a time
+_BAND_BLOCKS = 1 << 18  # boundary voxels of the working grid settled at a time
 
 _PLANE = np.zeros((3, 3, 3), dtype=bool)
 _PLANE[1] = ndi.generate_binary_structure(2, 1)  # in-plane 4-connectivity: 2D work on a 3D array
@@ -474,8 +474,8 @@ def _to_full_resolution(labels: np.ndarray, hu: np.ndarray, grid: _Grid) -> np.n
 
     Where a voxel's neighbourhood on the working grid holds one label, it takes that label. Near a
     boundary it takes a lung or airway label if it is air and one is near, otherwise background if
-    it is air next to the outside, otherwise body. The work goes a slab at a time, so temporaries
-    stay small whatever the series' size.
+    it is air next to the outside, otherwise body. Boundary voxels are settled a block of working
+    voxels at a time, so temporaries stay small whatever the series' size.
     """
     sz, sy, sx = grid.steps
     size = (3 if sz > 1 else 1, 3, 3)
@@ -487,21 +487,25 @@ def _to_full_resolution(labels: np.ndarray, hu: np.ndarray, grid: _Grid) -> np.n
     del high, low
 
     full = np.empty(hu.shape, dtype=np.uint8)
-    for start in range(0, labels.shape[0], _SLAB):
-        stop = min(start + _SLAB, labels.shape[0])
-        rows = slice(start * sz, min(stop * sz, hu.shape[0]))
-        slab = full[rows]
-        _upsample_into(slab, core[start:stop], grid.steps)
-        z, y, x = np.nonzero(slab == _BAND)
-        if z.size == 0:
-            continue
-        near = (z // sz + start, y // sy, x // sx)
-        values = hu[rows][z, y, x]
-        lung = air_label[near]
-        out = np.where(near_outside[near] & (values <= BODY_MIN_HU), np.uint8(0), np.uint8(BODY))
-        is_air = (lung > 0) & (values < AIR_MAX_HU)
-        out[is_air] = lung[is_air]
-        slab[z, y, x] = out
+    _upsample_into(full, core, grid.steps)
+    band = np.nonzero(core == _BAND)
+    last = np.array(hu.shape) - 1
+    for start in range(0, band[0].size, _BAND_BLOCKS):
+        bz, by, bx = (axis[start : start + _BAND_BLOCKS] for axis in band)
+        # Each block's voxels on the CT grid; a block cut by the volume's edge repeats its last
+        # voxel, which is then settled twice to the same label.
+        z = np.minimum(bz[:, None] * sz + np.arange(sz), last[0])[:, :, None, None]
+        y = np.minimum(by[:, None] * sy + np.arange(sy), last[1])[:, None, :, None]
+        x = np.minimum(bx[:, None] * sx + np.arange(sx), last[2])[:, None, None, :]
+        values = hu[z, y, x]
+        lung = air_label[bz, by, bx][:, None, None, None]
+        out = np.where(
+            near_outside[bz, by, bx][:, None, None, None] & (values <= BODY_MIN_HU),
+            np.uint8(0),
+            np.uint8(BODY),
+        )
+        np.copyto(out, lung, where=(lung > 0) & (values < AIR_MAX_HU))
+        full[z, y, x] = out
     return full
 
 

@@ -91,25 +91,30 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
                 fast_overlap=ctx.settings.worker.seg_fast_overlap,
             )
     except SeriesRejectedError as err:
-        runs.ended(job_id, JobState.REJECTED, str(err))
+        runs.ended(job_id, JobState.REJECTED, str(err), len(job.inputs))
         log.info("job %d series %s: rejected: %s", job_id, job.series_uid, err)
         return False
     except (PermanentError, registry.UnknownSegmenterError) as err:
-        runs.ended(job_id, JobState.FAILED, str(err))
+        runs.ended(job_id, JobState.FAILED, str(err), len(job.inputs))
         log.warning("job %d series %s: failed: %s", job_id, job.series_uid, err)
         return False
     except OperationalError:
         raise  # the database: Celery retries the task, which this worker claims again
     except Exception as err:
         log.exception("job %d series %s: internal error", job_id, job.series_uid)
-        runs.ended(job_id, JobState.FAILED, f"internal error in the worker: {type(err).__name__}: {err}")
+        runs.ended(
+            job_id,
+            JobState.FAILED,
+            f"internal error in the worker: {type(err).__name__}: {err}",
+            len(job.inputs),
+        )
         return False
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
     timing += f" ({len(paths)} slices decoded by {result.decode_processes} process(es))"
     message = f"{result.segments} segments; {', '.join(result.outputs)} written; {timing}"
-    if not runs.segmented(job_id, folder, result.outputs, result.seg_uid, message):
-        log.info("job %d series %s: segmented (%s); nothing to deliver", job_id, job.series_uid, timing)
+    if not runs.segmented(job_id, folder, result.outputs, result.seg_uid, message, len(job.inputs)):
+        log.info("job %d series %s: segmented (%s); nothing to send now", job_id, job.series_uid, timing)
         return False
     log.info("job %d series %s: segmented (%s)", job_id, job.series_uid, timing)
     return True

@@ -252,8 +252,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     # A series is complete after this long without a new instance...
     quiet_period_s: float = Field(30.0, gt=0)
-    # ... or this long after the association that brought it was released, when it forms a whole
-    # regular volume (fast completion; a rule may turn it off) ...
+    # ... or when the association that brought it was released and it forms a whole regular
+    # volume (fast completion; a rule may turn it off): its job runs at once, its results held
+    # this long after the release unless the sender announced the size ...
     release_grace_s: float = Field(2.0, ge=0)
     # ... or, still receiving, this long after its first instance (0: never forced).
     force_complete_s: float = Field(3600.0, ge=0)

@@ -129,17 +129,25 @@ class JobRuns:
             )
             return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
 
-    def segmented(self, job_id: int, folder: Path, outputs: list[str], seg_uid: str, message: str) -> bool:
-        """Record the results, written to ``folder``; True when the job is this worker's and has
-        destinations to deliver them to (one delivery per output and destination). A job that is
-        no longer ours keeps its state: the results are discarded."""
+    def segmented(
+        self, job_id: int, folder: Path, outputs: list[str], seg_uid: str, message: str, instances: int
+    ) -> bool:
+        """Record the results of ``instances`` instances, written to ``folder``; True when the job
+        is this worker's and has destinations to deliver them to (one delivery per output and
+        destination, due once the job's results are no longer held). A job that is no longer ours
+        keeps its state, and one whose series grew while its results were held runs again: either
+        way the results are discarded."""
         with session_scope(self.sessions) as session:
             job = self._ours(session, job_id)
             if job is None:
                 return False
+            job.lease_expires_at = None
+            if _ran_short(session, job, instances):
+                return False
             job.output_path = str(folder)
             job.output_sop_instance_uid = seg_uid
-            job.lease_expires_at = None
+            now = utcnow()
+            held = job.hold_until if job.hold_until is not None and job.hold_until > now else None
             existing = {(d.destination, d.output): d for d in job.deliveries}
             for name in job.destinations:
                 for output in outputs:
@@ -152,13 +160,14 @@ class JobRuns:
                                 output=output,
                                 state=DeliveryState.PENDING,
                                 attempts=0,
+                                next_attempt_at=held,
                             )
                         )
                     else:
                         delivery.state, delivery.attempts, delivery.next_attempt_at = (
                             DeliveryState.PENDING,
                             0,
-                            None,
+                            held,
                         )
             transition(session, job, JobState.SEGMENTED, "segmented", message)
             if not job.destinations:
@@ -172,13 +181,16 @@ class JobRuns:
                 return False
             return True
 
-    def ended(self, job_id: int, state: JobState, reason: str) -> bool:
-        """The job FAILED or was REJECTED while this worker ran it; False if it was no longer ours."""
+    def ended(self, job_id: int, state: JobState, reason: str, instances: int) -> bool:
+        """The job FAILED or was REJECTED while this worker ran it on ``instances`` instances;
+        False if it was no longer ours, or runs again because its series grew meanwhile."""
         with session_scope(self.sessions) as session:
             job = self._ours(session, job_id)
             if job is None:
                 return False
             job.lease_expires_at = None
+            if _ran_short(session, job, instances):
+                return False
             transition(
                 session, job, state, "failed" if state == JobState.FAILED else "rejected", reason=reason
             )
@@ -193,14 +205,17 @@ class JobRuns:
     def claim_due_deliveries(self, job_id: int, hold_s: float) -> tuple[Path, list[DueDelivery]] | None:
         """The results' folder and the deliveries due now, each held ``hold_s`` ahead for this
         attempt (another worker's task finds it not due; a worker that dies mid-attempt leaves it
-        due again then). None unless the job waits for delivery."""
+        due again then); none while the series has grown past the job (its next job, or this one
+        run again, sends the results). None unless the job waits for delivery."""
         now = utcnow()
         due = Delivery.next_attempt_at.is_(None) | (Delivery.next_attempt_at <= now)
         with session_scope(self.sessions) as session:
             job = session.get(Job, job_id)
             if job is None or job.state != JobState.SEGMENTED:
                 return None
-            claimed = []
+            claimed: list[DueDelivery] = []
+            if job.series.instance_count > job.instance_count:
+                return Path(job.output_path), claimed
             for delivery in job.deliveries:
                 taken = session.execute(
                     update(Delivery)
@@ -243,6 +258,23 @@ class JobRuns:
             record_event(session, job, event, message)
             session.flush()
             _settle(session, job)
+
+
+def _ran_short(session: Session, job: Job, instances: int) -> bool:
+    """The run covered fewer instances than the job now has (its series grew while the results
+    were held): back to RECEIVED, to run again with all of them."""
+    if job.instance_count == instances:
+        return False
+    job.worker = ""
+    transition(
+        session,
+        job,
+        JobState.RECEIVED,
+        "grew",
+        f"ran with {instances} of the series' {job.instance_count} instances (it grew while the "
+        "results were held); the results are discarded and it runs again with all of them",
+    )
+    return True
 
 
 def _settle(session: Session, job: Job) -> None:

@@ -173,13 +173,20 @@ def stale_jobs(session: Session, older_than: datetime) -> list[Job]:
 
 
 def jobs_with_due_deliveries(session: Session, now: datetime) -> dict[int, int]:
-    """SEGMENTED jobs with a pending delivery due by ``now``: job id -> the attempts its due
-    deliveries have made (a new attempt since tells a new retry from an old one)."""
+    """SEGMENTED jobs with a pending delivery due by ``now``, whose series has not grown past
+    them: job id -> the attempts its due deliveries have made (a new attempt since tells a new
+    retry from an old one)."""
     due = Delivery.next_attempt_at.is_(None) | (Delivery.next_attempt_at <= now)
     query = (
         select(Job.id, func.sum(Delivery.attempts))
         .join(Delivery, Delivery.job_id == Job.id)
-        .where(Job.state == JobState.SEGMENTED, Delivery.state == DeliveryState.PENDING, due)
+        .join(Series, Series.id == Job.series_id)
+        .where(
+            Job.state == JobState.SEGMENTED,
+            Delivery.state == DeliveryState.PENDING,
+            due,
+            Series.instance_count <= Job.instance_count,
+        )
         .group_by(Job.id)
     )
     return {int(job_id): int(attempts or 0) for job_id, attempts in session.execute(query)}

@@ -145,7 +145,8 @@ class Job(Base):
     outputs: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["seg"])
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
-    # The number of instances the job covers (the series may grow later: then a new job).
+    # The number of instances the job covers (the series may grow later: then a new job, or
+    # this one again with all of them while its results are held).
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str] = mapped_column(String(255), default="")
@@ -157,6 +158,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # While RUNNING: the job is its worker's until then; the worker renews it while it works.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
+    # A job made at its sender's release runs at once, but its results are not sent before this:
+    # the end of the release grace, in which a sender sending in batches may send more.
+    hold_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")

@@ -1,7 +1,9 @@
 """Series assembly: every series that is new or has grown becomes a job once it is complete
 (:mod:`node.jobs.completion`): routed (RECEIVED, to be queued) or rejected with the reason no rule
-took it. A series that grows after its job was made gets a new job, which supersedes the old one
-if that has not finished: one result per series reaches the PACS.
+took it. A series released whole becomes a job at once, its results held until the release grace
+has passed; if it grows in that grace (a sender sending in batches), the same job runs again with
+every instance. A series that grows later gets a new job, which supersedes the old one if that
+has not finished: one result per series reaches the PACS.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.core.config import Settings
-from node.db.jobs import create_job, supersede
-from node.db.models import Instance, Job, JobState, Series
+from node.db.jobs import create_job, record_event, supersede, transition
+from node.db.models import TERMINAL_STATES, Instance, Job, JobState, Series
 from node.jobs.completion import (
     ImageGeometry,
     Timing,
@@ -48,12 +50,18 @@ def series_facts(session: Session, series: Series) -> SeriesFacts:
     )
 
 
+@dataclass(frozen=True)
+class Completion:
+    why: str  # why the series is complete; '' while it is not
+    hold_until: datetime | None = None  # its results wait for the release grace until then
+
+
 @dataclass
 class _Waiting:
     series: Series
     decision: RouteDecision
     timing: Timing
-    complete: str = ""  # why it is complete on its own; '' while it is not
+    complete: Completion = Completion("")  # on its own
 
 
 def assemble(session: Session, settings: Settings, now: datetime) -> list[int]:
@@ -70,12 +78,12 @@ def assemble(session: Session, settings: Settings, now: datetime) -> list[int]:
         by_study[item.series.study_id].append(item)
     complete = []  # judged before any job is made: a job changes what counts as waiting
     for item in waiting:
-        why = item.complete
-        if item.timing.by_study and why:
-            why = _study_complete(session, item, by_study[item.series.study_id], now)
-        if why:
-            complete.append((item, why))
-    made = [_make_job(session, item, why) for item, why in complete]
+        completion = item.complete
+        if item.timing.by_study and completion.why:
+            completion = _study_complete(session, item, by_study[item.series.study_id], now)
+        if completion.why:
+            complete.append((item, completion))
+    made = [_make_job(session, item, completion) for item, completion in complete]
     return [job_id for job_id in made if job_id is not None]
 
 
@@ -106,11 +114,11 @@ def _judge(session: Session, series: Series, settings: Settings, now: datetime) 
     return item
 
 
-def _complete(session: Session, series: Series, timing: Timing, now: datetime) -> str:
-    """Why ``series`` is complete by itself; '' while it is not."""
+def _complete(session: Session, series: Series, timing: Timing, now: datetime) -> Completion:
+    """Whether ``series`` is complete by itself, and why."""
     why = complete_without_images(series, timing, now)
     if why or not sender_released(series, timing):
-        return why
+        return Completion(why)
     rows = session.execute(
         select(Instance.orientation, Instance.slice_position, Instance.images_in_acquisition).where(
             Instance.series_id == series.id
@@ -118,17 +126,26 @@ def _complete(session: Session, series: Series, timing: Timing, now: datetime) -
     ).all()
     images = [ImageGeometry(*row) for row in rows]
     if whole_volume(images):
-        return ""  # not a whole volume: the quiet period decides
+        return Completion("")  # not a whole volume: the quiet period decides
     if announced(images):
-        return f"released by its sender with all {len(images)} images it announced"
+        return Completion(f"released by its sender with all {len(images)} images it announced")
     assert series.released_at is not None  # sender_released
-    if series.released_at <= now - timedelta(seconds=timing.release_grace_s):
-        return f"released by its sender as a whole volume of {len(images)} images"
-    return ""
+    why = f"released by its sender as a whole volume of {len(images)} images"
+    grace_ends = series.released_at + timedelta(seconds=timing.release_grace_s)
+    if grace_ends <= now:
+        return Completion(why)
+    # Run now; send only once the grace in which a sender sending in batches opens its next
+    # association has passed: the wait costs nothing when processing takes longer.
+    return Completion(
+        f"{why}; it runs now, its results held until its {timing.release_grace_s:g} s release "
+        "grace has passed",
+        grace_ends,
+    )
 
 
-def _study_complete(session: Session, item: _Waiting, waiting: list[_Waiting], now: datetime) -> str:
-    """For a study-level rule: '' until every series of the study still receiving is complete too."""
+def _study_complete(session: Session, item: _Waiting, waiting: list[_Waiting], now: datetime) -> Completion:
+    """For a study-level rule: not complete until every series of the study still receiving is
+    complete too; the results are held as long as any of theirs is."""
     others = session.scalars(
         select(Series).where(
             Series.study_id == item.series.study_id,
@@ -137,16 +154,31 @@ def _study_complete(session: Session, item: _Waiting, waiting: list[_Waiting], n
         )
     ).all()
     judged = {w.series.id for w in waiting}
+    holds = [item.complete.hold_until]
     for other in others:
-        if other.id not in judged or not _complete(session, other, item.timing, now):
-            return ""
-    return f"{item.complete}; every series of its study is complete" if others else item.complete
+        completion = _complete(session, other, item.timing, now) if other.id in judged else Completion("")
+        if not completion.why:
+            return completion
+        holds.append(completion.hold_until)
+    if not others:
+        return item.complete
+    held = [hold for hold in holds if hold is not None]
+    return Completion(f"{item.complete.why}; every series of its study is complete", max(held, default=None))
 
 
-def _make_job(session: Session, item: _Waiting, why: str) -> int | None:
-    """The series' job, superseding its unfinished predecessor; its id if it is to be queued."""
+def _make_job(session: Session, item: _Waiting, completion: Completion) -> int | None:
+    """The series' job, superseding its unfinished predecessor (or that job again, when the series
+    grew while its results were held); its id if it is to be queued."""
     series, decision = item.series, item.decision
+    why = completion.why
     previous = session.scalar(select(Job).where(Job.series_id == series.id).order_by(Job.id.desc()).limit(1))
+    if (
+        previous is not None
+        and decision.rule is not None
+        and previous.rule == decision.rule.name
+        and _grew_while_held(session, previous)
+    ):
+        return _run_again(session, series, previous, completion)
     grown = ""
     if previous is not None:
         grown = (
@@ -180,6 +212,7 @@ def _make_job(session: Session, item: _Waiting, why: str) -> int | None:
         state=JobState.RECEIVED,
         message=f"{grown}series complete with {series.instance_count} instances ({why}); {decision.reason}",
     )
+    job.hold_until = completion.hold_until
     log.info(
         "job %d series %s: %d instances (%s), rule %s, segmenter %s",
         job.id,
@@ -190,6 +223,48 @@ def _make_job(session: Session, item: _Waiting, why: str) -> int | None:
         rule.segmenter,
     )
     _supersede(session, previous, job)
+    return job.id
+
+
+def _grew_while_held(session: Session, job: Job) -> bool:
+    """The job has not finished, and its series' next instance came while its results were held:
+    the same sending, in another batch."""
+    if job.state in TERMINAL_STATES or job.hold_until is None:
+        return False
+    first_new = session.scalar(
+        select(Instance.received_at)
+        .where(Instance.series_id == job.series_id)
+        .order_by(Instance.id)
+        .offset(job.instance_count)
+        .limit(1)
+    )
+    return first_new is not None and first_new <= job.hold_until
+
+
+def _run_again(session: Session, series: Series, job: Job, completion: Completion) -> int | None:
+    """The job again, with every instance of its grown series; its id if it is to be queued (a
+    run under way is discarded when it ends, and the job then queued again by its worker)."""
+    message = (
+        f"the series grew from {job.instance_count} to {series.instance_count} instances while the "
+        f"results were held (another batch of the same sending): complete ({completion.why}); "
+    )
+    series.assembled_count = series.instance_count
+    series.complete_requested_at = None
+    job.instance_count = series.instance_count
+    job.hold_until = completion.hold_until
+    log.info(
+        "job %d series %s: runs again with %d instances",
+        job.id,
+        series.series_instance_uid,
+        job.instance_count,
+    )
+    if job.state == JobState.RUNNING:
+        record_event(session, job, "grew", message + "the run under way is discarded, then it runs again")
+        return None
+    if job.state in (JobState.RECEIVED, JobState.QUEUED):
+        record_event(session, job, "grew", message + "it runs with all of them")
+        return job.id if job.state == JobState.RECEIVED else None
+    transition(session, job, JobState.RECEIVED, "grew", message + "it runs again with all of them")
     return job.id
 
 

@@ -1,11 +1,11 @@
 """When a series is complete, decided from what the database knows about it.
 
 Whichever comes first: its quiet period passed with no new instance; the sender released the
-association that brought it and its images form one whole regular volume (fast completion: at once
-when they are as many as the sender announced, else after ``release_grace_s``, in which a sender
-sending in batches opens its next association); someone asked; or it has been receiving for
-``force_complete_s``. A study-level rule waits until every series of the study
-is complete by these tests, so that the study's jobs are made together.
+association that brought it and its images form one whole regular volume (fast completion: at
+once, but unless they are as many as the sender announced, its results are held for
+``release_grace_s``, in which a sender sending in batches opens its next association); someone
+asked; or it has been receiving for ``force_complete_s``. A study-level rule waits until every
+series of the study is complete by these tests, so that the study's jobs are made together.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Completion against real senders: a series released whole is a job in seconds; one that comes in
-batches, interleaved with another, or with a gap, is one job when it is whole; a study-level rule
-waits for the study; a series that grows supersedes its job; the CLI completes on request.
+"""Completion against real senders: a series released whole is a job at once, its results held for
+the release grace; one that comes in batches, interleaved with another, or with a gap, is one job
+when it is whole; a study-level rule waits for the study; a series that grows after the grace
+supersedes its job; the CLI completes on request.
 
 Quiet periods here are far longer than any wait, so a job that appears came by fast completion.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from sqlalchemy import select
 
 from node.core.dicom import CT_IMAGE
 from node.db import engine as db
-from node.db.models import Job, JobEvent, JobState, Series
+from node.db.models import Job, JobEvent, JobState, Series, utcnow
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
@@ -86,7 +88,9 @@ def test_a_series_released_whole_is_a_job_within_seconds(node: SegnodeProcesses,
     assert peers.storescu(paths, node.port, aet="SEGNODE").returncode == 0
     [job] = node.wait_for_jobs(lambda jobs: len(jobs) == 1, timeout=60, what="the job")
     assert job.instance_count == 12
-    assert "released by its sender as a whole volume of 12 images" in creation(node, job)
+    made = creation(node, job)
+    assert "released by its sender as a whole volume of 12 images" in made
+    assert f"it runs now, its results held until its {GRACE:g} s release grace has passed" in made
 
 
 def test_a_series_in_three_batches_and_one_interleaved_with_it_are_one_job_each(
@@ -99,8 +103,11 @@ def test_a_series_in_three_batches_and_one_interleaved_with_it_are_one_job_each(
     mixed = [ds for pair in zip(first[20:], second[:10], strict=True) for ds in pair]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda part: send(node.port, part[0], part[1]), [(mixed, "ONE"), (second[10:], "TWO")]))
-    jobs = node.wait_for_jobs(lambda jobs: len(jobs) == 2, timeout=60, what="two jobs")
-    assert sorted(j.instance_count for j in jobs) == [20, 30]
+    # Each release of a whole volume makes (or runs again) the series' job at once.
+    jobs = node.wait_for_jobs(
+        lambda jobs: sorted(j.instance_count for j in jobs) == [20, 30], timeout=60, what="two whole jobs"
+    )
+    assert len(jobs) == 2
 
 
 def test_a_batch_short_of_what_the_sender_announced_waits_for_the_rest_then_goes_at_once(
@@ -172,7 +179,10 @@ def test_a_series_that_grows_supersedes_its_job_and_one_seg_reaches_the_pacs(
     node.serve(workers=False)  # the first job waits in the queue while the series grows
     slices = series(tmp_path / "ct", 16)
     send(node.port, slices[:8])
-    node.wait_for_jobs(lambda jobs: len(jobs) == 1, timeout=60, what="the first job")
+    [first] = node.wait_for_jobs(lambda jobs: len(jobs) == 1, timeout=60, what="the first job")
+    held = first.hold_until
+    assert held is not None
+    assert eventually(lambda: utcnow() > held, timeout=30)  # the rest comes after the grace
     send(node.port, slices[8:])
     jobs = node.wait_for_jobs(lambda jobs: len(jobs) == 2, timeout=60, what="the second job")
     assert jobs[0].state == JobState.SUPERSEDED
@@ -183,6 +193,35 @@ def test_a_series_that_grows_supersedes_its_job_and_one_seg_reaches_the_pacs(
     assert node.jobs()[0].state == JobState.SUPERSEDED  # its task ran and found it superseded
     segs = [i for i in orthanc.instances() if orthanc.instance_tags(i).get("Modality") == "SEG"]
     assert len(segs) == 1
+
+
+def test_a_batch_within_the_grace_runs_the_same_job_again_and_one_whole_seg_reaches_the_pacs(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    node = segnode_factory(
+        quiet_period_s=NEVER_QUIET,
+        release_grace_s=GRACE,
+        destinations={"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
+    )
+    node.serve()
+    slices = series(tmp_path / "ct", 16)
+    send(node.port, slices[:8])
+    [job] = node.wait_for_jobs(lambda jobs: len(jobs) == 1, timeout=60, what="the job")
+    send(node.port, slices[8:])  # the next batch, well within the grace
+    [done] = node.wait_for_state(JobState.DELIVERED, timeout=120)
+    assert (done.id, done.instance_count) == (job.id, 16)
+    assert (
+        done.hold_until is not None and done.finished_at is not None and done.finished_at >= done.hold_until
+    )
+    assert [j.id for j in node.jobs()] == [job.id]
+    segs = [i for i in orthanc.instances() if orthanc.instance_tags(i).get("Modality") == "SEG"]
+    assert len(segs) == 1
+    seg = dcmread(BytesIO(orthanc.request("GET", f"/instances/{segs[0]}/file")))
+    [source] = seg.ReferencedSeriesSequence  # the SEG of the whole series, not of its first batch
+    assert {i.ReferencedSOPInstanceUID for i in source.ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in slices
+    }
 
 
 def test_complete_on_request_from_the_command_line(

@@ -46,8 +46,8 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def facts(series: str = "1.2.3.4", n: int = 1, **kw: str) -> InstanceFacts:
-    values = {
+def facts(series: str = "1.2.3.4", n: int = 1, **kw: str | float) -> InstanceFacts:
+    values: dict[str, str | float] = {
         "study_uid": "1.2.3",
         "series_uid": series,
         "sop_instance_uid": f"{series}.{n}",
@@ -355,8 +355,8 @@ def test_a_lapsed_lease_goes_to_any_other_worker_and_the_old_one_is_ignored(
         assert expired_leases(session, utcnow()) == []
     assert other.renew(job_id)
     assert not dead.renew(job_id)
-    assert not dead.segmented(job_id, tmp_path, ["seg"], "1.2.3", "late result")  # discarded
-    assert not dead.ended(job_id, JobState.FAILED, "late failure")
+    assert not dead.segmented(job_id, tmp_path, ["seg"], "1.2.3", "late result", 1)  # discarded
+    assert not dead.ended(job_id, JobState.FAILED, "late failure", 1)
     assert _job(sessions, job_id).state == JobState.RUNNING
 
 
@@ -369,7 +369,7 @@ def test_a_cancelled_job_stays_cancelled_whatever_its_worker_reports(
     with sessions.begin() as session:
         cancel(session, job_id, who="test")
     assert not runs.renew(job_id)
-    assert not runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "done")
+    assert not runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "done", 1)
     job = _job(sessions, job_id)
     assert (job.state, job.reason) == (JobState.CANCELLED, "cancelled by test")
     with sessions.begin() as session, pytest.raises(ValueError, match="CANCELLED already"):
@@ -426,7 +426,7 @@ def test_the_delivery_schedule_is_the_databases(sessions: sessionmaker[Session],
         (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
     runs = JobRuns(sessions, "w@a/1", lease_s=60)
     assert runs.claim(job_id) is not None
-    assert runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "1 segment")
+    assert runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "1 segment", 1)
 
     def due(after_s: float = 0) -> dict[int, int]:
         with sessions() as session:
@@ -470,7 +470,7 @@ def test_the_attempt_that_ends_a_jobs_deliveries_settles_the_job(
     states: dict[str, tuple[JobState, str]] = {}
     for job_id, last in zip(sorted(job_ids), outcomes, strict=True):
         assert runs.claim(job_id) is not None
-        assert runs.segmented(job_id, tmp_path, ["seg"], f"1.2.3.{job_id}", "1 segment")
+        assert runs.segmented(job_id, tmp_path, ["seg"], f"1.2.3.{job_id}", "1 segment", 1)
         claimed = runs.claim_due_deliveries(job_id, hold_s=120)
         assert claimed is not None and len(claimed[1]) == 2
         first, second = claimed[1]
@@ -484,3 +484,58 @@ def test_the_attempt_that_ends_a_jobs_deliveries_settles_the_job(
     assert states["delivered"] == (JobState.DELIVERED, "")
     assert states["refused"][0] == JobState.FAILED
     assert "b did not accept the SEG after 1 attempt(s): association rejected" in states["refused"][1]
+
+
+def test_a_series_released_whole_runs_at_once_and_a_batch_in_its_grace_runs_the_same_job_again(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = load_settings(
+        None,
+        data_dir=str(tmp_path),
+        quiet_period_s=600,
+        release_grace_s=2,
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        rules=[{"name": "ct", "min_slices": 1, "destinations": ["pacs"]}],
+    )
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+
+    def batch(positions: range, release: bool = True) -> None:
+        for n in positions:
+            axial = facts(n=n, orientation="1\\0\\0\\0\\1\\0", slice_position=float(n))
+            storage.store([b"ct"], axial, "CT01")
+        if release:
+            storage.mark_released({"1.2.3.4"})
+
+    def due(after_s: float = 0) -> dict[int, int]:
+        with sessions() as session:
+            return jobs_with_due_deliveries(session, utcnow() + timedelta(seconds=after_s))
+
+    batch(range(3))
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow())  # at once, not after the grace
+        job = session.get_one(Job, job_id)
+        assert job.hold_until is not None and job.hold_until > utcnow() + timedelta(seconds=1)
+        assert "its results held until its 2 s release grace has passed" in job.events[0].message
+    runs = JobRuns(sessions, "w@a/1", lease_s=60)
+    first = runs.claim(job_id)
+    assert first is not None and len(first.inputs) == 3
+
+    batch(range(3, 5))  # the sender's next batch, within the grace, while the job runs
+    with sessions.begin() as session:
+        assert assemble(session, settings, utcnow()) == []  # no new job: the run under way is stale
+    assert not runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "3 instances", len(first.inputs))
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.state, job.instance_count) == (JobState.RECEIVED, 5)
+        assert "grew from 3 to 5 instances while the results were held" in job.events[-2].message
+        assert "ran with 3 of the series' 5 instances" in job.events[-1].message
+    second = runs.claim(job_id)
+    assert second is not None and len(second.inputs) == 5
+    assert runs.segmented(job_id, tmp_path, ["seg"], "1.2.3", "5 instances", len(second.inputs))
+    assert due() == {} and due(after_s=3) == {job_id: 0}  # held until the grace has passed
+
+    batch(range(5, 6), release=False)  # more, on an association still open: nothing is sent
+    assert due(after_s=3) == {}
+    assert runs.claim_due_deliveries(job_id, hold_s=120) == (tmp_path, [])
+    with sessions() as session:
+        assert session.scalar(select(func.count(Job.id))) == 1

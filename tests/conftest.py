@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 from tests import peers
@@ -117,3 +118,14 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def strict_reading() -> Iterator[None]:
+    """pydicom raises on any invalid value it reads, as highdicom's own tests do."""
+    old = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    try:
+        yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = old

@@ -155,6 +155,45 @@ def check_label_map(
         )
 
 
+def label_counts(
+    series: SeriesVolume,
+    label_map: np.ndarray,
+    algorithm: AlgorithmInfo,
+    structures: Sequence[Structure],
+    *,
+    hu_sums: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Voxels per label value (index 0: background) and, with ``hu_sums``, the sum of their CT
+    numbers, after :func:`check_label_map`; raises :class:`ProcessingFailedError` for a negative
+    label or one that names no structure. Slice by slice: a whole-map bincount would first copy
+    the map into 64-bit integers."""
+    check_label_map(series, label_map, algorithm, structures)
+    who = f"{algorithm.name} {algorithm.version}"
+    labels = [s.label for s in structures]
+    counts = np.zeros(max(labels, default=0) + 1, dtype=np.int64)
+    sums = np.zeros(counts.size, dtype=np.float64) if hu_sums else None
+    for index, plane in enumerate(label_map):
+        if label_map.dtype.kind == "i" and plane.min() < 0:
+            raise ProcessingFailedError(f"segmenter {who} returned negative labels")
+        flat = plane.ravel().astype(np.intp, copy=False)
+        c = np.bincount(flat, minlength=counts.size)
+        if c.size > counts.size:  # a label no structure has: reported below
+            counts = np.pad(counts, (0, c.size - counts.size))
+        counts += c
+        if sums is not None:
+            hu = series.volume.hu[index].ravel().astype(np.float64, copy=False)
+            s = np.bincount(flat, weights=hu, minlength=sums.size)
+            if s.size > sums.size:
+                sums = np.pad(sums, (0, s.size - sums.size))
+            sums += s
+    unknown = sorted({int(v) for v in np.flatnonzero(counts)} - {0, *labels})
+    if unknown:
+        raise ProcessingFailedError(
+            f"segmenter {who} labelled voxels with value(s) {unknown[:10]} that name none of its structures"
+        )
+    return counts, sums
+
+
 def series_description(algorithm: AlgorithmInfo, what: str) -> str:
     """What a technologist reads in the PACS series list (LO: at most 64 characters), e.g.
     "AI segmentation (classical 1.0)": when it does not fit, ``what`` gives way before the name."""

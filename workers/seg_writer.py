@@ -21,13 +21,13 @@ from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
 from workers import derived
 from workers.derived import (
-    check_label_map,
     content_date_time,
     copy_deidentification,
     derived_uid,
+    label_counts,
     software_version,
 )
-from workers.errors import ProcessingFailedError, SeriesRejectedError
+from workers.errors import SeriesRejectedError
 from workers.seg_overlap import make_segmentation
 
 log = logging.getLogger(__name__)
@@ -140,26 +140,9 @@ def present_structures(
     structures: Sequence[Structure],
 ) -> list[Structure]:
     """The structures found in ``label_map``, in the segmenter's order; checks the map first."""
-    check_label_map(series, label_map, algorithm, structures)
+    counts, _ = label_counts(series, label_map, algorithm, structures)
     who = f"{algorithm.name} {algorithm.version}"
-    labels = [s.label for s in structures]
-    # Per-slice counts: bincount of the whole map would first copy it into a 64-bit array.
-    counts = np.zeros(1, dtype=np.int64)
-    for plane in label_map:
-        if label_map.dtype.kind == "i" and plane.min() < 0:
-            raise ProcessingFailedError(f"segmenter {who} returned negative labels")
-        c = np.bincount(plane.ravel().astype(np.intp, copy=False))
-        if c.size > counts.size:
-            c[: counts.size] += counts
-            counts = c
-        else:
-            counts[: c.size] += c
     found = {int(v) for v in np.flatnonzero(counts)} - {0}
-    unknown = sorted(found - set(labels))
-    if unknown:
-        raise ProcessingFailedError(
-            f"segmenter {who} labelled voxels with value(s) {unknown[:10]} that name none of its structures"
-        )
     present = [s for s in structures if s.label in found]
     if not present:
         names = ", ".join(s.name for s in structures)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -23,12 +22,11 @@ from segmenters.base import AlgorithmInfo, Concept, Structure
 from segmenters.ct_series import SeriesVolume
 from workers import derived
 from workers.derived import (
-    check_label_map,
     content_date_time,
     copy_deidentification,
     derived_uid,
+    label_counts,
     software_version,
-    write_dataset,
 )
 from workers.errors import ProcessingFailedError
 
@@ -137,11 +135,6 @@ def build_sr(
     return sr
 
 
-def write_sr(sr: Dataset, path: Path) -> None:
-    """Write ``sr`` to ``path`` durably and atomically, as :func:`workers.seg_writer.write_dataset` does."""
-    write_dataset(sr, path)
-
-
 def sr_uids(series: SeriesVolume, algorithm: AlgorithmInfo) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the SR (:func:`workers.derived.derived_uid`)."""
     return derived_uid(series, algorithm, "sr-series"), derived_uid(series, algorithm, "sr-instance")
@@ -161,32 +154,12 @@ def segment_statistics(
     SEG numbers its segments: in the order of ``structures``, absent ones left out; a structure that
     covers all labels (the body) counts every labelled voxel.
 
-    One pass, slice by slice (a whole-map bincount would first copy the map into 64-bit integers).
     The volume is the voxel count times the voxel's volume: row and column spacing by the spacing
     between slice centres, which is what a voxel of a stack of slices stands for (not the slice
     thickness, which overlapping or gapped slices make larger or smaller).
     """
-    check_label_map(series, label_map, algorithm, structures)
-    who = f"{algorithm.name} {algorithm.version}"
-    hu = series.volume.hu
-    labels = [s.label for s in structures]
-    counts = np.zeros(max(labels, default=0) + 1, dtype=np.int64)
-    sums = np.zeros(counts.size, dtype=np.float64)
-    for label_plane, hu_plane in zip(label_map, hu, strict=True):
-        if label_plane.dtype.kind == "i" and label_plane.min() < 0:
-            raise ProcessingFailedError(f"segmenter {who} returned negative labels")
-        flat = label_plane.ravel().astype(np.intp, copy=False)
-        c = np.bincount(flat, minlength=counts.size)
-        s = np.bincount(flat, weights=hu_plane.ravel().astype(np.float64, copy=False), minlength=counts.size)
-        if c.size > counts.size:  # a label no structure has: reported below
-            counts, sums = np.pad(counts, (0, c.size - counts.size)), np.pad(sums, (0, c.size - sums.size))
-        counts += c
-        sums += s
-    unknown = sorted({int(v) for v in np.flatnonzero(counts)} - {0, *labels})
-    if unknown:
-        raise ProcessingFailedError(
-            f"segmenter {who} labelled voxels with value(s) {unknown[:10]} that name none of its structures"
-        )
+    counts, sums = label_counts(series, label_map, algorithm, structures, hu_sums=True)
+    assert sums is not None
     voxel_ml = float(np.prod(series.volume.spacing)) / 1000.0  # mm^3 -> mL
     out: list[SegmentStatistics] = []
     for structure in structures:

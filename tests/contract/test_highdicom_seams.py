@@ -8,7 +8,6 @@ Run them before adding a highdicom version to ``workers.seg_overlap.TESTED_HIGHD
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -39,16 +38,6 @@ WITH_BODY = (
 @pytest.fixture(scope="module")
 def series(tmp_path_factory: pytest.TempPathFactory) -> SeriesVolume:
     return load_series(factory.make_ct_series(tmp_path_factory.mktemp("ct"), n_slices=20, rows=64, cols=64))
-
-
-@pytest.fixture
-def strict_reading() -> Iterator[None]:
-    old = pydicom.config.settings.reading_validation_mode
-    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
-    try:
-        yield
-    finally:
-        pydicom.config.settings.reading_validation_mode = old
 
 
 def labels_with_body(hu: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ validated by dciodvfy and read back strictly: the colours lie where the structur
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +44,6 @@ ROWS, COLS = 192, 256  # under 512: outlines one pixel wide
 LEGEND_PAD = 8  # the legend panel reaches this far past its text and swatches
 LEGEND_ROWS = 72  # the legend of four structures on a small image ends above this row
 SQUARE = np.ones((3, 3), dtype=bool)
-
-
-@pytest.fixture
-def strict_reading() -> Iterator[None]:
-    """pydicom raises on any invalid value it reads."""
-    old = pydicom.config.settings.reading_validation_mode
-    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
-    try:
-        yield
-    finally:
-        pydicom.config.settings.reading_validation_mode = old
 
 
 @pytest.fixture(scope="module")

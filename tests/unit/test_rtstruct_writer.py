@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -55,17 +54,6 @@ LUNG_HOLE = (slice(20, 25), slice(17, 22))
 LUNG_ISLAND = (22, 19)
 HEART_BLOBS = ((slice(12, 15), slice(29, 31)), (slice(12, 15), slice(33, 35)))
 HEART_SLICES = range(2, 6)
-
-
-@pytest.fixture
-def strict_reading() -> Iterator[None]:
-    """pydicom raises on any invalid value it reads, as highdicom's own tests do."""
-    old = pydicom.config.settings.reading_validation_mode
-    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
-    try:
-        yield
-    finally:
-        pydicom.config.settings.reading_validation_mode = old
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -44,17 +43,6 @@ WITH_BODY = (
     anatomy.structure(3, "left_lung"),
     anatomy.structure(4, "airways"),  # the phantom's vertebra stands in for them
 )
-
-
-@pytest.fixture
-def strict_reading() -> Iterator[None]:
-    """pydicom raises on any invalid value it reads, as highdicom's own tests do."""
-    old = pydicom.config.settings.reading_validation_mode
-    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
-    try:
-        yield
-    finally:
-        pydicom.config.settings.reading_validation_mode = old
 
 
 @pytest.fixture(scope="module")

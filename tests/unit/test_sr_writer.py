@@ -1,10 +1,10 @@
-"""build_sr / write_sr: every SR written is validated by dciodvfy and read back strictly, and its
+"""build_sr: every SR written is validated by dciodvfy and read back strictly, and its
 numbers are checked against the label map it measures."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -31,20 +31,9 @@ from tests.unit.test_seg_writer import (
 from workers.derived import write_dataset
 from workers.errors import ProcessingFailedError
 from workers.seg_writer import build_seg
-from workers.sr_writer import build_sr, segment_statistics, series_description, sr_uids, write_sr
+from workers.sr_writer import build_sr, segment_statistics, series_description, sr_uids
 
 REAL_THORAX = THORAX / "ct"
-
-
-@pytest.fixture
-def strict_reading() -> Iterator[None]:
-    """pydicom raises on any invalid value it reads, as highdicom's own tests do."""
-    old = pydicom.config.settings.reading_validation_mode
-    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
-    try:
-        yield
-    finally:
-        pydicom.config.settings.reading_validation_mode = old
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def _write_seg_and_sr(
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
     seg = build_seg(series, labels, ALGORITHM, structures)
     write_dataset(seg, seg_path)
-    write_sr(build_sr(series, labels, ALGORITHM, structures, seg), sr_path)
+    write_dataset(build_sr(series, labels, ALGORITHM, structures, seg), sr_path)
     return seg_path, sr_path
 
 
@@ -169,7 +158,7 @@ def test_sr_of_a_seg_read_back_is_the_same(series: SeriesVolume, tmp_path: Path)
     # The worker may measure a SEG it built or one read from disk: the same SR either way.
     labels = labels_with_body(series.volume.hu)
     seg_path, sr_path = _write_seg_and_sr(series, labels, WITH_BODY, tmp_path)
-    write_sr(
+    write_dataset(
         build_sr(series, labels, ALGORITHM, WITH_BODY, pydicom.dcmread(seg_path)), tmp_path / "again.dcm"
     )
     assert (tmp_path / "again.dcm").read_bytes() == sr_path.read_bytes()
@@ -179,8 +168,8 @@ def test_a_retry_writes_the_same_bytes(series: SeriesVolume, tmp_path: Path) -> 
     labels = labels_with_body(series.volume.hu)
     seg = build_seg(series, labels, ALGORITHM, WITH_BODY)
     first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
-    write_sr(build_sr(series, labels, ALGORITHM, WITH_BODY, seg), first)
-    write_sr(build_sr(series, labels, ALGORITHM, WITH_BODY, seg), second)
+    write_dataset(build_sr(series, labels, ALGORITHM, WITH_BODY, seg), first)
+    write_dataset(build_sr(series, labels, ALGORITHM, WITH_BODY, seg), second)
     assert first.read_bytes() == second.read_bytes()
     sr = pydicom.dcmread(first)
     assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == sr_uids(series, ALGORITHM)
@@ -270,7 +259,7 @@ def test_real_thorax_classical_sr(tmp_path: Path, strict_reading: None) -> None:
     seg = build_seg(series, labels, segmenter.algorithm, segmenter.structures)
     seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
     write_dataset(seg, seg_path)
-    write_sr(build_sr(series, labels, segmenter.algorithm, segmenter.structures, seg), sr_path)
+    write_dataset(build_sr(series, labels, segmenter.algorithm, segmenter.structures, seg), sr_path)
     if shutil.which("dciodvfy"):
         dciodvfy(sr_path)
     sr = hd.sr.srread(sr_path)

@@ -150,22 +150,28 @@ def test_mutual_tls_delivery_takes_the_node_certificate_and_refuses_none_or_a_wr
     storescp_factory: Callable[..., peers.StoreSCP], pki: Pki, one_slice: list[Path]
 ) -> None:
     pacs = _tls_storescp(storescp_factory, pki, client_certificates=True)
-    without = _destination(pacs, ca_bundle=pki.ca)
-    with pytest.raises(DeliveryRefusedError) as refused:
-        send_by_c_store(without, one_slice, "SEGNODE", timeout_s=10)
-    assert "the destination wants a client certificate and tls.certificate is not set" in str(refused.value)
-    assert "alert certificate required" in str(refused.value)
-
-    wrong = _destination(
-        pacs, ca_bundle=pki.ca, certificate=pki.other_client_cert, private_key=pki.other_client_key
-    )
-    with pytest.raises(DeliveryRefusedError) as refused:
-        send_by_c_store(wrong, one_slice, "SEGNODE", timeout_s=10)
-    assert (
-        f"STORESCP@localhost:{pacs.port}: TLS: the destination refused the node's client certificate"
-        in str(refused.value)
-    )
-    assert "alert unknown ca" in str(refused.value)
+    refusals = [
+        (
+            _destination(pacs, ca_bundle=pki.ca),
+            [
+                "the destination wants a client certificate and tls.certificate is not set",
+                "alert certificate required",
+            ],
+        ),
+        (
+            _destination(
+                pacs, ca_bundle=pki.ca, certificate=pki.other_client_cert, private_key=pki.other_client_key
+            ),
+            [
+                f"STORESCP@localhost:{pacs.port}: TLS: the destination refused the node's client certificate",
+                "alert unknown ca",
+            ],
+        ),
+    ]
+    for destination, said in refusals:
+        with pytest.raises(DeliveryRefusedError) as refused:
+            send_by_c_store(destination, one_slice, "SEGNODE", timeout_s=10)
+        assert all(words in str(refused.value) for words in said), str(refused.value)
     assert pacs.files() == []
 
     node = _destination(pacs, ca_bundle=pki.ca, certificate=pki.client_cert, private_key=pki.client_key)

@@ -14,9 +14,11 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from segmenters import anatomy
 from segmenters.base import ANATOMICAL_STRUCTURE, AlgorithmInfo, Concept, Structure
+from segmenters.checkpoint import load_checkpoint
 from segmenters.classical import ClassicalSegmenter
 from segmenters.ct_series import SeriesVolume, load_series
 from segmenters.datasets import read_dicom_seg
+from segmenters.registry import DEMO_CHECKPOINT
 from tests import dicom_factory as f
 from workers.derived import UNRECORDED_DEIDENTIFICATION, write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
@@ -311,8 +313,12 @@ def _lab(rgb: tuple[int, int, int]) -> np.ndarray:
     return value * np.array([100.0, 255.0, 255.0]) / 65535.0 - np.array([0.0, 128.0, 128.0])
 
 
-def test_every_structure_of_the_anatomy_table_has_a_colour_of_its_own() -> None:
-    structures = [anatomy.structure(k, key) for k, key in enumerate(anatomy.keys(), start=1)]
+@pytest.mark.parametrize("source", ["anatomy table", "demo model"])
+def test_every_structure_has_a_colour_of_its_own(source: str) -> None:
+    if source == "demo model":  # its card, as the worker loads it from the checkpoint
+        structures = list(load_checkpoint(DEMO_CHECKPOINT)[1].structures)
+    else:
+        structures = [anatomy.structure(k, key) for k, key in enumerate(anatomy.keys(), start=1)]
     assert len({s.rgb for s in structures}) == len(structures)
     for k, a in enumerate(structures):
         for b in structures[k + 1 :]:

@@ -199,22 +199,38 @@ def train_command(
     "evaluate",
     help="Score checkpoints (model.pt files, or `classical`) on reference cases and print a table "
     "comparing them side by side; per-case rows go to --out (CSV: checkpoint, case, structure, "
-    "dice, iou, hd95_mm, msd_mm). Structures are matched by name and scored on the slices where "
-    "their reference is defined.\n\n" + DATA_HELP,
+    "dice, iou, hd95_mm, msd_mm). Structures are matched by name and scored over the whole volume, "
+    "so false positives anywhere count; --reference-slices-only limits a structure to the slices "
+    "its reference covers (the AAPM 2017 protocol: --reference-slices-only Esophagus "
+    "--reference-slices-only 'Spinal cord').\n\n" + DATA_HELP,
 )
 @click.argument("checkpoints", nargs=-1, required=True)
 @_DATA
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--reference-slices-only",
+    "reference_slices_only",
+    multiple=True,
+    metavar="STRUCTURE",
+    help="Score this structure (by name) only on the slices its reference covers; repeatable.",
+)
 @_SHAPE
 def evaluate_command(
-    checkpoints: tuple[str, ...], data: str, out_csv: Path, device: str, synthetic_shape: str
+    checkpoints: tuple[str, ...],
+    data: str,
+    out_csv: Path,
+    device: str,
+    reference_slices_only: tuple[str, ...],
+    synthetic_shape: str,
 ) -> None:
     for checkpoint in checkpoints:
         if checkpoint != evaluation.CLASSICAL and not Path(checkpoint).is_file():
             raise click.BadParameter(f"no checkpoint file {checkpoint}", param_hint="CHECKPOINTS")
     cases = _load(data, EVAL_SEED, synthetic_shape)
-    rows = evaluation.evaluate(list(checkpoints), cases, out_csv, device=device)
+    rows = evaluation.evaluate(
+        list(checkpoints), cases, out_csv, device=device, reference_slices_only=reference_slices_only
+    )
     click.echo(evaluation.comparison_table(rows))
     click.echo(f"{len(rows)} rows written to {out_csv}")
 

@@ -3,15 +3,17 @@
 Each segmenter labels every case through the :class:`~segmenters.base.Segmenter` interface, as the
 node would; its structures are matched to the case's reference labels by name (case-insensitive),
 so a model and a data set need not number their labels alike. Structures the reference lacks
-(the body in an AAPM structure set) are not scored. Each structure is scored only on the slices
-where its reference is defined (``Case.z_ranges``).
+(the body in an AAPM structure set) are not scored. Every structure is scored over the whole
+volume, so labels far from the reference count against it; only the structures the user names are
+scored on the slices where their reference is defined (``Case.z_ranges``), as the AAPM 2017
+protocol does for the oesophagus and spinal cord, whose contours stop where the physician stopped.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -46,8 +48,12 @@ def load_segmenter(checkpoint: Path | str, device: str = "auto") -> Segmenter:
     return NetworkSegmenter(Path(checkpoint), device=device, amp=False)
 
 
-def score(segmenter: Segmenter, case: Case, name: str) -> list[EvalRow]:
-    """One row per structure of ``segmenter`` that the case's reference holds."""
+def score(
+    segmenter: Segmenter, case: Case, name: str, reference_slices_only: Collection[str] = ()
+) -> list[EvalRow]:
+    """One row per structure of ``segmenter`` that the case's reference holds; the structures named
+    in ``reference_slices_only`` (any case) are scored on their reference's slices alone."""
+    restricted = {n.lower() for n in reference_slices_only}
     pred = segmenter.predict(Volume(case.hu, case.spacing))
     reference = {n.lower(): value for value, n in case.label_names.items()}
     pred_map = np.zeros(case.labels.shape, dtype=np.uint8)
@@ -61,7 +67,7 @@ def score(segmenter: Segmenter, case: Case, name: str) -> list[EvalRow]:
         pred_map[pred == structure.label] = index
         ref_map[case.labels == value] = index
         labels[index] = structure.name
-        if value in case.z_ranges:
+        if value in case.z_ranges and structure.name.lower() in restricted:
             z_range[structure.name] = case.z_ranges[value]
     scores = metrics.score_case(pred_map, ref_map, labels, case.spacing, z_range)
     return [EvalRow(name, case.case_id, s.structure, s.dice, s.iou, s.hd95_mm, s.msd_mm) for s in scores]
@@ -72,13 +78,14 @@ def evaluate(
     cases: Sequence[Case],
     out_csv: Path | None = None,
     device: str = "auto",
+    reference_slices_only: Collection[str] = (),
 ) -> list[EvalRow]:
     """Score every checkpoint (or ``"classical"``) on every case; write the rows to ``out_csv``."""
     rows: list[EvalRow] = []
     for checkpoint in checkpoints:
         segmenter = load_segmenter(checkpoint, device)
         for case in cases:
-            rows.extend(score(segmenter, case, str(checkpoint)))
+            rows.extend(score(segmenter, case, str(checkpoint), reference_slices_only))
     if out_csv is not None:
         write_csv(out_csv, rows)
     return rows

@@ -7,9 +7,10 @@ Runs `segnode serve` in its default configuration (embedded SQLite and broker, o
 default completion: fast completion on release, quiet period 30 s) with the classical segmenter and
 Orthanc as the PACS, for a synthetic uncompressed thorax-like series of --slices slices sent by
 storescu, once as most scanners write it (ImagesInAcquisition given: complete on release) and once
-without it (complete after release_grace_s), and for the real JPEG 2000 series in ../shared/data.
-Prints the total and its split from the job's history: completion (last instance to job),
-waiting for the worker, load/decode, segment, write SEG, send.
+without it (the job runs on release, its results held until release_grace_s has passed), and for
+the real JPEG 2000 series in ../shared/data. Prints the total and its split from the job's
+history: completion (last instance to job), waiting for the worker, load/decode, segment, write
+SEG, results held for the grace (when processing took less), send.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ def wait_for_seg(orthanc: peers.Orthanc, known: set[str], timeout: float = 600) 
     raise TimeoutError("no SEG arrived in Orthanc")
 
 
-def _job_events(node: SegnodeProcesses, timeout: float = 60) -> tuple[dict[str, JobEvent], datetime]:
+def _job_events(
+    node: SegnodeProcesses, timeout: float = 60
+) -> tuple[dict[str, JobEvent], datetime, datetime | None]:
     """The last job's events, once it has one saying it was delivered (the SEG reaches the PACS a
-    moment before the worker records that the PACS answered), and its series' last instance time."""
+    moment before the worker records that the PACS answered), its series' last instance time and
+    until when its results were held."""
     engine = db.make_engine(node.database_url)
     deadline = time.monotonic() + timeout
     try:
@@ -58,7 +62,7 @@ def _job_events(node: SegnodeProcesses, timeout: float = 60) -> tuple[dict[str, 
             with db.make_sessionmaker(engine)() as session:
                 job = session.scalars(select(Job).order_by(Job.id.desc())).first()
                 assert job is not None
-                last_received = job.series.last_received_at
+                last_received, held = job.series.last_received_at, job.hold_until
                 events = {
                     e.event: e
                     for e in session.scalars(
@@ -66,7 +70,7 @@ def _job_events(node: SegnodeProcesses, timeout: float = 60) -> tuple[dict[str, 
                     )
                 }
             if "delivered" in events or time.monotonic() > deadline:
-                return events, last_received
+                return events, last_received, held
             time.sleep(0.05)
     finally:
         engine.dispose()
@@ -74,7 +78,9 @@ def _job_events(node: SegnodeProcesses, timeout: float = 60) -> tuple[dict[str, 
 
 def split(node: SegnodeProcesses) -> tuple[dict[str, float], str, str]:
     """Seconds of each step, how the decoders ran, and how the series was found complete."""
-    events, last_received = _job_events(node)
+    events, last_received, held = _job_events(node)
+    segmented = events["segmented"].at
+    sendable = max(segmented, held) if held is not None else segmented
     steps = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", events["segmented"].message)}
     decoders = re.search(r"\((.*decoded by.*)\)", events["segmented"].message)
     how = re.search(r"instances \((.*?)\);", events["created"].message)
@@ -83,7 +89,8 @@ def split(node: SegnodeProcesses) -> tuple[dict[str, float], str, str]:
             "completion": (events["created"].at - last_received).total_seconds(),
             "queue to worker": (events["started"].at - events["created"].at).total_seconds(),
             **steps,
-            "send": (events["delivered"].at - events["segmented"].at).total_seconds(),
+            "held for grace": (sendable - segmented).total_seconds(),
+            "send": (events["delivered"].at - sendable).total_seconds(),
         },
         decoders.group(1) if decoders else "",
         how.group(1) if how else "",

@@ -21,7 +21,7 @@ from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.engine import SchemaOutOfDateError, session_scope
 from node.db.jobs import JobNotFoundError, cancel, request_completion, retry
-from node.db.models import Job, JobState, Series
+from node.db.models import DeliveryState, Job, JobState, Series
 
 log = logging.getLogger("segnode")
 
@@ -330,14 +330,23 @@ def jobs_show(ctx: click.Context, job_id: int) -> None:
         click.echo(f"  attempts:   {job.attempts}; worker: {job.worker or '-'}")
         click.echo(f"  created:    {_fmt_time(job.created_at)}; finished: {_fmt_time(job.finished_at)}")
         click.echo(f"  outputs:    {', '.join(job.outputs)}")
+        if job.hold_until is not None:
+            click.echo(
+                f"  held until: {_fmt_time(job.hold_until)} (the release grace; nothing is sent before)"
+            )
         if job.output_sop_instance_uid:
             click.echo(f"  SEG:        {job.output_sop_instance_uid}")
         if job.reason:
             click.echo(f"  reason:     {job.reason}")
         for d in job.deliveries:
+            due = (
+                f"; due {_fmt_time(d.next_attempt_at)}"
+                if d.state == DeliveryState.PENDING and d.next_attempt_at is not None
+                else ""
+            )
             click.echo(
                 f"  delivery:   {d.output} to {d.destination}: {d.state.value} "
-                f"after {d.attempts} attempt(s) {d.last_status}"
+                f"after {d.attempts} attempt(s) {d.last_status}{due}"
             )
         click.echo("  history:")
         for e in job.events:

@@ -215,6 +215,8 @@ def test_a_batch_within_the_grace_runs_the_same_job_again_and_one_whole_seg_reac
         done.hold_until is not None and done.finished_at is not None and done.finished_at >= done.hold_until
     )
     assert [j.id for j in node.jobs()] == [job.id]
+    shown = node.cli("jobs", "show", str(job.id)).stdout
+    assert "held until:" in shown and "grew from 8 to 16 instances while the results were held" in shown
     segs = [i for i in orthanc.instances() if orthanc.instance_tags(i).get("Modality") == "SEG"]
     assert len(segs) == 1
     seg = dcmread(BytesIO(orthanc.request("GET", f"/instances/{segs[0]}/file")))

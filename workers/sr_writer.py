@@ -218,12 +218,40 @@ def _measurement_group(
     )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, stats.segment_number),
+        referenced_segment=_referenced_segment(seg, stats.segment_number),
         finding_type=_coded(structure.type),
         finding_category=_coded(structure.category),
         finding_sites=[site],
         algorithm_id=algorithm_id,
         measurements=measurements,
+    )
+
+
+def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """The segment and the CT images its frames derive from, as highdicom's ``from_segmentation``
+    makes it; that reads each frame's segment from the per-frame groups only, where a SEG of one
+    segment has none (its segment is in the shared groups)."""
+    shared = seg.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
+    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        identification = frame.get("SegmentIdentificationSequence") or shared
+        if identification[0].ReferencedSegmentNumber != number:
+            continue
+        for derivation in frame.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                sources.setdefault(
+                    source.ReferencedSOPInstanceUID,
+                    hd.sr.SourceImageForSegmentation(
+                        source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID
+                    ),
+                )
+    if not sources:
+        raise ProcessingFailedError(f"SEG {seg.SOPInstanceUID} has no frame of segment {number}")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_images=list(sources.values()),
     )
 
 

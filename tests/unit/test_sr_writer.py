@@ -154,6 +154,20 @@ def test_sr_of_a_seg_without_the_body(series: SeriesVolume, tmp_path: Path, stri
     assert [g.referenced_segment.referenced_segment_numbers for g in groups] == [[1], [2], [3]]  # type: ignore[union-attr]
 
 
+def test_sr_of_a_seg_with_one_segment(series: SeriesVolume, tmp_path: Path, strict_reading: None) -> None:
+    # A lone segment's identification is in the SEG's shared groups, where highdicom's own
+    # ReferencedSegment.from_segmentation does not look.
+    only = [STRUCTURES[0]]
+    labels = phantom_labels(series.volume.hu)
+    labels = np.where(labels == only[0].label, labels, 0).astype(labels.dtype)
+    seg_path, sr_path = _write_seg_and_sr(series, labels, only, tmp_path)
+    assert "SegmentIdentificationSequence" in pydicom.dcmread(seg_path).SharedFunctionalGroupsSequence[0]
+    if shutil.which("dciodvfy"):
+        dciodvfy(sr_path)
+    groups = check_measurements(sr_path, seg_path, series, labels, only, _voxel_ml_from_headers(series))
+    assert [g.tracking_identifier for g in groups] == [only[0].name]
+
+
 def test_sr_of_a_seg_read_back_is_the_same(series: SeriesVolume, tmp_path: Path) -> None:
     # The worker may measure a SEG it built or one read from disk: the same SR either way.
     labels = labels_with_body(series.volume.hu)

@@ -13,7 +13,8 @@ from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from segmenters.ct_series import allow_decoder_processes, start_decoder_server
-from workers.tasks import WorkerContext, register_tasks
+from workers.tasks import TRANSFER_SYNTAXES, WorkerContext, register_tasks
+from workers.warm_up import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def create_worker_app(settings: Settings) -> Celery:
             torch.set_num_threads(threads)
         except ImportError:
             pass
+        warm_up(ctx, TRANSFER_SYNTAXES[settings.worker.seg_transfer_syntax])
 
     worker_process_init.connect(_after_fork, weak=False)
     return app

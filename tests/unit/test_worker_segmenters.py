@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import sessionmaker
 
 from node.core.config import Settings, load_settings
@@ -14,6 +16,7 @@ from segmenters.classical import ClassicalSegmenter
 from segmenters.cropping import BodyCroppedSegmenter
 from segmenters.registry import DEMO_CHECKPOINT, UnknownSegmenterError
 from workers.tasks import WorkerContext
+from workers.warm_up import warm_up
 
 
 def context(tmp_path: Path, **config: object) -> WorkerContext:
@@ -59,3 +62,26 @@ def test_worker_builds_installed_segmenters_and_refuses_unknown_names(tmp_path: 
         ctx.segmenter("nope")
     with pytest.raises(UnknownSegmenterError, match="'nope' is not installed"):
         ctx.segmenter("cropped")
+
+
+def test_a_worker_warms_up_the_segmenters_its_rules_name_and_every_output(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = context(
+        tmp_path / "data",
+        segmenters={"broken": {"base": "nope", "crop_to_body": True}},
+        rules=[
+            {"name": "ct", "segmenter": "classical", "outputs": ["seg", "rtstruct", "sr", "overlay"]},
+            {"name": "other", "segmenter": "broken"},
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="workers"):
+        warm_up(ctx, ExplicitVRLittleEndian)
+    assert isinstance(ctx.segmenters["classical"], ClassicalSegmenter)
+    assert "broken" not in ctx.segmenters  # its jobs fail with the reason; the worker serves
+    assert "segmenter broken not loaded ahead of its first job" in caplog.text
+    assert "'nope' is not installed" in caplog.text
+    built = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("built ")]
+    assert built == ["SEG", "RTSTRUCT", "SR", "3"]  # 3 overlay images
+    assert "worker warmed up in" in caplog.text and "warm-up run failed" not in caplog.text
+    assert not (tmp_path / "data").exists()  # nothing written where results go

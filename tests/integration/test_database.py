@@ -539,3 +539,28 @@ def test_a_series_released_whole_runs_at_once_and_a_batch_in_its_grace_runs_the_
     assert runs.claim_due_deliveries(job_id, hold_s=120) == (tmp_path, [])
     with sessions() as session:
         assert session.scalar(select(func.count(Job.id))) == 1
+
+
+def test_a_study_released_whole_runs_its_jobs_at_once_held_until_the_last_grace_ends(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = load_settings(
+        None,
+        data_dir=str(tmp_path),
+        quiet_period_s=600,
+        release_grace_s=2,
+        rules=[{"name": "study", "min_slices": 1, "complete_by": "study"}],
+    )
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    for series in ("1.2.3.1", "1.2.3.2"):
+        for n in range(3):
+            axial = facts(series=series, n=n, orientation="1\\0\\0\\0\\1\\0", slice_position=float(n))
+            storage.store([b"ct"], axial, "CT01")
+        storage.mark_released({series})  # the second series' sender releases a moment later
+    with sessions.begin() as session:
+        job_ids = assemble(session, settings, utcnow())
+        jobs = [session.get_one(Job, job_id) for job_id in job_ids]
+        released = max(s.released_at for s in session.scalars(select(Series)) if s.released_at is not None)
+        assert len(jobs) == 2
+        assert {job.hold_until for job in jobs} == {released + timedelta(seconds=2)}
+        assert all("every series of its study is complete" in job.events[0].message for job in jobs)

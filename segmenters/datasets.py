@@ -349,7 +349,8 @@ DATA_HELP = """Data sets (--data):
                          256 x 384 x 384 mm whatever --synthetic-shape.
   nifti:FOLDER           FOLDER/images/ID.nii[.gz] (CT in HU) with FOLDER/labels/ID.nii[.gz]
                          (uint8 labels: 1 body, 2 right lung, 3 left lung, 4 heart,
-                         5 oesophagus, 6 spinal cord, 7 airways).
+                         5 oesophagus, 6 spinal cord, 7 airways), in any orientation: each
+                         file is turned by its affine into the DICOM one.
   dicom-rtstruct:FOLDER  FOLDER/CASE/ct/*.dcm (one CT series) with FOLDER/CASE/rtstruct/ONE.dcm
                          (AAPM 2017 thoracic challenge layout; ROIs Lung_L, Lung_R, Heart,
                          Esophagus, SpinalCord or aliases such as Lung-Left). FOLDER may also be

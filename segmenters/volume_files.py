@@ -1,14 +1,12 @@
-"""Volumes as files: NIfTI-1 read and written without a NIfTI library (public data sets ship it),
-and the synthetic phantoms written as DICOM CT series, as the node meets real data."""
+"""Volumes as files: NIfTI read and written with nibabel (public data sets ship it), oriented by
+its affine, and the synthetic phantoms written as DICOM CT series, as the node meets real data."""
 
 from __future__ import annotations
 
 import datetime
-import gzip
-import struct
 from pathlib import Path
-from typing import Any, Literal
 
+import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -18,29 +16,10 @@ from segmenters.synthetic import Phantom
 SERIES_DESCRIPTION = "Synthetic thorax phantom (demo)"
 RESCALE_INTERCEPT = -1024  # stored = HU + 1024: 12 unsigned bits hold -1024 .. 3071
 
-# NIfTI-1 header (348 bytes, little-endian), field by field as nifti1.h lists them.
-_NIFTI_HEADER = struct.Struct("<i10s18sihBB8h3f4h8f3fhBB4f2i80s24s2h6f12f16s4s")
-_NIFTI_TYPES: dict[int, np.dtype[Any]] = {  # NIfTI datatype code -> numpy dtype
-    2: np.dtype(np.uint8),
-    4: np.dtype(np.int16),
-    8: np.dtype(np.int32),
-    16: np.dtype(np.float32),
-    64: np.dtype(np.float64),
-    256: np.dtype(np.int8),
-    512: np.dtype(np.uint16),
-}
-_NIFTI_DATA_OFFSET = 352  # header and the 4-byte "no extensions" flag
-_NIFTI_MM = 2  # xyzt_units: spatial units in mm
-_NIFTI_SCANNER = 1  # qform/sform code: scanner-based anatomical coordinates
-
 
 def write_nifti(phantom: Phantom, image_path: str | Path, label_path: str | Path) -> None:
     """The phantom as two NIfTI-1 files (``.nii.gz`` compressed, ``.nii`` plain): the CT in HU
-    (int16) and the label map (uint8), with qform and sform giving the voxel spacing and position.
-
-    NIfTI's world is RAS (+x to the patient's left is -x there, likewise y), and its first index
-    runs fastest: the (slice, row, column) array is stored as is and read as (column, row, slice).
-    """
+    (int16) and the label map (uint8), with qform and sform giving the voxel spacing and position."""
     description = f"{SERIES_DESCRIPTION}, seed {phantom.seed}"
     _write_nifti(Path(image_path), phantom.hu, phantom.spacing, phantom.origin, description)
     _write_nifti(Path(label_path), phantom.labels, phantom.spacing, phantom.origin, description + ", labels")
@@ -53,94 +32,41 @@ def _write_nifti(
     origin: tuple[float, float, float],
     description: str,
 ) -> None:
-    codes = {dtype: code for code, dtype in _NIFTI_TYPES.items()}
-    dtype = array.dtype.newbyteorder("=")
-    if dtype not in codes:
-        raise ValueError(f"no NIfTI data type for {array.dtype}")
-    n_slices, rows, cols = array.shape
+    # NIfTI's world is RAS (DICOM's LPS with x and y negated) and its first index is the column.
     dz, dy, dx = spacing
-    ox, oy, oz = origin  # LPS of voxel (0, 0, 0); RAS flips x and y
-    header = _NIFTI_HEADER.pack(
-        348,  # sizeof_hdr
-        b"",  # data_type (unused)
-        b"",  # db_name (unused)
-        0,  # extents
-        0,  # session_error
-        ord("r"),  # regular
-        0,  # dim_info
-        *(3, cols, rows, n_slices, 1, 1, 1, 1),  # dim
-        0.0,
-        0.0,
-        0.0,  # intent_p1..3
-        0,  # intent_code
-        codes[dtype],  # datatype
-        dtype.itemsize * 8,  # bitpix
-        0,  # slice_start
-        *(1.0, dx, dy, dz, 0.0, 0.0, 0.0, 0.0),  # pixdim; pixdim[0] = qfac = 1
-        float(_NIFTI_DATA_OFFSET),  # vox_offset
-        1.0,  # scl_slope
-        0.0,  # scl_inter
-        0,  # slice_end
-        0,  # slice_code
-        _NIFTI_MM,  # xyzt_units
-        0.0,
-        0.0,
-        0.0,
-        0.0,  # cal_max, cal_min, slice_duration, toffset
-        0,
-        0,  # glmax, glmin
-        description.encode("ascii")[:79],  # descrip
-        b"",  # aux_file
-        _NIFTI_SCANNER,  # qform_code
-        _NIFTI_SCANNER,  # sform_code
-        # quatern_b, c, d: the rotation diag(-1, -1, 1) (LPS axes in RAS) is b = c = 0, d = 1.
-        *(0.0, 0.0, 1.0, -ox, -oy, oz),  # quaternion and qoffset_x, y, z
-        *(-dx, 0.0, 0.0, -ox),  # srow_x
-        *(0.0, -dy, 0.0, -oy),  # srow_y
-        *(0.0, 0.0, dz, oz),  # srow_z
-        b"",  # intent_name
-        b"n+1\0",  # magic: header and data in one file
-    )
-    data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
-    payload = header + b"\0\0\0\0" + data
-    if path.name.endswith(".gz"):
-        with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
+    ox, oy, oz = origin  # LPS of voxel (0, 0, 0)
+    affine = np.array([[-dx, 0, 0, -ox], [0, -dy, 0, -oy], [0, 0, dz, oz], [0, 0, 0, 1]], dtype=np.float64)
+    image = nib.Nifti1Image(np.ascontiguousarray(array).transpose(2, 1, 0), affine)
+    image.header["descrip"] = description.encode("ascii")[:79]
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code="scanner")
+    image.set_sform(affine, code="scanner")
+    nib.save(image, path)
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A 3D NIfTI-1 single file (``.nii`` or ``.nii.gz``) as a (slice, row, column) array and its
-    (slice, row, column) spacing in mm, as ``write_nifti`` writes them: no reorientation is done
-    and the intensity scaling is applied only when it is not the identity."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < _NIFTI_HEADER.size:
-        raise ValueError(f"{path}: too short for a NIfTI-1 header")
-    order: Literal["<", ">"] = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
-    fields = struct.Struct(order + _NIFTI_HEADER.format[1:]).unpack(raw[: _NIFTI_HEADER.size])
-    if fields[0] != 348 or fields[-1] != b"n+1\0":
-        raise ValueError(f"{path}: not a single-file NIfTI-1 image")
-    dim = fields[7:15]
-    datatype, pixdim = fields[19], fields[22:30]
-    vox_offset, slope, inter = fields[30:33]
-    if dim[0] < 3 or any(d != 1 for d in dim[4 : dim[0] + 1]):
-        raise ValueError(f"{path}: not a 3D image (dim {dim[: dim[0] + 1]})")
-    if datatype not in _NIFTI_TYPES:
-        raise ValueError(f"{path}: NIfTI data type {datatype} is not supported")
-    cols, rows, n_slices = dim[1:4]
-    dtype = _NIFTI_TYPES[datatype].newbyteorder(order)
-    count = cols * rows * n_slices
-    start = int(vox_offset)
-    if len(raw) < start + count * dtype.itemsize:
-        raise ValueError(f"{path}: data truncated")
-    array = np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(n_slices, rows, cols)
-    array = array.astype(dtype.newbyteorder("="))
-    if slope not in (0.0, 1.0) or inter != 0.0:
-        array = array * np.float32(slope or 1.0) + np.float32(inter)
-    return array, (float(pixdim[3]), float(pixdim[2]), float(pixdim[1]))
+    """A 3D NIfTI image as a (slice, row, column) array in this project's orientation (slices foot
+    to head, rows front to back, columns the patient's right to left: DICOM's LPS) and its
+    (slice, row, column) spacing in mm, whatever orientation the file stores (its qform or sform,
+    as nibabel chooses); scaling applied only when it is not the identity."""
+    try:
+        image = nib.load(path)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable NIfTI image ({err})") from err
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise ValueError(f"{path}: not a NIfTI image")
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: not a 3D image (shape {data.shape})")
+    to_lps = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(("L", "P", "S"))
+    )
+    data = nib.orientations.apply_orientation(data, to_lps)
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+    zooms = zooms[to_lps[:, 0].astype(int).argsort()]  # the zoom of each axis, in its new place
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
 
 
 def write_dicom_series(

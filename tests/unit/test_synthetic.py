@@ -7,6 +7,7 @@ import struct
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -239,6 +240,29 @@ def test_nifti_round_trip(tmp_path: Path) -> None:
         srow, [[-1.25, 0, 0, -ox], [0, -1.5, 0, -oy], [0, 0, 2.5, oz]], rtol=1e-6, atol=1e-4
     )
     assert struct.unpack_from("<3f", raw, 256) == (0.0, 0.0, 1.0)  # quaternion of diag(-1, -1, 1)
+
+
+def test_read_nifti_orients_by_the_affine(tmp_path: Path) -> None:
+    # The same phantom stored RAS (right-left and front-back flipped) and with its axes in another
+    # order reads back voxel for voxel as written LPS: a left lung stays left.
+    phantom = make_phantom((12, 40, 56), (2.5, 1.5, 1.25), seed=3)
+    write_nifti(phantom, tmp_path / "lps.nii.gz", tmp_path / "lps-labels.nii.gz")
+    stored = nib.Nifti1Image.from_filename(tmp_path / "lps-labels.nii.gz")
+    data, affine = np.asanyarray(stored.dataobj), stored.affine
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = data.shape[0] - 1, data.shape[1] - 1  # index i -> (n - 1 - i)
+    ras = nib.Nifti1Image(data[::-1, ::-1, :].copy(), affine @ flip)
+    swap = np.eye(4)[[2, 1, 0, 3]]  # stored (slice, row, column): index k, j, i
+    permuted = nib.Nifti1Image(data.transpose(2, 1, 0).copy(), affine @ swap)
+    for name, image in {"ras.nii.gz": ras, "permuted.nii": permuted}.items():
+        nib.save(image, tmp_path / name)
+        labels, spacing = read_nifti(tmp_path / name)
+        np.testing.assert_array_equal(labels, phantom.labels, err_msg=name)
+        assert spacing == pytest.approx((2.5, 1.5, 1.25)), name
+    # The right lung lies on the patient's right: low column indices (columns run right to left).
+    right = np.nonzero(read_nifti(tmp_path / "ras.nii.gz")[0] == RIGHT_LUNG)[2]
+    left = np.nonzero(read_nifti(tmp_path / "ras.nii.gz")[0] == LEFT_LUNG)[2]
+    assert right.mean() < left.mean()
 
 
 def test_read_nifti_refuses_other_files(tmp_path: Path) -> None:

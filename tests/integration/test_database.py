@@ -60,8 +60,8 @@ def facts(series: str = "1.2.3.4", n: int = 1, **kw: str | float) -> InstanceFac
     return InstanceFacts(**values)  # type: ignore[arg-type]
 
 
-def settings_for(tmp_path: Path, **kw: object) -> Settings:
-    return load_settings(None, data_dir=str(tmp_path), quiet_period_s=1, **kw)
+def settings_for(tmp_path: Path, quiet_period_s: float = 1, **kw: object) -> Settings:
+    return load_settings(None, data_dir=str(tmp_path), quiet_period_s=quiet_period_s, **kw)
 
 
 def _series_with_one_instance(sessions: sessionmaker[Session], tmp_path: Path, n: int) -> int:
@@ -489,9 +489,8 @@ def test_the_attempt_that_ends_a_jobs_deliveries_settles_the_job(
 def test_a_series_released_whole_runs_at_once_and_a_batch_in_its_grace_runs_the_same_job_again(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    settings = load_settings(
-        None,
-        data_dir=str(tmp_path),
+    settings = settings_for(
+        tmp_path,
         quiet_period_s=600,
         release_grace_s=2,
         destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
@@ -544,9 +543,8 @@ def test_a_series_released_whole_runs_at_once_and_a_batch_in_its_grace_runs_the_
 def test_a_study_released_whole_runs_its_jobs_at_once_held_until_the_last_grace_ends(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    settings = load_settings(
-        None,
-        data_dir=str(tmp_path),
+    settings = settings_for(
+        tmp_path,
         quiet_period_s=600,
         release_grace_s=2,
         rules=[{"name": "study", "min_slices": 1, "complete_by": "study"}],

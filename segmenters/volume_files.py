@@ -11,6 +11,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from segmenters.base import Volume
+from segmenters.ct_series import SeriesVolume
 from segmenters.synthetic import Phantom
 
 SERIES_DESCRIPTION = "Synthetic thorax phantom (demo)"
@@ -21,23 +23,31 @@ def write_nifti(phantom: Phantom, image_path: str | Path, label_path: str | Path
     """The phantom as two NIfTI-1 files (``.nii.gz`` compressed, ``.nii`` plain): the CT in HU
     (int16) and the label map (uint8), with qform and sform giving the voxel spacing and position."""
     description = f"{SERIES_DESCRIPTION}, seed {phantom.seed}"
-    _write_nifti(Path(image_path), phantom.hu, phantom.spacing, phantom.origin, description)
-    _write_nifti(Path(label_path), phantom.labels, phantom.spacing, phantom.origin, description + ", labels")
+    affine = nifti_affine(Volume(phantom.hu, phantom.spacing), phantom.origin)
+    _write_nifti(Path(image_path), phantom.hu, affine, description)
+    _write_nifti(Path(label_path), phantom.labels, affine, description + ", labels")
 
 
-def _write_nifti(
-    path: Path,
-    array: np.ndarray,
-    spacing: tuple[float, float, float],
-    origin: tuple[float, float, float],
-    description: str,
-) -> None:
-    # NIfTI's world is RAS (DICOM's LPS with x and y negated) and its first index is the column.
-    dz, dy, dx = spacing
-    ox, oy, oz = origin  # LPS of voxel (0, 0, 0)
-    affine = np.array([[-dx, 0, 0, -ox], [0, -dy, 0, -oy], [0, 0, dz, oz], [0, 0, 0, 1]], dtype=np.float64)
+def write_label_nifti(series: SeriesVolume, labels: np.ndarray, path: str | Path, description: str) -> None:
+    """A label map of ``series`` (indexed like ``series.volume.hu``) as a NIfTI-1 file placed where
+    the series lies, for tools that read NIfTI rather than DICOM-SEG."""
+    _write_nifti(Path(path), labels, nifti_affine(series.volume, series.first_position), description)
+
+
+def nifti_affine(volume: Volume, origin: tuple[float, float, float]) -> np.ndarray:
+    """The NIfTI affine of a (slice, row, column) volume whose voxel (0, 0, 0) lies at ``origin``
+    (LPS): NIfTI's first index is the column, and its world is RAS (LPS with x and y negated)."""
+    dz, dy, dx = volume.spacing
+    slices, rows, cols = (np.asarray(axis, dtype=np.float64) for axis in volume.axes_lps)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = cols * dx, rows * dy, slices * dz
+    affine[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, description: str) -> None:
     image = nib.Nifti1Image(np.ascontiguousarray(array).transpose(2, 1, 0), affine)
-    image.header["descrip"] = description.encode("ascii")[:79]
+    image.header["descrip"] = description.encode("ascii", "replace")[:79]
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code="scanner")
     image.set_sform(affine, code="scanner")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from segmenters.base import Segmenter
 from segmenters.ct_series import DecodeFailedError, UnsuitableSeriesError, load_series
+from segmenters.volume_files import write_label_nifti
 from workers.derived import write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.overlay_writer import build_overlay, write_overlay
@@ -56,9 +57,11 @@ def segment_series(
     outputs: Sequence[str] = ("seg",),
     decode_workers: int | None = None,
     fast_overlap: bool = True,
+    label_nifti: Path | None = None,
 ) -> Results:
     """Build the volume from ``paths``, run ``segmenter`` and write each of ``outputs`` (seg,
-    rtstruct, sr, overlay) into ``folder``, at the places :func:`result_files` names."""
+    rtstruct, sr, overlay) into ``folder``, at the places :func:`result_files` names; the label map
+    also as NIfTI at ``label_nifti`` when given (``segnode segment``)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     try:
@@ -92,6 +95,8 @@ def segment_series(
         start = time.perf_counter()
         write_dataset(build_sr(series, labels, algorithm, structures, seg), folder / RESULT_FILES["sr"])
         timings["write_sr"] = time.perf_counter() - start
+    if label_nifti is not None:
+        write_label_nifti(series, labels, label_nifti, f"{algorithm.name} {algorithm.version} labels")
     if "overlay" in outputs:
         start = time.perf_counter()
         write_overlay(build_overlay(series, labels, algorithm, structures), folder / OVERLAY_FOLDER)

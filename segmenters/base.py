@@ -55,6 +55,15 @@ class Structure:
         return (self.type.scheme, self.type.value) in _CONTAINING_TYPES
 
 
+# A supine, head-first axial scan as DICOM stores it: slices foot to head, rows anterior to
+# posterior, columns the patient's right to left (segmenters.orientation turns others into it).
+CANONICAL_AXES_LPS: tuple[tuple[float, float, float], ...] = (
+    (0.0, 0.0, 1.0),
+    (0.0, 1.0, 0.0),
+    (1.0, 0.0, 0.0),
+)
+
+
 @dataclass(frozen=True)
 class Volume:
     """A CT volume in Hounsfield units.
@@ -71,7 +80,7 @@ class Volume:
     # Unit vectors, in patient coordinates (DICOM LPS: +x to the patient's left, +y posterior,
     # +z superior), along which the slice, row and column indices grow. The default is a plain
     # axial scan: slices foot to head, rows anterior to posterior, columns right to left.
-    axes_lps: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+    axes_lps: tuple[tuple[float, float, float], ...] = CANONICAL_AXES_LPS
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:

@@ -24,6 +24,7 @@ from scipy import ndimage
 from segmenters.base import AlgorithmInfo, Concept, Structure, Volume
 from segmenters.networks import ARCHITECTURES, build_network
 from segmenters.networks.inference import predict_volume
+from segmenters.orientation import to_canonical
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,11 @@ class NetworkSegmenter:
         return self.card.structures
 
     def predict(self, volume: Volume) -> np.ndarray:
+        # The network sees every series as it was trained: supine, head first, axial.
+        canonical, restore = to_canonical(volume)
+        return restore(self._predict_canonical(canonical))
+
+    def _predict_canonical(self, volume: Volume) -> np.ndarray:
         spec = ARCHITECTURES[self.card.architecture]
         zoom = _zoom_factors(volume, self.card.pixel_spacing_mm)
         hu = volume.hu if zoom is None else _resample_slices(volume.hu, zoom, order=1)

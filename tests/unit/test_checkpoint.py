@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,35 @@ def test_cards_carry_test_metrics_and_a_patch_size_and_older_cards_still_load(tm
     save_checkpoint(tmp_path / "v.pt", build_network("vnet", 1, c.num_classes, width=4), c)
     assert load_checkpoint(tmp_path / "v.pt")[1] == c
     assert json.loads(c.to_json())["patch_size"] == [16, 32, 32]
+
+
+# A supine series stored another way: how its array indexes the supine one, and its axes (slice,
+# row, column) as signed indices of the supine axes (1-based: -2 is the supine rows reversed).
+STORED: dict[str, tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int, int]]] = {
+    "prone": (lambda a: a[:, ::-1, ::-1], (1, -2, -3)),  # rows back to front, columns left to right
+    "feet first": (lambda a: a[::-1, :, ::-1], (-1, 2, -3)),  # slices head to foot
+    "coronal": (lambda a: a.transpose(1, 0, 2), (2, 1, 3)),  # planes front to back
+}
+
+
+def _stored(volume: Volume, how: str) -> Volume:
+    index, axes = STORED[how]
+    directions = [tuple(float(np.sign(a)) * v for v in volume.axes_lps[abs(a) - 1]) for a in axes]
+    spacing = tuple(volume.spacing[abs(a) - 1] for a in axes)
+    return Volume(np.ascontiguousarray(index(volume.hu)), spacing, tuple(directions))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("how", ["prone", "feet first", "coronal"])
+def test_a_network_sees_every_series_as_supine_head_first_axial(how: str) -> None:
+    # The demo network is not symmetric: without reorienting, a prone series (rotated 180 degrees)
+    # gives other labels than the same anatomy supine. Turned first, the labels are the supine
+    # ones, indexed like the series: its right lung is the supine right lung.
+    from segmenters.synthetic import make_phantom
+
+    phantom = make_phantom((12, 96, 96), (5.0, 4.0, 4.0), seed=1)
+    supine = Volume(phantom.hu, phantom.spacing)
+    segmenter = NetworkSegmenter(DEMO / "demo-thorax-unet.pt", device="cpu", amp=False)
+    expected = segmenter.predict(supine)
+    got = segmenter.predict(_stored(supine, how))
+    np.testing.assert_array_equal(got, STORED[how][0](expected))
+    assert len(np.unique(expected)) > 3  # lungs and more, not an empty map

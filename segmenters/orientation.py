@@ -1,0 +1,46 @@
+"""Volumes turned into the orientation networks learn from, and label maps turned back.
+
+The canonical orientation is that of a supine, head-first axial scan as DICOM stores it: slices
+foot to head, rows front to back, columns the patient's right to left (LPS). A prone, feet-first,
+coronal or sagittal series is brought to it by flips and axis swaps only, never resampled, so its
+label map maps back to the source frames one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import nibabel as nib
+import numpy as np
+
+from segmenters.base import CANONICAL_AXES_LPS, Volume
+
+_IDENTITY = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
+_CANONICAL = np.array([[2, 1], [1, 1], [0, 1]], dtype=np.float64)  # (slice, row, column) is (S, P, L)
+
+
+def to_canonical(volume: Volume) -> tuple[Volume, Callable[[np.ndarray], np.ndarray]]:
+    """``volume`` in the canonical orientation, and what turns an array indexed like it back
+    into ``volume``'s indexing."""
+    directions = np.eye(4)
+    directions[:3, :3] = np.array(volume.axes_lps, dtype=np.float64).T  # a column per array axis
+    # Array axes in the order and sense of L, P, S; canonical (slice, row, column) is S, P, L.
+    ornt = nib.orientations.io_orientation(directions)
+    if np.array_equal(ornt, _CANONICAL):
+        return volume, lambda labels: labels  # already canonical (the usual case): no copy
+    hu = nib.orientations.apply_orientation(volume.hu, ornt).transpose(2, 1, 0)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = volume.spacing  # each axis' spacing in its new place (L, P, S)
+    canonical = replace(
+        volume,
+        hu=np.ascontiguousarray(hu),
+        spacing=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+        axes_lps=CANONICAL_AXES_LPS,
+    )
+    back = nib.orientations.ornt_transform(_IDENTITY, ornt)
+
+    def restore(labels: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(nib.orientations.apply_orientation(labels.transpose(2, 1, 0), back))
+
+    return canonical, restore

@@ -172,6 +172,8 @@ def _make_job(session: Session, item: _Waiting, completion: Completion) -> int |
     series, decision = item.series, item.decision
     why = completion.why
     previous = session.scalar(select(Job).where(Job.series_id == series.id).order_by(Job.id.desc()).limit(1))
+    assembled, series.assembled_count = series.assembled_count, series.instance_count
+    series.complete_requested_at = None
     if (
         previous is not None
         and decision.rule is not None
@@ -182,11 +184,9 @@ def _make_job(session: Session, item: _Waiting, completion: Completion) -> int |
     grown = ""
     if previous is not None:
         grown = (
-            f"series grew from {series.assembled_count} to {series.instance_count} instances "
+            f"series grew from {assembled} to {series.instance_count} instances "
             f"after job {previous.id} was created; "
         )
-    series.assembled_count = series.instance_count
-    series.complete_requested_at = None
     if decision.rule is None:
         job = create_job(
             session,
@@ -248,8 +248,6 @@ def _run_again(session: Session, series: Series, job: Job, completion: Completio
         f"the series grew from {job.instance_count} to {series.instance_count} instances while the "
         f"results were held (another batch of the same sending): complete ({completion.why}); "
     )
-    series.assembled_count = series.instance_count
-    series.complete_requested_at = None
     job.instance_count = series.instance_count
     job.hold_until = completion.hold_until
     log.info(

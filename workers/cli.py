@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from node.core.commands import settings_of
+from node.core.config import Output
 from node.db.engine import SchemaOutOfDateError
 
-OUTPUTS = ("seg", "rtstruct", "sr", "overlay")
+OUTPUTS: tuple[str, ...] = get_args(Output)
 
 
 @click.command("worker")

@@ -13,6 +13,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from segmenters.base import Volume
 from segmenters.ct_series import SeriesVolume
+from segmenters.orientation import to_canonical
 from segmenters.synthetic import Phantom
 
 SERIES_DESCRIPTION = "Synthetic thorax phantom (demo)"
@@ -70,13 +71,13 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{path}: not a 3D image (shape {data.shape})")
-    to_lps = nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(("L", "P", "S"))
-    )
-    data = nib.orientations.apply_orientation(data, to_lps)
-    zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
-    zooms = zooms[to_lps[:, 0].astype(int).argsort()]  # the zoom of each axis, in its new place
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    # The affine's columns (NIfTI axes i, j, k: column, row, slice) in LPS, as a volume's axes.
+    lps = np.diag([-1.0, -1.0, 1.0]) @ image.affine[:3, :3]
+    zooms = np.linalg.norm(lps, axis=0)
+    axes = tuple((float(x), float(y), float(z)) for x, y, z in (lps[:, k] / zooms[k] for k in (2, 1, 0)))
+    stored = Volume(data.transpose(2, 1, 0), (float(zooms[2]), float(zooms[1]), float(zooms[0])), axes)
+    canonical, _ = to_canonical(stored)
+    return np.ascontiguousarray(canonical.hu), canonical.spacing
 
 
 def write_dicom_series(

@@ -17,7 +17,7 @@ segnode=.venv/bin/segnode
 common=(--data synthetic:16 --width 8 --epochs "$epochs" --loss ce+dice --pixel-spacing 3 --crop 128
         --synthetic-shape 32x128x128 --patience 5 --seed 0 --quiet)
 checkpoints=()
-for arch in fcn unet unetpp attention_unet vnet segnet deeplabv3 pspnet; do
+for arch in fcn unet unetpp attention_unet vnet segnet deeplabv3 pspnet mask_rcnn; do
     start=$(date +%s)
     "$segnode" train --arch "$arch" --out "$out/$arch" "${common[@]}"
     echo "trained $arch in $(( $(date +%s) - start )) s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import subprocess
@@ -122,8 +123,7 @@ def config_check(ctx: click.Context) -> None:
         if r.segmenter not in installed
     ]
     for name, declared in settings.segmenters.items():
-        if declared.checkpoint is not None and not declared.checkpoint.is_file():
-            problems.append(f"segmenter {name!r}: checkpoint {declared.checkpoint} does not exist")
+        problems += _network_problems(name, declared)
         if declared.base is not None and declared.base not in registry.available():
             problems.append(
                 f"segmenter {name!r}: base {declared.base!r} is not installed "
@@ -209,10 +209,34 @@ def _describe(rule: Any) -> str:
     return ", ".join(parts)
 
 
+def _network_problems(name: str, declared: SegmenterSettings) -> list[str]:
+    """Why the declared network cannot serve: a missing file, or a card that leaves a label uncoded
+    (a SEG must say what every segment is)."""
+    network = declared.network
+    if network is None:
+        return []
+    kind, path = network
+    if not path.exists():
+        return [f"segmenter {name!r}: {kind} {path} does not exist"]
+    if kind == "checkpoint":
+        return []
+    if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        return [f"segmenter {name!r}: serving ONNX needs onnxruntime: pip install 'segnode[onnx]'"]
+    from segmenters.served.card import ModelCardError
+    from segmenters.served.loading import served_card
+
+    try:
+        served_card(kind, path, declared.card)
+    except (ModelCardError, ImportError) as err:
+        return [f"segmenter {name!r}: {err}"]
+    return []
+
+
 def _describe_segmenter(declared: SegmenterSettings) -> str:
-    if declared.checkpoint is not None:
+    network = declared.network
+    if network is not None:
         what = (
-            f"network {declared.checkpoint} on {declared.device}, mixed precision {declared.amp}, "
+            f"{network[0]} network {network[1]} on {declared.device}, mixed precision {declared.amp}, "
             f"{declared.batch_size} slices a batch"
         )
     else:

@@ -12,23 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from scipy import ndimage
 
-from segmenters.base import AlgorithmInfo, Concept, Structure, Volume
+from segmenters.base import Concept, Structure
 from segmenters.networks import ARCHITECTURES, build_network
-from segmenters.networks.inference import predict_volume
-from segmenters.orientation import to_canonical
+from segmenters.served.card import ServedCard
+from segmenters.served.runner import ServedSegmenter, choose_device
 
 log = logging.getLogger(__name__)
 
-ARTIFICIAL_INTELLIGENCE = Concept("123110", "Artificial Intelligence", "DCM")  # CID 7162
 FORMAT_VERSION = 1
 
 
@@ -94,6 +90,24 @@ class ModelCard:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def served(self) -> ServedCard:
+        """What serving this network needs to know (the same card for its TorchScript or ONNX export)."""
+        spec = ARCHITECTURES[self.architecture]
+        return ServedCard(
+            name=self.name,
+            version=self.version,
+            structures=self.structures,
+            window=self.window,
+            spacing_mm=None
+            if self.pixel_spacing_mm is None
+            else (0.0, self.pixel_spacing_mm, self.pixel_spacing_mm),
+            context_slices=self.context_slices,
+            spatial_dims=spec.spatial_dims,
+            multiple=spec.multiple,
+            patch_size=(self.patch_size or (64, 128, 128)) if spec.spatial_dims == 3 else None,
+            demo=self.demo,
+        )
+
 
 def save_checkpoint(path: Path, model: torch.nn.Module, card: ModelCard) -> None:
     """Write weights and card atomically (temp file, fsync, rename)."""
@@ -119,96 +133,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[tor
     return model.to(device).eval(), card
 
 
-def choose_device(requested: str = "auto") -> torch.device:
-    """CUDA when asked or available (CUDA_VISIBLE_DEVICES picks the card), else the CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-class NetworkSegmenter:
-    """A trained network behind the :class:`~segmenters.base.Segmenter` interface.
-
-    Loaded once (a worker keeps it for every job). Inference resamples each slice to the card's
-    pixel spacing, runs the network in batches of slices (sliding windows for 3D) and resamples the
-    labels back to the series grid, so the label map matches the source frames one to one.
-    """
+class NetworkSegmenter(ServedSegmenter):
+    """A checkpoint ``segnode train`` wrote, served: loaded once (a worker keeps it for every job)
+    and run like any served network (``segmenters.served.runner``), its card saying how."""
 
     def __init__(
         self, path: Path, *, device: str = "auto", amp: bool = True, batch_size: int = 8, threads: int = 0
     ) -> None:
-        self.device = choose_device(device)
-        if self.device.type == "cpu" and threads:
+        chosen = choose_device(device)
+        if chosen.type == "cpu" and threads:
             torch.set_num_threads(threads)
-        self.model, self.card = load_checkpoint(path, self.device)
-        self.amp = amp and self.device.type == "cuda"
-        self.batch_size = batch_size
-        log.info("loaded %s (%s) on %s", self.card.display_name, self.card.architecture, self.device)
-
-    @property
-    def algorithm(self) -> AlgorithmInfo:
-        return AlgorithmInfo(
-            name=self.card.display_name, version=self.card.version, family=ARTIFICIAL_INTELLIGENCE
-        )
-
-    @property
-    def structures(self) -> Sequence[Structure]:
-        return self.card.structures
-
-    def predict(self, volume: Volume) -> np.ndarray:
-        # The network sees every series as it was trained: supine, head first, axial.
-        canonical, restore = to_canonical(volume)
-        return restore(self._predict_canonical(canonical))
-
-    def _predict_canonical(self, volume: Volume) -> np.ndarray:
-        spec = ARCHITECTURES[self.card.architecture]
-        zoom = _zoom_factors(volume, self.card.pixel_spacing_mm)
-        hu = volume.hu if zoom is None else _resample_slices(volume.hu, zoom, order=1)
-        labels = predict_volume(
-            self.model,
-            hu,
-            window=self.card.window,
-            context_slices=self.card.context_slices,
-            batch_size=self.batch_size,
-            device=self.device,
-            amp=self.amp,
-            patch_size=(self.card.patch_size or (64, 128, 128)) if spec.spatial_dims == 3 else None,
-            multiple=spec.multiple,
-        )
-        if zoom is None:
-            return labels
-        return _resample_labels(labels, volume.hu.shape)
-
-
-def _zoom_factors(volume: Volume, target_mm: float | None) -> tuple[float, float] | None:
-    if target_mm is None:
-        return None
-    zy, zx = volume.spacing[1] / target_mm, volume.spacing[2] / target_mm
-    return None if abs(zy - 1) < 0.02 and abs(zx - 1) < 0.02 else (zy, zx)
-
-
-def _resample_slices(hu: np.ndarray, zoom: tuple[float, float], order: int) -> np.ndarray:
-    """Resample in-plane, slice by slice, so memory stays one output volume plus one slice."""
-    first = ndimage.zoom(hu[0].astype(np.float32), zoom, order=order)
-    out = np.empty((hu.shape[0], *first.shape), dtype=np.float32)
-    out[0] = first
-    for k in range(1, hu.shape[0]):
-        out[k] = ndimage.zoom(hu[k].astype(np.float32), zoom, order=order)
-    return out
-
-
-def _resample_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour back to the series grid, slice by slice."""
-    out = np.empty(shape, dtype=np.uint8)
-    zy, zx = shape[1] / labels.shape[1], shape[2] / labels.shape[2]
-    for k in range(shape[0]):
-        resized = ndimage.zoom(labels[k], (zy, zx), order=0)
-        out[k] = resized[: shape[1], : shape[2]] if resized.shape == shape[1:] else _fit(resized, shape[1:])
-    return out
-
-
-def _fit(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    fitted = np.zeros(shape, dtype=image.dtype)
-    h, w = min(shape[0], image.shape[0]), min(shape[1], image.shape[1])
-    fitted[:h, :w] = image[:h, :w]
-    return fitted
+        model, self.model_card = load_checkpoint(path, chosen)
+        super().__init__(model, self.model_card.served(), device=chosen, amp=amp, batch_size=batch_size)
+        log.info("loaded %s (%s) on %s", self.card.display_name, self.model_card.architecture, chosen)

@@ -1,4 +1,5 @@
-"""``segnode train`` and ``segnode evaluate``: the command-line face of training and scoring.
+"""``segnode train``, ``segnode evaluate`` and ``segnode export``: the command-line face of
+training, scoring and handing a trained network to other runtimes.
 
 ``train_command`` and ``evaluate_command`` are plain click commands that node/cli.py mounts on
 the ``segnode`` group; ``cli`` groups them for ``python -m segmenters.cli``. Logging is configured
@@ -16,6 +17,7 @@ import torch
 from segmenters import datasets, evaluation, synthetic, training
 from segmenters.datasets import DATA_HELP
 from segmenters.networks import ARCHITECTURES
+from segmenters.served.export import FORMATS, export
 
 EVAL_SEED = 10_000  # synthetic evaluation phantoms start here, far from the training seeds
 
@@ -235,6 +237,24 @@ def evaluate_command(
     click.echo(f"{len(rows)} rows written to {out_csv}")
 
 
+@click.command(
+    "export",
+    help="Export a checkpoint `segnode train` made as TorchScript, ONNX (needs the onnx extra) or a "
+    "MONAI bundle, with the model_card.json that serving it needs, into the folder OUT. A rule "
+    "serves the export by declaring it: segmenters: {NAME: {torchscript: OUT/model.ts}} (onnx: "
+    "OUT/model.onnx; monai_bundle: OUT).",
+)
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+def export_command(checkpoint: Path, fmt: str, out: Path) -> None:
+    try:
+        written = export(checkpoint, fmt, out)
+    except (ValueError, ImportError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {written}")
+
+
 @click.group()
 def cli() -> None:
     """Training and evaluation of segnode's segmenters."""
@@ -242,6 +262,7 @@ def cli() -> None:
 
 cli.add_command(train_command)
 cli.add_command(evaluate_command)
+cli.add_command(export_command)
 
 if __name__ == "__main__":
     cli()

@@ -44,3 +44,16 @@ def to_canonical(volume: Volume) -> tuple[Volume, Callable[[np.ndarray], np.ndar
         return np.ascontiguousarray(nib.orientations.apply_orientation(labels.transpose(2, 1, 0), back))
 
     return canonical, restore
+
+
+def reorient(array: np.ndarray, source: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """``array``, whose axes grow towards the directions ``source`` names (such as SPL), with its axes
+    swapped and flipped to grow towards ``target`` (such as RAS); also, for each source axis, its
+    index in the result (to move spacings along)."""
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(tuple(source)), nib.orientations.axcodes2ornt(tuple(target))
+    )
+    moved = transform[:, 0].astype(int)
+    if source == target:
+        return array, moved
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform)), moved

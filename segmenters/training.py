@@ -64,11 +64,12 @@ from scipy import ndimage
 
 from segmenters import evaluation, metrics, patches
 from segmenters.base import Structure
-from segmenters.checkpoint import ModelCard, choose_device, load_checkpoint, save_checkpoint
+from segmenters.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from segmenters.datasets import Case
-from segmenters.networks import ARCHITECTURES, build_network
+from segmenters.networks import ARCHITECTURES, TrainsOnInstances, build_network
 from segmenters.networks.inference import predict_volume
 from segmenters.plots import write_line_plot
+from segmenters.served.runner import choose_device
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,9 @@ def train(
         model.train()
         total, seen = 0.0, 0
         for step, (x, y) in enumerate(feed.epoch(rng), start=1):
-            loss = objective(model(x), y)
+            loss = (
+                model.training_loss(x, y) if isinstance(model, TrainsOnInstances) else objective(model(x), y)
+            )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -673,3 +673,9 @@ def write_tiny_ct_series(folder: Path, count: int = 3, **kwargs: Any) -> list[Da
     kwargs.setdefault("series_uid", generate_uid())
     kwargs.setdefault("frame_of_reference_uid", generate_uid())
     return [write_tiny_ct(folder / f"{n}.dcm", instance_number=n, **kwargs) for n in range(1, count + 1)]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The errors dicom3tools' validator finds in a DICOM file (warnings are not errors)."""
+    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in checked.stderr.splitlines() if line.startswith("Error")]

@@ -1,5 +1,5 @@
-"""The segmenter a rule names, built from the settings: a declared checkpoint or cropped segmenter,
-else an installed one."""
+"""The segmenter a rule names, built from the settings: a declared network (of any kind) or cropped
+segmenter, else an installed one."""
 
 from __future__ import annotations
 
@@ -9,25 +9,36 @@ from segmenters.base import Segmenter
 
 
 def build_segmenter(name: str, settings: Settings) -> Segmenter:
-    """The segmenter ``name``: one the settings declare (a checkpoint, or an installed segmenter,
+    """The segmenter ``name``: one the settings declare (a network, or an installed segmenter,
     either maybe cropped to the body), else an installed one."""
     declared = settings.segmenters.get(name)
     if declared is None:
         return registry.create(name)
-    if declared.checkpoint is not None:
+    network = declared.network
+    if network is None:
+        segmenter: Segmenter = registry.create(str(declared.base))
+    elif network[0] == "checkpoint":
         from segmenters.checkpoint import NetworkSegmenter
 
-        segmenter: Segmenter = NetworkSegmenter(
-            declared.checkpoint,
+        segmenter = NetworkSegmenter(
+            network[1],
             device=declared.device,
             amp=declared.amp,
             batch_size=declared.batch_size,
             threads=settings.worker.cpu_threads,
         )
-    elif declared.base is not None:
-        segmenter = registry.create(declared.base)
-    else:  # the settings refuse this; the branch keeps the type checker honest
-        raise ValueError(f"segmenter {name!r} names neither a checkpoint nor a base")
+    else:
+        from segmenters.served.loading import load_served
+
+        segmenter = load_served(
+            network[0],
+            network[1],
+            card=declared.card,
+            device=declared.device,
+            amp=declared.amp,
+            batch_size=declared.batch_size,
+            threads=settings.worker.cpu_threads,
+        )
     if declared.crop_to_body:
         from segmenters.cropping import BodyCroppedSegmenter
 

@@ -173,17 +173,28 @@ class Rule(BaseModel):
         return value
 
 
-class SegmenterSettings(BaseModel):
-    """A segmenter a rule can name beside the installed ones: a trained network's checkpoint, or an
-    installed segmenter (``base``) cropped to the patient's body; a checkpoint can be cropped too.
+# Where a declared segmenter's network comes from: one of these fields, each a kind of model file.
+NETWORK_SOURCES = ("checkpoint", "torchscript", "onnx", "monai_bundle")
 
-    One schema for both, so a rule names either the same way. ``device``, ``amp`` and
-    ``batch_size`` tell the node how to run a checkpoint; an installed segmenter runs as installed.
+
+class SegmenterSettings(BaseModel):
+    """A segmenter a rule can name beside the installed ones: a trained network (a segnode
+    checkpoint, a TorchScript or ONNX file with its model card, a MONAI bundle folder), or an
+    installed segmenter (``base``) cropped to the patient's body; a network can be cropped too.
+
+    One schema for all, so a rule names either the same way. ``device``, ``amp`` and
+    ``batch_size`` tell the node how to run a network; an installed segmenter runs as installed.
     """
 
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
 
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # a model.pt that `segnode train` wrote (its card inside)
+    torchscript: Path | None = None
+    onnx: Path | None = None  # needs the onnx extra (onnxruntime)
+    monai_bundle: Path | None = None  # the bundle's folder
+    # The model card of a TorchScript or ONNX file (or one overriding a bundle's labels); by default
+    # model_card.json beside the file.
+    card: Path | None = None
     base: str | None = Field(None, min_length=1)
     device: str = "auto"  # auto: CUDA when the worker has a GPU (CUDA_VISIBLE_DEVICES picks it)
     amp: bool = True  # mixed precision on the GPU
@@ -193,19 +204,31 @@ class SegmenterSettings(BaseModel):
     # Air kept around the body's box for the network to see (segmenters.cropping.DEFAULT_MARGIN_MM).
     crop_margin_mm: float = Field(40.0, ge=0)
 
+    @property
+    def network(self) -> tuple[str, Path] | None:
+        """The kind of network and its path, or None for an installed segmenter (``base``)."""
+        for kind in NETWORK_SOURCES:
+            path = getattr(self, kind)
+            if path is not None:
+                return kind, path
+        return None
+
     @model_validator(mode="after")
     def _one_source(self) -> SegmenterSettings:
-        if (self.checkpoint is None) == (self.base is None):
+        given = [kind for kind in (*NETWORK_SOURCES, "base") if getattr(self, kind) is not None]
+        if len(given) != 1:
             raise ValueError(
-                "give exactly one of checkpoint (a trained network's file) "
-                "or base (an installed segmenter such as demo-thorax-unet)"
+                f"give exactly one of {', '.join(NETWORK_SOURCES)} (a trained network) "
+                f"or base (an installed segmenter such as demo-thorax-unet); got {', '.join(given) or 'none'}"
             )
+        if self.card is not None and given[0] not in ("torchscript", "onnx", "monai_bundle"):
+            raise ValueError("card describes a TorchScript, ONNX or MONAI bundle model")
         if self.base is not None:
             for_networks = sorted({"device", "amp", "batch_size"} & self.model_fields_set)
             if for_networks:
                 verb = "applies" if len(for_networks) == 1 else "apply"
                 raise ValueError(
-                    f"{', '.join(for_networks)} {verb} to a checkpoint; base {self.base!r} runs as installed"
+                    f"{', '.join(for_networks)} {verb} to a network; base {self.base!r} runs as installed"
                 )
             if self.base == "classical":
                 raise ValueError("the classical segmenter finds the body itself: it has nothing to crop")

@@ -10,29 +10,31 @@
 Each spatial size must be a multiple of the architecture's ``ArchSpec.multiple`` (``pad_to_multiple``
 pads to it; ``inference.predict_volume`` does so for whole volumes). ``width`` is the channel count at
 full resolution and scales every layer, so tests build tiny models (width 8) while the default 32 is
-a usual size. Hand-written here: FCN, SegNet, DeepLabV3, PSPNet (torchvision is not a dependency);
-from MONAI: U-Net, UNet++, Attention U-Net and V-Net's blocks.
-
-Not here: Mask R-CNN, an instance-segmentation detector whose usual implementation is
-torchvision's; it needs torchvision, which segnode does not depend on.
+a usual size. Hand-written here: FCN, SegNet, DeepLabV3, PSPNet; from MONAI: U-Net, UNet++,
+Attention U-Net and V-Net's blocks; from torchvision: Mask R-CNN, a detector whose instances become
+class maps, and which trains through its own losses (``TrainsOnInstances``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from segmenters.networks.dilated import DeepLabV3, PSPNet
 from segmenters.networks.fcn import FCN
 from segmenters.networks.layers import count_parameters, pad_to_multiple
+from segmenters.networks.mask_rcnn import MaskRCNNSegmenter
 from segmenters.networks.monai_nets import VNet, attention_unet, unet, unet_plus_plus
 from segmenters.networks.segnet import SegNet
 
 __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
+    "TrainsOnInstances",
     "UnknownArchitectureError",
     "build_network",
     "count_parameters",
@@ -49,7 +51,7 @@ class ArchSpec:
     name: str
     spatial_dims: int  # 2: slices (N, C, H, W); 3: patches (N, C, D, H, W)
     multiple: int  # every spatial size of the input must be a multiple of this
-    source: str  # "segnode" (written here) or "monai"
+    source: str  # "segnode" (written here), "monai" or "torchvision"
     reference: str  # the paper that defines it
     builder: Builder
 
@@ -66,8 +68,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("segnet", 2, 16, "segnode", "Badrinarayanan et al., TPAMI 2017", SegNet),
         ArchSpec("deeplabv3", 2, 8, "segnode", "Chen et al., arXiv:1706.05587", DeepLabV3),
         ArchSpec("pspnet", 2, 8, "segnode", "Zhao et al., CVPR 2017", PSPNet),
+        ArchSpec("mask_rcnn", 2, 1, "torchvision", "He et al., ICCV 2017", MaskRCNNSegmenter),
     )
 }
+
+
+@runtime_checkable
+class TrainsOnInstances(Protocol):
+    """A network trained by its own losses from the label maps (a detector), not from its logits."""
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
 class UnknownArchitectureError(LookupError):

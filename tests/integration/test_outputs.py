@@ -4,7 +4,6 @@ Orthanc holds it."""
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +17,6 @@ from tests.node_process import SegnodeProcesses
 from tests.shared_data import THORAX
 
 pytestmark = pytest.mark.slow
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in checked.stderr.splitlines() if line.startswith("Error")]
 
 
 def test_seg_rtstruct_sr_and_overlay_reach_the_pacs_in_the_cts_study(
@@ -66,7 +60,7 @@ def test_seg_rtstruct_sr_and_overlay_reach_the_pacs_in_the_cts_study(
         first = series["Instances"][0]
         path = tmp_path / f"{modality}.dcm"
         path.write_bytes(orthanc.request("GET", f"/instances/{first}/file"))
-        assert dciodvfy_errors(path) == [], modality
+        assert peers.dciodvfy_errors(path) == [], modality
     assert by_modality["CT"] == len(slices)
     assert by_modality["SEG"] == 1 and by_modality["RTSTRUCT"] == 1 and by_modality["SR"] == 1
     assert by_modality["OT"] == len(slices)  # one overlay image for each CT slice

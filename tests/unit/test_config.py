@@ -88,16 +88,24 @@ def test_segmenters_declare_a_checkpoint_or_a_cropped_installed_one() -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"crop_to_body": True}, "give exactly one of checkpoint .* or base"),
-        ({"checkpoint": "m.pt", "base": "demo-thorax-unet"}, "give exactly one of checkpoint .* or base"),
+        ({"crop_to_body": True}, "give exactly one of checkpoint, .* or base .*; got none"),
+        (
+            {"checkpoint": "m.pt", "base": "demo-thorax-unet"},
+            "give exactly one of checkpoint, .* or base .*; got checkpoint, base",
+        ),
+        ({"onnx": "m.onnx", "torchscript": "m.ts"}, "got torchscript, onnx"),
+        (
+            {"checkpoint": "m.pt", "card": "c.json"},
+            "card describes a TorchScript, ONNX or MONAI bundle model",
+        ),
         ({"base": "demo-thorax-unet"}, "without crop_to_body: true is 'demo-thorax-unet' itself"),
         (
             {"base": "demo-thorax-unet", "crop_to_body": True, "device": "cuda"},
-            "device applies to a checkpoint",
+            "device applies to a network",
         ),
         (
             {"base": "demo-thorax-unet", "crop_to_body": True, "amp": False, "batch_size": 2},
-            "amp, batch_size apply to a checkpoint",
+            "amp, batch_size apply to a network",
         ),
         ({"base": "classical", "crop_to_body": True}, "finds the body itself"),
         ({"checkpoint": "m.pt", "crop_margin_mm": 10}, "crop_margin_mm applies only with crop_to_body"),

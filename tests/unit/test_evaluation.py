@@ -9,9 +9,9 @@ import numpy as np
 
 from segmenters import anatomy
 from segmenters.base import AlgorithmInfo, Structure, Volume
-from segmenters.checkpoint import ARTIFICIAL_INTELLIGENCE
 from segmenters.datasets import Case
 from segmenters.evaluation import score
+from segmenters.served.runner import ARTIFICIAL_INTELLIGENCE
 
 LUNG = anatomy.structure(1, "right_lung")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import segmenters.checkpoint
+import segmenters.served.runner
 from segmenters import datasets, synthetic, volume_files
 from segmenters.base import Volume
 from segmenters.checkpoint import NetworkSegmenter, load_checkpoint
@@ -136,15 +136,15 @@ def test_vnet_trains_on_patches_and_serves_with_its_patch_size(
     assert "16x32x32" in card.training_data
 
     windows: list[object] = []
-    real = segmenters.checkpoint.predict_volume
+    real = segmenters.served.runner.predict_volume
 
     def spy(*args: object, **kwargs: object) -> np.ndarray:
         windows.append(kwargs["patch_size"])
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(segmenters.checkpoint, "predict_volume", spy)
+    monkeypatch.setattr(segmenters.served.runner, "predict_volume", spy)
     segmenter = NetworkSegmenter(trained_vnet.checkpoint, device="cpu", batch_size=2)
-    assert segmenter.card == card
+    assert segmenter.model_card == card
     case = cases_3d[4]
     labels = segmenter.predict(Volume(case.hu, case.spacing))
     assert labels.shape == case.hu.shape and labels.dtype == np.uint8

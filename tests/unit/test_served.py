@@ -1,0 +1,222 @@
+"""Networks served from other formats: TorchScript, ONNX and MONAI bundle exports of a network
+`segnode train` made give the checkpoint's labels; a card's orientation and spacing reach the
+network; a label without a code is refused before any SEG is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from torch import nn
+
+from node.cli import main
+from segmenters.base import Volume
+from segmenters.checkpoint import NetworkSegmenter
+from segmenters.registry import DEMO_CHECKPOINT
+from segmenters.served.card import ModelCardError, read_card
+from segmenters.served.export import FORMATS
+from segmenters.served.loading import load_served, served_card
+from segmenters.synthetic import make_phantom
+
+Axes = tuple[tuple[float, float, float], ...]
+KINDS = {"torchscript": "model.ts", "onnx": "model.onnx", "monai_bundle": "."}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo network exported by `segnode export` in every format."""
+    root = tmp_path_factory.mktemp("exports")
+    paths = {}
+    for fmt in FORMATS:
+        ran = CliRunner().invoke(
+            main, ["export", str(DEMO_CHECKPOINT), "--format", fmt, "--out", str(root / fmt)]
+        )
+        assert ran.exit_code == 0, ran.output
+        paths[fmt] = (root / fmt / KINDS[fmt]).resolve()
+        assert paths[fmt].exists()
+    return paths
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_an_export_serves_the_labels_of_its_checkpoint(exports: dict[str, Path], kind: str) -> None:
+    # Not the demo model's own grid: 2.5 mm pixels are resampled to its 3 mm on the way in and out.
+    volume = make_phantom(shape=(20, 150, 150), spacing=(6.0, 2.5, 2.5), seed=7).volume()
+    checkpoint = NetworkSegmenter(DEMO_CHECKPOINT, device="cpu", amp=False)
+    served = load_served(kind, exports[kind], device="cpu", amp=False)
+    expected = checkpoint.predict(volume)
+    labels = served.predict(volume)
+    assert labels.shape == volume.hu.shape and labels.dtype == np.uint8
+    assert len(np.unique(expected)) >= 5
+    # TorchScript and the bundle run the same torch code; onnxruntime's arithmetic may tip a voxel.
+    agreement = float((labels == expected).mean())
+    assert agreement == 1.0 if kind != "onnx" else agreement > 0.999
+    assert served.structures == checkpoint.structures  # codes, names and colours travel with it
+    assert served.algorithm == checkpoint.algorithm
+
+
+class _RisesAlongFirstAxis(nn.Module):
+    """A 3D "network" that labels 1 where CT numbers rise along the first array axis: it answers
+    only if the series reaches it in the orientation its card names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rise = torch.zeros_like(x)
+        rise[:, :, :-1] = x[:, :, 1:] - x[:, :, :-1]
+        rise[:, :, -1] = rise[:, :, -2]
+        return torch.cat([torch.zeros_like(x), rise * 1000.0], dim=1)
+
+
+def _ramp_towards_patient_right(axes_lps: Axes, shape: tuple[int, ...]) -> Volume:
+    """A volume whose CT numbers rise towards the patient's right (-x in DICOM's LPS), stored with
+    its array axes along ``axes_lps``."""
+    spacing = (4.0, 1.5, 1.5)
+    grid = np.indices(shape).astype(np.float64)
+    x_mm = sum(grid[i] * spacing[i] * axes_lps[i][0] for i in range(3))
+    return Volume(hu=(-2.0 * x_mm).astype(np.float32), spacing=spacing, axes_lps=axes_lps)
+
+
+SUPINE = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+PRONE = ((0.0, 0.0, 1.0), (0.0, -1.0, 0.0), (-1.0, 0.0, 0.0))
+FEET_FIRST = ((0.0, 0.0, -1.0), (0.0, 1.0, 0.0), (-1.0, 0.0, 0.0))
+CORONAL = ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0))
+
+
+def _scripted_card(folder: Path, orientation: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(_RisesAlongFirstAxis()), str(folder / "model.ts"))
+    card = {
+        "name": "rises-along-x",
+        "version": "2",
+        "labels": [{"label": 1, "anatomy": "body"}],
+        "window": [-1000, 1000],
+        "spatial_dims": 3,
+        "patch_size": [16, 16, 16],
+        "spacing_mm": [2.0, 2.0, 2.0],
+        "orientation": orientation,
+    }
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder / "model.ts"
+
+
+@pytest.mark.parametrize(
+    "axes", [SUPINE, PRONE, FEET_FIRST, CORONAL], ids=["supine", "prone", "feet-first", "coronal"]
+)
+def test_the_network_gets_the_orientation_and_spacing_its_card_names(tmp_path: Path, axes: Axes) -> None:
+    volume = _ramp_towards_patient_right(axes, (12, 40, 36))
+    # RAS: the first array axis grows towards the patient's right, so the ramp rises along it.
+    right = load_served("torchscript", _scripted_card(tmp_path / "ras", "RAS"), device="cpu")
+    labels = right.predict(volume)
+    assert labels.shape == volume.hu.shape  # resampled to 2 mm and back to the series grid
+    assert (labels == 1).mean() > 0.95
+    # LAS: the same network told the first axis grows to the left sees the ramp fall: nothing.
+    left = load_served("torchscript", _scripted_card(tmp_path / "las", "LAS"), device="cpu")
+    assert (left.predict(volume) == 1).mean() < 0.05
+
+
+def _card(tmp_path: Path, **changes: object) -> Path:
+    card: dict[str, object] = {
+        "name": "thorax",
+        "labels": [{"label": 1, "anatomy": "heart"}, {"label": 2, "anatomy": "left_lung"}],
+        "window": [-1000, 1000],
+    }
+    card.update(changes)
+    path = tmp_path / "model_card.json"
+    path.write_text(json.dumps(card))
+    return path
+
+
+def test_a_card_codes_labels_by_the_anatomy_table_or_by_its_own_code(tmp_path: Path) -> None:
+    liver = {
+        "label": 3,
+        "name": "Liver",
+        "type": {"value": "10200004", "meaning": "Liver"},
+        "rgb": [221, 130, 101],
+    }
+    card = read_card(_card(tmp_path, labels=[{"label": 1, "anatomy": "heart"}, liver], pixel_spacing_mm=1.5))
+    heart, own = card.structures
+    assert (heart.type.value, heart.type.scheme, heart.name) == ("80891009", "SCT", "Heart")
+    assert (own.type.value, own.type.meaning, own.name, own.rgb) == (
+        "10200004",
+        "Liver",
+        "Liver",
+        (221, 130, 101),
+    )
+    assert card.spacing_mm == (0.0, 1.5, 1.5) and card.orientation == "SPL" and card.spatial_dims == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"labels": [{"label": 1, "name": "liver"}]}, "label 1 \\(liver\\) has no code"),
+        (
+            {"labels": [{"label": 4, "anatomy": "spleen"}]},
+            "label 4: no structure 'spleen' in the anatomy table",
+        ),
+        ({"labels": [{"label": 1, "anatomy": "heart"}, {"label": 1, "anatomy": "body"}]}, "given twice"),
+        ({"labels": []}, '"labels" lists the structures'),
+        ({"window": [100, -100]}, "high > low"),
+        ({"orientation": "SPP"}, "orientation 'SPP' must give each array axis' direction"),
+        ({"spatial_dims": 3}, 'a 3D network needs "patch_size"'),
+        ({"pixel_spacing_mm": 1, "spacing_mm": [1, 1, 1]}, "not both"),
+    ],
+)
+def test_cards_that_cannot_serve_are_refused_with_the_reason(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ModelCardError, match=message):
+        read_card(_card(tmp_path, **changes))
+
+
+def test_a_bundle_is_read_from_its_inference_config_and_refused_when_the_node_cannot_reproduce_it(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    card = served_card("monai_bundle", exports["monai_bundle"])
+    assert card.spacing_mm == (0.0, 3.0, 3.0) and card.window == (-1000.0, 1000.0)
+    assert card.context_slices == 1 and card.spatial_dims == 2
+
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    config = json.loads((exports["monai_bundle"] / "configs" / "inference.json").read_text())
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {
+        "network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "Spleen"}}}}
+    }
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelCardError, match="label 1 'Spleen' has no code in the anatomy table"):
+        served_card("monai_bundle", bundle)
+    config["preprocessing"]["transforms"].append({"_target_": "NormalizeIntensityd", "keys": "image"})
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(ModelCardError, match="transform NormalizeIntensityd is not one the node reproduces"):
+        served_card("monai_bundle", bundle)
+
+
+def test_config_check_refuses_a_network_whose_labels_are_not_coded(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    uncoded = tmp_path / "uncoded"
+    uncoded.mkdir()
+    (uncoded / "model.onnx").write_bytes(exports["onnx"].read_bytes())
+    _card(uncoded, labels=[{"label": 1, "name": "tumour"}])
+    config = tmp_path / "segnode.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "segmenters": {
+                    "good": {"torchscript": str(exports["torchscript"])},
+                    "bundle": {"monai_bundle": str(exports["monai_bundle"])},
+                    "bad": {"onnx": str(uncoded / "model.onnx")},
+                },
+                "rules": [{"name": "r", "segmenter": "bad"}],
+            }
+        )
+    )
+    ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
+    assert ran.exit_code != 0
+    assert "segmenter 'bad': model card" in ran.output and "label 1 (tumour) has no code" in ran.output
+    assert "'good'" not in ran.output.split("Segmenter")[0]  # the good ones raise nothing
+    assert "torchscript network" in ran.output and "monai_bundle network" in ran.output

@@ -212,6 +212,8 @@ def _describe(rule: Any) -> str:
 def _network_problems(name: str, declared: SegmenterSettings) -> list[str]:
     """Why the declared network cannot serve: a missing file, or a card that leaves a label uncoded
     (a SEG must say what every segment is)."""
+    if declared.totalsegmentator is not None:
+        return _totalsegmentator_problems(name, declared)
     network = declared.network
     if network is None:
         return []
@@ -222,19 +224,41 @@ def _network_problems(name: str, declared: SegmenterSettings) -> list[str]:
         return []
     if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         return [f"segmenter {name!r}: serving ONNX needs onnxruntime: pip install 'segnode[onnx]'"]
+    if kind == "nnunet" and importlib.util.find_spec("nnunetv2") is None:
+        return [f"segmenter {name!r}: serving nnU-Net needs nnunetv2: pip install 'segnode[nnunet]'"]
     from segmenters.served.card import ModelCardError
-    from segmenters.served.loading import served_card
+    from segmenters.served.loading import check_served
 
     try:
-        served_card(kind, path, declared.card)
+        check_served(kind, path, declared.card)
     except (ModelCardError, ImportError) as err:
+        return [f"segmenter {name!r}: {err}"]
+    return []
+
+
+def _totalsegmentator_problems(name: str, declared: SegmenterSettings) -> list[str]:
+    if importlib.util.find_spec("totalsegmentator") is None:
+        return [
+            f"segmenter {name!r}: serving TotalSegmentator needs it: pip install 'segnode[totalsegmentator]'"
+        ]
+    from segmenters.served.card import ModelCardError
+    from segmenters.served.totalsegmentator import check_weights, task_structures
+
+    task = str(declared.totalsegmentator)
+    try:
+        task_structures(task, declared.roi_subset)
+        check_weights(task, declared.fast)
+    except ModelCardError as err:
         return [f"segmenter {name!r}: {err}"]
     return []
 
 
 def _describe_segmenter(declared: SegmenterSettings) -> str:
     network = declared.network
-    if network is not None:
+    if declared.totalsegmentator is not None:
+        classes = ", ".join(declared.roi_subset) if declared.roi_subset else "every class"
+        what = f"TotalSegmentator task {declared.totalsegmentator} ({classes}) on {declared.device}"
+    elif network is not None:
         what = (
             f"{network[0]} network {network[1]} on {declared.device}, mixed precision {declared.amp}, "
             f"{declared.batch_size} slices a batch"

@@ -15,8 +15,18 @@ def build_segmenter(name: str, settings: Settings) -> Segmenter:
     if declared is None:
         return registry.create(name)
     network = declared.network
-    if network is None:
-        segmenter: Segmenter = registry.create(str(declared.base))
+    if declared.totalsegmentator is not None:
+        from segmenters.served.runner import choose_device
+        from segmenters.served.totalsegmentator import TotalSegmentatorSegmenter
+
+        segmenter: Segmenter = TotalSegmentatorSegmenter(
+            declared.totalsegmentator,
+            roi_subset=declared.roi_subset,
+            fast=declared.fast,
+            device=choose_device(declared.device),
+        )
+    elif network is None:
+        segmenter = registry.create(str(declared.base))
     elif network[0] == "checkpoint":
         from segmenters.checkpoint import NetworkSegmenter
 
@@ -38,6 +48,8 @@ def build_segmenter(name: str, settings: Settings) -> Segmenter:
             amp=declared.amp,
             batch_size=declared.batch_size,
             threads=settings.worker.cpu_threads,
+            folds=declared.folds,
+            checkpoint_name=declared.nnunet_checkpoint,
         )
     if declared.crop_to_body:
         from segmenters.cropping import BodyCroppedSegmenter

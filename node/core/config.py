@@ -174,12 +174,13 @@ class Rule(BaseModel):
 
 
 # Where a declared segmenter's network comes from: one of these fields, each a kind of model file.
-NETWORK_SOURCES = ("checkpoint", "torchscript", "onnx", "monai_bundle")
+NETWORK_SOURCES = ("checkpoint", "torchscript", "onnx", "monai_bundle", "nnunet")
 
 
 class SegmenterSettings(BaseModel):
     """A segmenter a rule can name beside the installed ones: a trained network (a segnode
-    checkpoint, a TorchScript or ONNX file with its model card, a MONAI bundle folder), or an
+    checkpoint, a TorchScript or ONNX file with its model card, a MONAI bundle folder, an nnU-Net v2
+    trained-model folder, a TotalSegmentator task), or an
     installed segmenter (``base``) cropped to the patient's body; a network can be cropped too.
 
     One schema for all, so a rule names either the same way. ``device``, ``amp`` and
@@ -192,6 +193,15 @@ class SegmenterSettings(BaseModel):
     torchscript: Path | None = None
     onnx: Path | None = None  # needs the onnx extra (onnxruntime)
     monai_bundle: Path | None = None  # the bundle's folder
+    nnunet: Path | None = None  # an nnU-Net v2 trained-model folder (needs the nnunet extra)
+    # nnU-Net: the folds to average (None: every fold_* the folder has) and the checkpoint's file name.
+    folds: list[int | Literal["all"]] | None = None
+    nnunet_checkpoint: str = Field("checkpoint_final.pth", min_length=1)
+    # A TotalSegmentator task (such as total), its classes (roi_subset; None: all) and its 3 mm
+    # model (fast); needs the totalsegmentator extra and its weights (TOTALSEG_HOME_DIR).
+    totalsegmentator: str | None = Field(None, min_length=1)
+    roi_subset: list[str] | None = None
+    fast: bool = False
     # The model card of a TorchScript or ONNX file (or one overriding a bundle's labels); by default
     # model_card.json beside the file.
     card: Path | None = None
@@ -215,14 +225,22 @@ class SegmenterSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> SegmenterSettings:
-        given = [kind for kind in (*NETWORK_SOURCES, "base") if getattr(self, kind) is not None]
+        given = [
+            kind for kind in (*NETWORK_SOURCES, "totalsegmentator", "base") if getattr(self, kind) is not None
+        ]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of {', '.join(NETWORK_SOURCES)} (a trained network) "
+                f"give exactly one of {', '.join(NETWORK_SOURCES)}, totalsegmentator (a trained network) "
                 f"or base (an installed segmenter such as demo-thorax-unet); got {', '.join(given) or 'none'}"
             )
-        if self.card is not None and given[0] not in ("torchscript", "onnx", "monai_bundle"):
-            raise ValueError("card describes a TorchScript, ONNX or MONAI bundle model")
+        if self.card is not None and given[0] not in ("torchscript", "onnx", "monai_bundle", "nnunet"):
+            raise ValueError("card describes a TorchScript, ONNX, MONAI bundle or nnU-Net model")
+        nnunet_only = sorted({"folds", "nnunet_checkpoint"} & self.model_fields_set)
+        if nnunet_only and self.nnunet is None:
+            raise ValueError(f"{', '.join(nnunet_only)} apply to an nnU-Net model (nnunet: FOLDER)")
+        task_only = sorted({"roi_subset", "fast"} & self.model_fields_set)
+        if task_only and self.totalsegmentator is None:
+            raise ValueError(f"{', '.join(task_only)} apply to TotalSegmentator (totalsegmentator: TASK)")
         if self.base is not None:
             for_networks = sorted({"device", "amp", "batch_size"} & self.model_fields_set)
             if for_networks:

@@ -180,3 +180,22 @@ def check_orientation(codes: str) -> str:
             "(SPL: the node's own, slices foot to head, rows front to back, columns right to left)"
         )
     return codes
+
+
+def structures_from_names(names: dict[int, str], where: str, card: Path | None) -> tuple[Structure, ...]:
+    """The coded structures of a model that names its labels (value -> name) but gives no codes:
+    the ``labels`` of ``card`` when there is one, else each name looked up in the anatomy table
+    (``Left lung`` and ``left_lung`` alike). ``where`` names the model in errors."""
+    if card is not None and card.is_file():
+        return read_card(card).structures
+    structures = []
+    for value, name in sorted(names.items()):
+        key = name.strip().lower().replace(" ", "_")
+        if key not in anatomy.keys():
+            raise ModelCardError(
+                f"{where}: label {value} {name!r} has no code in the anatomy table; give the codes in a "
+                f'{CARD_FILE} ({{"labels": [{{"label": {value}, "type": {{"value": "<SNOMED CT code>", '
+                '"meaning": "<name>"}}]})'
+            )
+        structures.append(anatomy.structure(value, key))
+    return tuple(structures)

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from segmenters.base import Segmenter
 from segmenters.served.card import CARD_FILE, ServedCard, read_card
 from segmenters.served.runner import ServedSegmenter, choose_device
 
-KINDS = ("torchscript", "onnx", "monai_bundle")
+KINDS = ("torchscript", "onnx", "monai_bundle", "nnunet")
 
 
 def served_card(kind: str, path: Path, card: Path | None = None) -> ServedCard:
-    """The card of the ``kind`` model at ``path``: ``card``, else the ``model_card.json`` beside it
-    (a MONAI bundle's own configuration otherwise). Raises ModelCardError for anything it lacks."""
+    """The card of the TorchScript, ONNX or MONAI bundle model at ``path``: ``card``, else the
+    ``model_card.json`` beside it (a bundle's own configuration otherwise)."""
     if kind == "monai_bundle":
         from segmenters.served.monai_bundle import read_bundle_card
 
         return read_card(card) if card is not None else read_bundle_card(path, path.name)
+    if kind not in ("torchscript", "onnx"):
+        raise ValueError(f"a {kind} model has no served card")
+    return read_card(card if card is not None else path.parent / CARD_FILE)
+
+
+def check_served(kind: str, path: Path, card: Path | None = None) -> None:
+    """Raise ModelCardError if the ``kind`` model at ``path`` cannot say what its labels are
+    (``segnode config check`` runs this: no weights are loaded)."""
     if kind not in KINDS:
         raise ValueError(f"no served model kind {kind!r}; kinds: {', '.join(KINDS)}")
-    return read_card(card if card is not None else path.parent / CARD_FILE)
+    if kind == "nnunet":
+        from segmenters.served.nnunet import nnunet_labels
+
+        nnunet_labels(path, card)
+    else:
+        served_card(kind, path, card)
 
 
 def load_served(
@@ -31,9 +46,16 @@ def load_served(
     amp: bool = True,
     batch_size: int = 8,
     threads: int = 0,
-) -> ServedSegmenter:
-    """The ``kind`` model at ``path`` loaded once, ready to segment series."""
+    folds: Sequence[int | str] | None = None,
+    checkpoint_name: str = "checkpoint_final.pth",
+) -> Segmenter:
+    """The ``kind`` model at ``path`` loaded once, ready to segment series. ``folds`` and
+    ``checkpoint_name`` are an nnU-Net model's; nnU-Net runs its own batches and precision."""
     chosen = choose_device(device)
+    if kind == "nnunet":
+        from segmenters.served.nnunet import NnUNetSegmenter
+
+        return NnUNetSegmenter(path, folds=folds, checkpoint_name=checkpoint_name, card=card, device=chosen)
     info = served_card(kind, path, card)
     if kind == "torchscript":
         from segmenters.served.torchscript import load_torchscript

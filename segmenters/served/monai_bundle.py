@@ -18,8 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from segmenters import anatomy
-from segmenters.served.card import CARD_FILE, ModelCardError, ServedCard, check_orientation, read_card
+from segmenters.base import Structure
+from segmenters.served.card import (
+    CARD_FILE,
+    ModelCardError,
+    ServedCard,
+    check_orientation,
+    read_card,
+    structures_from_names,
+)
 
 # Transforms that only load the file or change its type: nothing for the node to reproduce.
 _NEUTRAL = {
@@ -162,23 +169,12 @@ def _preprocessing(
     return window, orientation, spacing
 
 
-def _channel_structures(parser: Any, folder: Path) -> tuple[Any, ...]:
+def _channel_structures(parser: Any, folder: Path) -> tuple[Structure, ...]:
     channels = parser.get("_meta_#network_data_format#outputs#pred#channel_def")
     if not isinstance(channels, dict):
         raise ModelCardError(
             f"MONAI bundle {folder}: its metadata has no outputs.pred.channel_def naming the labels; "
             f'put a {CARD_FILE} with "labels" in the bundle'
         )
-    structures = []
-    for value, label_name in sorted(channels.items(), key=lambda item: int(item[0])):
-        if int(value) == 0:
-            continue
-        key = str(label_name).strip().lower().replace(" ", "_")
-        if key not in anatomy.keys():
-            raise ModelCardError(
-                f"MONAI bundle {folder}: label {value} {label_name!r} has no code in the anatomy table; "
-                f'put a {CARD_FILE} in the bundle giving its code ("labels": [{{"label": {value}, '
-                '"type": {"value": "<SNOMED CT code>", "meaning": "<name>"}}])'
-            )
-        structures.append(anatomy.structure(int(value), key))
-    return tuple(structures)
+    names = {int(value): str(name) for value, name in channels.items() if int(value) != 0}
+    return structures_from_names(names, f"MONAI bundle {folder}", None)

@@ -94,9 +94,10 @@ def test_segmenters_declare_a_checkpoint_or_a_cropped_installed_one() -> None:
             "give exactly one of checkpoint, .* or base .*; got checkpoint, base",
         ),
         ({"onnx": "m.onnx", "torchscript": "m.ts"}, "got torchscript, onnx"),
+        ({"onnx": "m.onnx", "folds": [0, 1]}, "folds apply to an nnU-Net model"),
         (
             {"checkpoint": "m.pt", "card": "c.json"},
-            "card describes a TorchScript, ONNX or MONAI bundle model",
+            "card describes a TorchScript, ONNX, MONAI bundle or nnU-Net",
         ),
         ({"base": "demo-thorax-unet"}, "without crop_to_body: true is 'demo-thorax-unet' itself"),
         (

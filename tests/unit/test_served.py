@@ -220,3 +220,85 @@ def test_config_check_refuses_a_network_whose_labels_are_not_coded(
     assert "segmenter 'bad': model card" in ran.output and "label 1 (tumour) has no code" in ran.output
     assert "'good'" not in ran.output.split("Segmenter")[0]  # the good ones raise nothing
     assert "torchscript network" in ran.output and "monai_bundle network" in ran.output
+
+
+def test_an_nnunet_model_folder_codes_its_labels_by_name_or_by_its_card(tmp_path: Path) -> None:
+    from segmenters.served.nnunet import nnunet_labels
+
+    folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir()
+    (folder / "plans.json").write_text("{}")
+    labels = {"background": 0, "Left lung": 1, "heart": 2}
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    structures, orientation = nnunet_labels(folder)
+    assert [(s.label, s.name, s.type.value) for s in structures] == [
+        (1, "Left lung", "39607008"),
+        (2, "Heart", "80891009"),
+    ]
+    assert structures[0].laterality is not None and structures[0].laterality.meaning == "Left"
+    assert orientation == "SPL"
+
+    (folder / "dataset.json").write_text(json.dumps({"labels": {**labels, "tumour": 3}}))
+    with pytest.raises(ModelCardError, match="label 3 'tumour' has no code in the anatomy table"):
+        nnunet_labels(folder)
+    tumour = {"label": 3, "name": "Tumour", "type": {"value": "108369006", "meaning": "Neoplasm"}}
+    _card(folder, labels=[{"label": 1, "anatomy": "left_lung"}, {"label": 2, "anatomy": "heart"}, tumour])
+    card = json.loads((folder / "model_card.json").read_text())
+    (folder / "model_card.json").write_text(json.dumps({**card, "orientation": "ras"}))
+    structures, orientation = nnunet_labels(folder)
+    assert [s.name for s in structures] == ["Left lung", "Heart", "Tumour"] and orientation == "RAS"
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lungs": [1, 2]}}))
+    with pytest.raises(ModelCardError, match="region-based models are not served"):
+        nnunet_labels(folder)
+
+
+def test_totalsegmentator_tasks_are_coded_by_its_published_mapping() -> None:
+    from segmenters.served.totalsegmentator import task_structures
+
+    total = task_structures("total")
+    assert len(total) == 117 and [s.label for s in total] == list(range(1, 118))
+    assert all(s.type.scheme == "SCT" and s.type.value.isdigit() for s in total)
+    by_name = {s.name: s for s in total}
+    assert by_name["heart"].type.value == "80891009"
+    left_upper = by_name["lung_upper_lobe_left"]
+    assert left_upper.type.meaning == "Upper lobe of lung" and left_upper.laterality is not None
+    assert left_upper.laterality.meaning == "Left"
+    subset = task_structures("total", ["heart", "esophagus"])
+    assert [(s.label, s.name) for s in subset] == [(15, "esophagus"), (51, "heart")]
+    with pytest.raises(ModelCardError, match="has no class hearts"):
+        task_structures("total", ["hearts"])
+    with pytest.raises(ModelCardError, match="is for MR images"):
+        task_structures("total_mr")
+    with pytest.raises(ModelCardError, match="has no task 'totally'"):
+        task_structures("totally")
+
+
+def test_totalsegmentator_without_its_weights_is_refused_with_how_to_get_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    config = tmp_path / "segnode.yaml"
+    declared = {"organs": {"totalsegmentator": "total", "roi_subset": ["heart", "aorta"], "device": "cpu"}}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "segmenters": declared,
+                "rules": [{"name": "r", "segmenter": "organs"}],
+            }
+        )
+    )
+    ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
+    assert ran.exit_code != 0
+    assert "segmenter 'organs': TotalSegmentator's weights for task 'total' are not in" in ran.output
+    assert "datasets 291, 292, 293, 294, 295" in ran.output
+    assert "totalseg_download_weights -t total" in ran.output
+    # With the weights in place (here: the folders TotalSegmentator looks for) the check passes.
+    for dataset in range(291, 296):
+        (tmp_path / "totalseg" / "nnunet" / "results" / f"Dataset{dataset}_TotalSegmentator").mkdir(
+            parents=True
+        )
+    ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
+    assert ran.exit_code == 0, ran.output
+    assert "TotalSegmentator task total (heart, aorta) on cpu" in ran.output

@@ -42,6 +42,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow  # exports in three formats first: about 10 s
 @pytest.mark.parametrize("kind", FORMATS)
 def test_an_export_serves_the_labels_of_its_checkpoint(exports: dict[str, Path], kind: str) -> None:
     # Not the demo model's own grid: 2.5 mm pixels are resampled to its 3 mm on the way in and out.
@@ -171,6 +172,7 @@ def test_cards_that_cannot_serve_are_refused_with_the_reason(
         read_card(_card(tmp_path, **changes))
 
 
+@pytest.mark.slow
 def test_a_bundle_is_read_from_its_inference_config_and_refused_when_the_node_cannot_reproduce_it(
     exports: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -194,6 +196,7 @@ def test_a_bundle_is_read_from_its_inference_config_and_refused_when_the_node_ca
         served_card("monai_bundle", bundle)
 
 
+@pytest.mark.slow
 def test_config_check_refuses_a_network_whose_labels_are_not_coded(
     exports: dict[str, Path], tmp_path: Path
 ) -> None:

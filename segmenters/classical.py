@@ -60,6 +60,14 @@ TRACHEA_MAX_SHIFT_MM = 6.0  # the trachea moves less than this from one slice to
 MERGED_SHARE = 0.15  # a lung component with more than this share on each side is two lungs
 SPLIT_MAX_EROSIONS = 12  # erosions tried to separate two lungs that touch
 SPLIT_MIN_SHARE = 0.1  # the smaller of two eroded pieces holds at least this share of the larger
+# A ball this wide rolled along each lung's outline, slice by slice, takes in the dense lung that the
+# air threshold leaves out where it touches the edge: consolidation and atelectasis, nodules on the
+# pleura, vessels at the hilum (what a clinical lung contour includes) ...
+ROLLING_BALL_MM = 8.0
+# Holes a lung's slice closes around are lung (vessels, small nodules) up to this area; a larger one
+# is what the lung wraps around: the diaphragm's dome with the liver or stomach under it, a tumour.
+LUNG_HOLE_MAX_MM2 = 1000.0
+DENSE_LUNG_MAX_HU = 150.0  # ... as long as it is soft tissue, not bone
 
 _BAND = np.uint8(255)  # marks working voxels on a boundary, settled at full resolution
 _BAND_BLOCKS = 1 << 18  # boundary voxels of the working grid settled at a time
@@ -120,10 +128,11 @@ class ClassicalSegmenter:
         grid = _working_grid(volume)
         low = _subsample(volume.hu, grid.steps)
         labels = np.zeros(low.shape, dtype=np.uint8)
+        dense = np.zeros(low.shape, dtype=bool)
         body = _body(low, grid)
         box = _bounding_box(body)
         if box is not None:
-            labels[box] = _inside_body(low[box], body[box], grid)
+            labels[box], dense[box] = _inside_body(low[box], body[box], grid)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "classical segmentation: %s",
@@ -132,7 +141,7 @@ class ClassicalSegmenter:
                     for s in STRUCTURES
                 ),
             )
-        return _to_full_resolution(labels, volume.hu, grid)
+        return _to_full_resolution(labels, volume.hu, grid, dense)
 
 
 def body_mask(volume: Volume) -> np.ndarray:
@@ -178,8 +187,9 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def _inside_body(low: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
-    """The label map inside the body's box: lungs and airways carved out of the body."""
+def _inside_body(low: np.ndarray, body: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The label map inside the body's box: lungs and airways carved out of the body; and where
+    lung is dense (taken in by the rolling ball), whose full-resolution boundary is not air."""
     inside_air = _erode_in_plane(body, grid.radius(SKIN_MARGIN_MM)) & (low < AIR_MAX_HU)
     lungs = _lung_air(low, inside_air, grid)
     airways = np.zeros(low.shape, dtype=bool)
@@ -191,16 +201,29 @@ def _inside_body(low: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
         lungs = _lung_air(low, lungs & ~lumen, grid)
         lungs = _drop_above(lungs, trachea.top, grid)
         airways = _cut_above(lumen, trachea.top, grid)
+    lungs = _drop_gas_under_lungs(lungs, grid)
     right, left = _split_lungs(lungs, body, grid)
-    right = _fill_in_plane(right)
-    left = _fill_in_plane(left) & ~right
+    hole = LUNG_HOLE_MAX_MM2 / (grid.spacing[1] * grid.spacing[2])
+    right = _fill_in_plane(right, hole)
+    left = _fill_in_plane(left, hole) & ~right
+    # The rolling ball: dense lung along each outline, inside the ribs, never the other lung's, and
+    # never air already found not to be lung (gas below the diaphragm, in a concavity of the base).
+    gas = inside_air & ~(right | left)
+    may_be_dense = (
+        _erode_in_plane(body, grid.radius(SKIN_MARGIN_MM)) & (low < DENSE_LUNG_MAX_HU) & ~airways & ~gas
+    )
+    ball = grid.radius(ROLLING_BALL_MM)
+    dense_right = _close_in_plane(right, ball) & may_be_dense & ~right & ~left
+    right |= dense_right
+    dense_left = _close_in_plane(left, ball) & may_be_dense & ~right & ~left
+    left |= dense_left
     airways &= ~(right | left)
     labels = np.zeros(low.shape, dtype=np.uint8)
     labels[body] = BODY
     labels[right] = RIGHT_LUNG
     labels[left] = LEFT_LUNG
     labels[airways] = AIRWAYS
-    return labels
+    return labels, dense_right | dense_left
 
 
 def _body(low: np.ndarray, grid: _Grid) -> np.ndarray:
@@ -248,6 +271,37 @@ def _lung_air(low: np.ndarray, inside_air: np.ndarray, grid: _Grid) -> np.ndarra
     lung = (ml >= LUNG_MIN_ML) & (mean < LUNG_MAX_MEAN_HU) & ((gas < GAS_MIN_FRACTION) | (ml >= GAS_MAX_ML))
     lung[0] = False
     return np.asarray(lung[components])
+
+
+def _drop_gas_under_lungs(lungs: np.ndarray, grid: _Grid) -> np.ndarray:
+    """Air that lies under larger air is gas in the stomach or bowel below the diaphragm, however
+    lung-like its CT numbers or size: the lungs lie side by side, never one under the other.
+
+    Components are taken largest first; one goes when most of its voxels have a kept, larger
+    component above them in the same column.
+    """
+    components, count = ndi.label(lungs, structure=_FACE)
+    if count < 2:
+        return lungs
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    superior = _superior(grid)
+    index = np.arange(lungs.shape[0])[:, None, None]
+    # Per column, the most superior slice of what is kept so far (superior: the largest index when
+    # slices run foot to head; the order is flipped otherwise).
+    height = index if superior > 0 else lungs.shape[0] - 1 - index
+    top = np.full(lungs.shape[1:], -1, dtype=np.int64)
+    keep = np.zeros(count + 1, dtype=bool)
+    for component in np.argsort(sizes)[::-1][:count]:
+        voxels = components == component
+        z, y, x = np.nonzero(voxels)
+        under = np.count_nonzero(top[y, x] > height[z, 0, 0])
+        if under > 0.5 * z.size:
+            logger.debug("air of %.0f ml under the lungs is not lung", z.size * grid.voxel_ml)
+            continue
+        keep[component] = True
+        top = np.maximum(top, np.where(voxels, height, -1).max(axis=0))
+    return np.asarray(keep[components])
 
 
 @dataclass(frozen=True)
@@ -469,13 +523,16 @@ def _separate(part: np.ndarray, x: np.ndarray, grid: _Grid) -> tuple[np.ndarray,
     return part & (x < 0), part & (x >= 0)
 
 
-def _to_full_resolution(labels: np.ndarray, hu: np.ndarray, grid: _Grid) -> np.ndarray:
+def _to_full_resolution(
+    labels: np.ndarray, hu: np.ndarray, grid: _Grid, dense: np.ndarray | None = None
+) -> np.ndarray:
     """The working-grid labels on the CT grid, with boundaries placed by the full-resolution HU.
 
     Where a voxel's neighbourhood on the working grid holds one label, it takes that label. Near a
-    boundary it takes a lung or airway label if it is air and one is near, otherwise background if
-    it is air next to the outside, otherwise body. Boundary voxels are settled a block of working
-    voxels at a time, so temporaries stay small whatever the series' size.
+    boundary it takes a lung or airway label if it is air (soft tissue, in ``dense`` lung) and one
+    is near, otherwise background if it is air next to the outside, otherwise body. Boundary voxels
+    are settled a block of working voxels at a time, so temporaries stay small whatever the series'
+    size.
     """
     sz, sy, sx = grid.steps
     size = (3 if sz > 1 else 1, 3, 3)
@@ -504,7 +561,10 @@ def _to_full_resolution(labels: np.ndarray, hu: np.ndarray, grid: _Grid) -> np.n
             np.uint8(0),
             np.uint8(BODY),
         )
-        np.copyto(out, lung, where=(lung > 0) & (values < AIR_MAX_HU))
+        ceiling: float | np.ndarray = AIR_MAX_HU
+        if dense is not None:
+            ceiling = np.where(dense[bz, by, bx], DENSE_LUNG_MAX_HU, AIR_MAX_HU)[:, None, None, None]
+        np.copyto(out, lung, where=(lung > 0) & (values < ceiling))
         full[z, y, x] = out
     return full
 
@@ -540,8 +600,21 @@ def _dilate_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
     return out.view(bool)
 
 
-def _fill_in_plane(mask: np.ndarray) -> np.ndarray:
-    """Fill holes slice by slice: background not connected in-plane to the slice's edge."""
+def _close_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Closing by a disk of ``radius`` pixels in each slice: what a ball that size cannot enter."""
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    rows, cols = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = np.zeros((1, 2 * radius + 1, 2 * radius + 1), dtype=bool)
+    disk[0] = rows**2 + cols**2 <= radius**2
+    padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
+    closed = ndi.binary_closing(padded, structure=disk)
+    return closed[:, radius:-radius, radius:-radius]
+
+
+def _fill_in_plane(mask: np.ndarray, max_hole_pixels: float = math.inf) -> np.ndarray:
+    """Fill holes slice by slice: background not connected in-plane to the slice's edge (and, with
+    ``max_hole_pixels``, no larger than that)."""
     if not mask.any():
         return mask
     box = ndi.find_objects(mask.view(np.uint8))[0]
@@ -564,6 +637,8 @@ def _fill_in_plane(mask: np.ndarray) -> np.ndarray:
     )
     outside = np.zeros(int(background.max()) + 1, dtype=bool)
     outside[edge] = True
+    if math.isfinite(max_hole_pixels):
+        outside |= np.bincount(background.ravel(), minlength=outside.size) > max_hole_pixels
     outside[0] = False
     filled = mask.copy()
     filled[box] = ~outside[background]

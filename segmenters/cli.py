@@ -1,9 +1,10 @@
-"""``segnode train``, ``segnode evaluate`` and ``segnode export``: the command-line face of
-training, scoring and handing a trained network to other runtimes.
+"""``segnode train`` and ``segnode export``: the command-line face of training and of handing a
+trained network to other runtimes (``segnode evaluate`` is the workers' command: it scores configured
+segmenters too).
 
-``train_command`` and ``evaluate_command`` are plain click commands that node/cli.py mounts on
-the ``segnode`` group; ``cli`` groups them for ``python -m segmenters.cli``. Logging is configured
-by whoever starts the process, not here.
+``train_command`` and ``export_command`` are plain click commands that node/cli.py mounts on the
+``segnode`` group; ``cli`` groups them for ``python -m segmenters.cli``. Logging is configured by
+whoever starts the process, not here.
 """
 
 from __future__ import annotations
@@ -31,17 +32,30 @@ def _shape(text: str, option: str | None = None) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def _load(data: str, seed: int, synthetic_shape: str) -> list[datasets.Case]:
+def load_data(
+    data: str,
+    seed: int,
+    synthetic_shape: str,
+    roi_table: datasets.RoiTable | None = None,
+    exclusions: dict[str, list[str]] | None = None,
+) -> list[datasets.Case]:
+    """The cases of ``--data``, a bad spec reported as that option's error."""
     try:
-        return datasets.load_cases(data, default_seed=seed, synthetic_shape=_shape(synthetic_shape))
+        return datasets.load_cases(
+            data,
+            default_seed=seed,
+            synthetic_shape=_shape(synthetic_shape),
+            roi_table=roi_table,
+            exclusions=exclusions,
+        )
     except (ValueError, FileNotFoundError) as error:
         raise click.BadParameter(str(error), param_hint="--data") from error
 
 
-_DATA = click.option(
+DATA_OPTION = click.option(
     "--data", required=True, help="synthetic:N[@SEED] | nifti:FOLDER | dicom-rtstruct:FOLDER"
 )
-_SHAPE = click.option(
+SHAPE_OPTION = click.option(
     "--synthetic-shape", default="32x128x128", show_default=True, help="phantom grid for synthetic:N"
 )
 
@@ -56,7 +70,7 @@ _SHAPE = click.option(
     "`segnode evaluate` does, prints the table, writes test_metrics.csv and records the summary in "
     "the model card (test_metrics).\n\n" + DATA_HELP,
 )
-@_DATA
+@DATA_OPTION
 @click.option(
     "--arch",
     default="unet",
@@ -108,7 +122,7 @@ _SHAPE = click.option(
 @click.option("--no-augment", is_flag=True)
 @click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default)")
 @click.option("--device", default="auto", show_default=True)
-@_SHAPE
+@SHAPE_OPTION
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train_command(
     data: str,
@@ -157,7 +171,7 @@ def train_command(
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from error
-    cases = _load(data, seed, synthetic_shape)
+    cases = load_data(data, seed, synthetic_shape)
     if len(cases) < 3:
         raise click.BadParameter("need at least 3 cases (training, validation, test)", param_hint="--data")
     train_ids, val_ids, test_ids = datasets.split_cases([c.case_id for c in cases], seed)
@@ -198,46 +212,6 @@ def train_command(
 
 
 @click.command(
-    "evaluate",
-    help="Score checkpoints (model.pt files, or `classical`) on reference cases and print a table "
-    "comparing them side by side; per-case rows go to --out (CSV: checkpoint, case, structure, "
-    "dice, iou, hd95_mm, msd_mm). Structures are matched by name and scored over the whole volume, "
-    "so false positives anywhere count; --reference-slices-only limits a structure to the slices "
-    "its reference covers (the AAPM 2017 protocol: --reference-slices-only Esophagus "
-    "--reference-slices-only 'Spinal cord').\n\n" + DATA_HELP,
-)
-@click.argument("checkpoints", nargs=-1, required=True)
-@_DATA
-@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--reference-slices-only",
-    "reference_slices_only",
-    multiple=True,
-    metavar="STRUCTURE",
-    help="Score this structure (by name) only on the slices its reference covers; repeatable.",
-)
-@_SHAPE
-def evaluate_command(
-    checkpoints: tuple[str, ...],
-    data: str,
-    out_csv: Path,
-    device: str,
-    reference_slices_only: tuple[str, ...],
-    synthetic_shape: str,
-) -> None:
-    for checkpoint in checkpoints:
-        if checkpoint != evaluation.CLASSICAL and not Path(checkpoint).is_file():
-            raise click.BadParameter(f"no checkpoint file {checkpoint}", param_hint="CHECKPOINTS")
-    cases = _load(data, EVAL_SEED, synthetic_shape)
-    rows = evaluation.evaluate(
-        list(checkpoints), cases, out_csv, device=device, reference_slices_only=reference_slices_only
-    )
-    click.echo(evaluation.comparison_table(rows))
-    click.echo(f"{len(rows)} rows written to {out_csv}")
-
-
-@click.command(
     "export",
     help="Export a checkpoint `segnode train` made as TorchScript, ONNX (needs the onnx extra) or a "
     "MONAI bundle, with the model_card.json that serving it needs, into the folder OUT. A rule "
@@ -261,7 +235,6 @@ def cli() -> None:
 
 
 cli.add_command(train_command)
-cli.add_command(evaluate_command)
 cli.add_command(export_command)
 
 if __name__ == "__main__":

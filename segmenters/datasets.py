@@ -24,7 +24,7 @@ from pydicom.uid import CTImageStorage
 from segmenters import synthetic, volume_files
 from segmenters.base import Structure
 from segmenters.ct_series import UnsuitableSeriesError, load_series
-from segmenters.rtstruct import read_rtstruct_masks
+from segmenters.rtstruct import RT_STRUCTURE_SET_STORAGE, read_rtstruct_masks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,48 @@ ROI_ALIASES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class RoiTable:
+    """Which RTSTRUCT ROIs are read, as which labels: canonical ROI names with their label values
+    and display names, and the other spellings each one goes by."""
+
+    roi_map: Mapping[str, int]  # canonical ROI name -> label value
+    label_names: Mapping[int, str]  # label value -> structure name (matched to a segmenter's)
+    aliases: Mapping[str, str]  # normalised spelling -> canonical ROI name
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(_normalise(name), name)
+
+    def extended(self, more: Mapping[str, Sequence[str]]) -> RoiTable:
+        """This table with ``more`` (canonical name -> other spellings): a known ROI gains
+        spellings; a new one becomes a structure of that name with the next label value."""
+        roi_map, names, aliases = dict(self.roi_map), dict(self.label_names), dict(self.aliases)
+        for canonical, spellings in more.items():
+            known = self.canonical(canonical)
+            if known not in roi_map:
+                label = max([*roi_map.values(), *names]) + 1
+                roi_map[known], names[label] = label, known
+            for spelling in [canonical, *spellings]:
+                aliases[_normalise(str(spelling))] = known
+        return RoiTable(roi_map, names, aliases)
+
+
+def load_roi_table(path: Path | None) -> RoiTable:
+    """The built-in table (the AAPM 2017 ROIs and their usual spellings), extended by the YAML file
+    ``path`` when given: ``Lung_R: [RT LUNG, Lung rt]`` adds spellings, ``Liver: [LIVER]`` a structure."""
+    import yaml
+
+    table = RoiTable(
+        AAPM_ROI_MAP, thorax_names(), {**ROI_ALIASES, **{_normalise(k): k for k in AAPM_ROI_MAP}}
+    )
+    if path is None:
+        return table
+    more = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(more, dict) or not all(isinstance(v, list | type(None)) for v in more.values()):
+        raise ValueError(f"{path}: expected ROI_NAME: [other spellings, ...] lines")
+    return table.extended({str(k): [str(x) for x in (v or [])] for k, v in more.items()})
+
+
 @dataclass(frozen=True, eq=False)
 class Case:
     """One CT volume with its reference labels, indexed (slice, row, column).
@@ -71,6 +113,9 @@ class Case:
     spacing: Spacing
     label_names: Mapping[int, str]
     z_ranges: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+    # Voxels not scored for a label (a tumour cut out of the lungs): the same mask is removed from
+    # the reference and from the prediction of that structure.
+    excluded: Mapping[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3 or self.hu.shape != self.labels.shape:
@@ -155,10 +200,14 @@ def read_ct_series(ct_folder: Path) -> tuple[list[Dataset], np.ndarray, Spacing]
     slices = [path for path in sorted(Path(ct_folder).rglob("*")) if path.is_file() and _is_ct(path)]
     if not slices:
         raise FileNotFoundError(f"no CT images in {ct_folder}")
+    return _read_ct_files(slices, str(ct_folder))
+
+
+def _read_ct_files(slices: Sequence[Path], where: str) -> tuple[list[Dataset], np.ndarray, Spacing]:
     try:
-        series = load_series(slices)
+        series = load_series(list(slices))
     except UnsuitableSeriesError as err:
-        raise ValueError(f"{ct_folder}: {err}") from err
+        raise ValueError(f"{where}: {err}") from err
     return series.datasets, series.volume.hu, series.volume.spacing
 
 
@@ -174,61 +223,119 @@ def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _canonical(name: str) -> str:
-    return ROI_ALIASES.get(_normalise(name), name)
-
-
 def read_dicom_rtstruct(
-    ct_folder: Path,
+    ct_files: Sequence[Path],
     rtstruct_file: Path,
-    roi_map: Mapping[str, int] = AAPM_ROI_MAP,
-    label_names: Mapping[int, str] | None = None,
+    table: RoiTable | None = None,
     case_id: str | None = None,
+    exclusions: Mapping[str, Sequence[str]] | None = None,
 ) -> Case:
-    """A case from a CT series and its RT Structure Set.
+    """A case from a CT series' files and its RT Structure Set.
 
-    ``roi_map`` maps ROI names (or any alias of ``ROI_ALIASES``: "Lung-Left" is "Lung_L") to label
-    values; other ROIs (a GTV, the body) are ignored. Where ROIs overlap the later one in
-    ``roi_map`` wins. Each ROI's z range is the slices its contours cover.
+    ``table`` says which ROIs are read (any spelling it knows: "Lung-Left" is "Lung_L") and as
+    which labels; other ROIs (a GTV, the body) are ignored. Where ROIs overlap the later one wins.
+    Each ROI's z range is the slices its contours cover. ``exclusions`` maps an ROI (such as a GTV)
+    to the ROIs it is cut out of for scoring (``Case.excluded``).
     """
-    datasets, hu, spacing = read_ct_series(ct_folder)
+    table = table or load_roi_table(None)
+    datasets, hu, spacing = _read_ct_files(ct_files, str(rtstruct_file.parent))
     masks = read_rtstruct_masks(rtstruct_file, datasets)
-    wanted = {_canonical(name): label for name, label in roi_map.items()}
+    by_canonical: dict[str, str] = {}
+    for name, mask in masks.items():
+        if mask.any():
+            by_canonical.setdefault(table.canonical(name), name)
     labels = np.zeros(hu.shape, dtype=np.uint8)
     z_ranges: dict[int, tuple[int, int]] = {}
-    found: dict[str, str] = {}
-    for name, mask in masks.items():
-        canonical = _canonical(name)
-        if canonical in wanted and mask.any():
-            found[canonical] = name
-    for canonical, label in wanted.items():
-        if canonical not in found:
+    for canonical, label in table.roi_map.items():
+        if canonical not in by_canonical:
             log.warning("no contours for ROI %s in %s", canonical, rtstruct_file)
             continue
-        mask = masks[found[canonical]]
+        mask = masks[by_canonical[canonical]]
         labels[mask] = label
         slices = np.flatnonzero(mask.any(axis=(1, 2)))
         z_ranges[label] = (int(slices[0]), int(slices[-1]) + 1)
-    names = dict(label_names or thorax_names())
-    present = {label: names.get(label, f"label {label}") for label in z_ranges}
-    return Case(case_id or Path(ct_folder).resolve().parent.name, hu, labels, spacing, present, z_ranges)
+    excluded: dict[int, np.ndarray] = {}
+    for cut, targets in (exclusions or {}).items():
+        source = by_canonical.get(table.canonical(cut))
+        if source is None:
+            raise ValueError(
+                f"{rtstruct_file}: no contours of ROI {cut!r} to exclude (ROIs: {', '.join(masks)})"
+            )
+        for target in targets:
+            cut_from = table.roi_map.get(table.canonical(target))
+            if cut_from is None:
+                raise ValueError(f"cannot exclude {cut!r} from {target!r}: not an ROI of the table")
+            excluded[cut_from] = excluded.get(cut_from, np.zeros(hu.shape, dtype=bool)) | masks[source]
+    present = {label: table.label_names.get(label, f"label {label}") for label in z_ranges}
+    case_id = case_id or rtstruct_file.resolve().parent.parent.name
+    return Case(case_id, hu, labels, spacing, present, z_ranges, excluded)
 
 
-def read_rtstruct_folder(folder: Path, roi_map: Mapping[str, int] = AAPM_ROI_MAP) -> list[Case]:
-    """Cases laid out as ``CASE/ct/*.dcm`` + ``CASE/rtstruct/*.dcm``, one folder per case under
-    ``folder`` (or ``folder`` itself when it holds ``ct/``)."""
-    roots = (
-        [folder] if (folder / "ct").is_dir() else sorted(p for p in folder.iterdir() if (p / "ct").is_dir())
-    )
-    if not roots:
-        raise FileNotFoundError(f"no CASE/ct folders under {folder}")
+def read_rtstruct_folder(
+    folder: Path, table: RoiTable | None = None, exclusions: Mapping[str, Sequence[str]] | None = None
+) -> list[Case]:
+    """Every CT series under ``folder`` that an RT Structure Set refers to, as archives and TPS
+    exports lay them out (the AAPM 2017 ``CASE/ct`` + ``CASE/rtstruct`` layout, a study folder with
+    several series, one flat folder): files are told apart by their Modality and SOP Class, each
+    structure set finds its CT series by the series UID it references, and other objects (a SEG,
+    other images) are skipped. A case is named after the folder that holds its CT and structure set."""
+    folder = Path(folder)
+    series: dict[str, list[Path]] = {}
+    structure_sets: list[tuple[Path, set[str]]] = []
+    skipped: dict[str, int] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        if ds.get("SOPClassUID") == CTImageStorage or ds.get("Modality") == "CT":
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
+        elif ds.get("SOPClassUID") == RT_STRUCTURE_SET_STORAGE:
+            structure_sets.append((path, _referenced_series(ds)))
+        else:
+            skipped[str(ds.get("Modality", "?"))] = skipped.get(str(ds.get("Modality", "?")), 0) + 1
+    if skipped:
+        log.info(
+            "%s: skipped %s", folder, ", ".join(f"{n} {m} object(s)" for m, n in sorted(skipped.items()))
+        )
     cases = []
-    for root in roots:
-        structure_sets = sorted((root / "rtstruct").glob("*"))
-        if len(structure_sets) != 1:
-            raise FileNotFoundError(f"{root / 'rtstruct'} must hold exactly one RT Structure Set")
-        cases.append(read_dicom_rtstruct(root / "ct", structure_sets[0], roi_map, case_id=root.name))
+    for rtstruct, references in structure_sets:
+        found = [uid for uid in series if uid in references]
+        if not found:
+            log.warning("%s refers to no CT series under %s; skipped", rtstruct, folder)
+            continue
+        for uid in found:
+            files = series[uid]
+            common = Path(*_common_parts([rtstruct.parent, *(f.parent for f in files)]))
+            case_id = folder.resolve().name if common == folder else str(common.relative_to(folder))
+            if len(found) > 1 or sum(1 for _, refs in structure_sets if uid in refs) > 1:
+                case_id = f"{case_id}/{rtstruct.stem}"
+            cases.append(read_dicom_rtstruct(files, rtstruct, table, case_id, exclusions))
+    if not cases:
+        raise FileNotFoundError(
+            f"no CT series under {folder} with an RT Structure Set referring to it "
+            f"({len(series)} CT series, {len(structure_sets)} structure set(s) found)"
+        )
     return cases
+
+
+def _referenced_series(rtstruct: Dataset) -> set[str]:
+    return {
+        str(referenced.SeriesInstanceUID)
+        for frame in rtstruct.get("ReferencedFrameOfReferenceSequence", [])
+        for study in frame.get("RTReferencedStudySequence", [])
+        for referenced in study.get("RTReferencedSeriesSequence", [])
+    }
+
+
+def _common_parts(paths: Sequence[Path]) -> tuple[str, ...]:
+    parts = [p.parts for p in paths]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return tuple(common)
 
 
 def read_dicom_seg(
@@ -351,18 +458,27 @@ DATA_HELP = """Data sets (--data):
                          (uint8 labels: 1 body, 2 right lung, 3 left lung, 4 heart,
                          5 oesophagus, 6 spinal cord, 7 airways), in any orientation: each
                          file is turned by its affine into the DICOM one.
-  dicom-rtstruct:FOLDER  FOLDER/CASE/ct/*.dcm (one CT series) with FOLDER/CASE/rtstruct/ONE.dcm
-                         (AAPM 2017 thoracic challenge layout; ROIs Lung_L, Lung_R, Heart,
-                         Esophagus, SpinalCord or aliases such as Lung-Left). FOLDER may also be
-                         a single CASE folder.
+  dicom-rtstruct:FOLDER  every CT series under FOLDER that an RT Structure Set refers to, in any
+                         layout archives export (AAPM 2017's CASE/ct + CASE/rtstruct, a study
+                         folder with several series, a flat folder); SEGs and other objects are
+                         skipped. ROIs Lung_L, Lung_R, Heart, Esophagus, SpinalCord or spellings
+                         such as Lung-Left (more with --roi-names).
 """
 
 
 def load_cases(
-    spec: str, *, default_seed: int = 0, synthetic_shape: tuple[int, int, int] = (32, 128, 128)
+    spec: str,
+    *,
+    default_seed: int = 0,
+    synthetic_shape: tuple[int, int, int] = (32, 128, 128),
+    roi_table: RoiTable | None = None,
+    exclusions: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Case]:
-    """The cases a ``--data`` spec names (see ``DATA_HELP``)."""
+    """The cases a ``--data`` spec names (see ``DATA_HELP``); ``roi_table`` and ``exclusions`` apply
+    to structure sets."""
     kind, _, rest = spec.partition(":")
+    if exclusions and kind != "dicom-rtstruct":
+        raise ValueError("excluding one ROI from another needs structure sets (dicom-rtstruct:FOLDER)")
     if kind == "synthetic":
         count, _, seed = rest.partition("@")
         if not count.isdigit() or (seed and not seed.isdigit()):
@@ -377,7 +493,7 @@ def load_cases(
     if kind == "nifti":
         return read_nifti_folder(Path(rest))
     if kind == "dicom-rtstruct":
-        return read_rtstruct_folder(Path(rest))
+        return read_rtstruct_folder(Path(rest), roi_table, exclusions)
     raise ValueError(
         f"unknown data spec {spec!r}; expected synthetic:N, nifti:FOLDER or dicom-rtstruct:FOLDER"
     )

@@ -1,4 +1,4 @@
-"""Scoring trained checkpoints (and the classical segmenter) on reference cases, side by side.
+"""Scoring segmenters (installed, configured, or models of any kind) on reference cases, side by side.
 
 Each segmenter labels every case through the :class:`~segmenters.base.Segmenter` interface, as the
 node would; its structures are matched to the case's reference labels by name (case-insensitive),
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Collection, Sequence
+import re
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -37,15 +38,30 @@ class EvalRow:
     msd_mm: float
 
 
-def load_segmenter(checkpoint: Path | str, device: str = "auto") -> Segmenter:
-    """``"classical"`` or a checkpoint file."""
-    if str(checkpoint) == CLASSICAL:
-        from segmenters.classical import ClassicalSegmenter
+def load_segmenter(spec: Path | str, device: str = "auto") -> Segmenter:
+    """An installed segmenter by name (``classical``, ``demo-thorax-unet``, ...) or a model by its
+    path: a segnode checkpoint, a TorchScript (``.ts``) or ONNX (``.onnx``) file with its card
+    beside it, a MONAI bundle folder or an nnU-Net v2 trained-model folder."""
+    from segmenters import registry
 
-        return ClassicalSegmenter()
+    text = str(spec)
+    if text in registry.available() and not Path(text).exists():
+        return registry.create(text)
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{text} is neither an installed segmenter ({', '.join(sorted(registry.available()))}) nor a file"
+        )
+    from segmenters.served.loading import load_served
+
+    if path.is_dir():
+        kind = "monai_bundle" if (path / "configs").is_dir() else "nnunet"
+        return load_served(kind, path, device=device, amp=False)
+    if path.suffix in (".ts", ".onnx"):
+        return load_served("torchscript" if path.suffix == ".ts" else "onnx", path, device=device, amp=False)
     from segmenters.checkpoint import NetworkSegmenter
 
-    return NetworkSegmenter(Path(checkpoint), device=device, amp=False)
+    return NetworkSegmenter(path, device=device, amp=False)
 
 
 def score(
@@ -55,17 +71,18 @@ def score(
     in ``reference_slices_only`` (any case) are scored on their reference's slices alone."""
     restricted = {n.lower() for n in reference_slices_only}
     pred = segmenter.predict(Volume(case.hu, case.spacing))
-    reference = {n.lower(): value for value, n in case.label_names.items()}
+    reference = {_key(n): value for value, n in case.label_names.items()}
     pred_map = np.zeros(case.labels.shape, dtype=np.uint8)
     ref_map = np.zeros(case.labels.shape, dtype=np.uint8)
     labels: dict[int, str] = {}
     z_range: dict[str, tuple[int, int]] = {}
     for index, structure in enumerate(segmenter.structures, start=1):
-        value = reference.get(structure.name.lower())
+        value = reference.get(_key(structure.name))
         if value is None:
             continue
-        pred_map[pred == structure.label] = index
-        ref_map[case.labels == value] = index
+        scored = ~case.excluded[value] if value in case.excluded else True
+        pred_map[(pred == structure.label) & scored] = index
+        ref_map[(case.labels == value) & scored] = index
         labels[index] = structure.name
         if value in case.z_ranges and structure.name.lower() in restricted:
             z_range[structure.name] = case.z_ranges[value]
@@ -73,19 +90,26 @@ def score(
     return [EvalRow(name, case.case_id, s.structure, s.dice, s.iou, s.hd95_mm, s.msd_mm) for s in scores]
 
 
+def _key(name: str) -> str:
+    """Structure names compared without case, spaces or punctuation: "Spinal cord" is spinal_cord."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
 def evaluate(
-    checkpoints: Sequence[Path | str],
+    specs: Sequence[Path | str],
     cases: Sequence[Case],
     out_csv: Path | None = None,
     device: str = "auto",
     reference_slices_only: Collection[str] = (),
+    load: Callable[[str], Segmenter] | None = None,
 ) -> list[EvalRow]:
-    """Score every checkpoint (or ``"classical"``) on every case; write the rows to ``out_csv``."""
+    """Score every segmenter (names or paths, built by ``load``: :func:`load_segmenter` unless the
+    caller knows more names) on every case; write the rows to ``out_csv``."""
     rows: list[EvalRow] = []
-    for checkpoint in checkpoints:
-        segmenter = load_segmenter(checkpoint, device)
+    for spec in specs:
+        segmenter = load(str(spec)) if load is not None else load_segmenter(spec, device)
         for case in cases:
-            rows.extend(score(segmenter, case, str(checkpoint), reference_slices_only))
+            rows.extend(score(segmenter, case, str(spec), reference_slices_only))
     if out_csv is not None:
         write_csv(out_csv, rows)
     return rows

@@ -1,5 +1,6 @@
-"""``segnode worker``: a worker process alone (production: one per GPU, Redis, PostgreSQL); and
-``segnode segment``: the worker's pipeline on one series folder, offline."""
+"""``segnode worker``: a worker process alone (production: one per GPU, Redis, PostgreSQL);
+``segnode segment``: the worker's pipeline on one series folder, offline; and ``segnode evaluate``:
+segmenters scored on reference cases, built as a worker builds them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import click
 from node.core.commands import settings_of
 from node.core.config import Output
 from node.db.engine import SchemaOutOfDateError
+from segmenters.cli import DATA_OPTION, EVAL_SEED, SHAPE_OPTION, load_data
+from segmenters.datasets import DATA_HELP
 
 OUTPUTS: tuple[str, ...] = get_args(Output)
 
@@ -75,3 +78,89 @@ def segment_command(ctx: click.Context, series_folder: Path, name: str, out: Pat
         raise click.ClickException(str(err)) from err
     timing = ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result.seconds.items())
     click.echo(f"{result.segments} segment(s) ({timing}): {', '.join(wanted)} and labels.nii.gz in {out}")
+
+
+@click.command(
+    "evaluate",
+    help="Score segmenters on reference cases and print a table comparing them side by side; "
+    "per-case rows go to --out (CSV: segmenter, case, structure, dice, iou, hd95_mm, msd_mm). "
+    "SEGMENTERS are names a worker knows (classical, demo-thorax-unet, any the configuration "
+    "declares: a crop_to_body entry, an nnU-Net folder, a TotalSegmentator task ...) or model paths "
+    "(a segnode checkpoint, a .ts or .onnx file with its card, a MONAI bundle or nnU-Net folder). "
+    "Structures are matched by name and scored over the whole volume, so false positives anywhere "
+    "count; --reference-slices-only limits a structure to the slices its reference covers (the AAPM "
+    "2017 protocol: --reference-slices-only Esophagus --reference-slices-only 'Spinal cord').\n\n"
+    + DATA_HELP,
+)
+@click.argument("segmenters", nargs=-1, required=True)
+@DATA_OPTION
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--device", default="auto", show_default=True, help="for model paths (configured ones say theirs)"
+)
+@click.option(
+    "--reference-slices-only",
+    "reference_slices_only",
+    multiple=True,
+    metavar="STRUCTURE",
+    help="Score this structure (by name) only on the slices its reference covers; repeatable.",
+)
+@click.option(
+    "--roi-names",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML: ROI_NAME: [other spellings] adds spellings to the built-in ROI table, or a structure.",
+)
+@click.option(
+    "--exclude",
+    "exclude",
+    multiple=True,
+    metavar="ROI:STRUCTURE[,STRUCTURE]",
+    help="Score STRUCTUREs without the voxels of ROI, in reference and prediction alike (a tumour "
+    "from the lungs: --exclude GTV-1:Lung_L,Lung_R); repeatable.",
+)
+@SHAPE_OPTION
+@click.pass_context
+def evaluate_command(
+    ctx: click.Context,
+    segmenters: tuple[str, ...],
+    data: str,
+    out_csv: Path,
+    device: str,
+    reference_slices_only: tuple[str, ...],
+    roi_names: Path | None,
+    exclude: tuple[str, ...],
+    synthetic_shape: str,
+) -> None:
+    from segmenters import datasets, evaluation, registry
+    from segmenters.base import Segmenter
+    from workers.segmenter_factory import build_segmenter
+
+    settings = settings_of(ctx)
+    exclusions: dict[str, list[str]] = {}
+    for item in exclude:
+        roi, _, targets = item.partition(":")
+        if not roi or not targets:
+            raise click.BadParameter(
+                f"expected ROI:STRUCTURE[,STRUCTURE]; got {item!r}", param_hint="--exclude"
+            )
+        exclusions.setdefault(roi, []).extend(t.strip() for t in targets.split(",") if t.strip())
+    try:
+        table = datasets.load_roi_table(roi_names)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--roi-names") from err
+    known = set(settings.segmenters) | set(registry.available())
+
+    def load(spec: str) -> Segmenter:
+        if spec in known and not Path(spec).exists():
+            return build_segmenter(spec, settings)
+        return evaluation.load_segmenter(spec, device)
+
+    cases = load_data(data, EVAL_SEED, synthetic_shape, table, exclusions)
+    try:
+        rows = evaluation.evaluate(
+            list(segmenters), cases, out_csv, reference_slices_only=reference_slices_only, load=load
+        )
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(evaluation.comparison_table(rows))
+    click.echo(f"{len(rows)} rows written to {out_csv}")

@@ -108,3 +108,66 @@ def test_a_network_is_served_exactly_the_volume_it_was_trained_on(tmp_path: Path
     assert volume.hu.dtype == case.hu.dtype
     np.testing.assert_array_equal(volume.hu, case.hu)
     assert volume.spacing == case.spacing
+
+
+def test_a_structure_set_finds_its_ct_among_the_series_of_a_study_export(tmp_path: Path) -> None:
+    from segmenters.datasets import load_roi_table
+    from workers.rtstruct_writer import build_rtstruct
+
+    export = tmp_path / "LUNG-07"
+    contoured = f.make_ct_series(export / "series-3", n_slices=6, rows=32, cols=40)
+    f.make_ct_series(export / "series-4", n_slices=5, rows=32, cols=40)  # another CT: no structure set
+    series = load_series(contoured)
+    labels = f.lung_and_bone_labels(series.volume.hu, RIGHT_LUNG.label, LEFT_LUNG.label, BONE.label)
+    (export / "seg").mkdir()
+    write_dataset(build_seg(series, labels, ALGORITHM, STRUCTURES), export / "seg" / "seg.dcm")  # skipped
+    write_dataset(build_rtstruct(series, labels, ALGORITHM, STRUCTURES), export / "RS.dcm")
+
+    (case,) = read_rtstruct_folder(tmp_path)
+    assert case.case_id == "LUNG-07" and case.hu.shape == series.volume.hu.shape
+    assert set(case.label_names.values()) == {"Right lung", "Left lung"}  # "Vertebra" is not in the table
+    for name, label in (("Right lung", RIGHT_LUNG.label), ("Left lung", LEFT_LUNG.label)):
+        read = case.labels == next(v for v, n in case.label_names.items() if n == name)
+        assert (read == (labels == label)).mean() > 0.97, name  # contours round-trip, edges aside
+
+    # The user's table adds a structure (and spellings): its ROI is read as a label of that name.
+    table = load_roi_table(None).extended({"Vertebral body": ["Vertebra", "VB"]})
+    (case,) = read_rtstruct_folder(tmp_path, table)
+    assert "Vertebral body" in case.label_names.values()
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"no CT series under .* with an RT Structure Set referring to it"
+    ):
+        read_rtstruct_folder(empty)
+
+
+def test_a_tumour_excluded_from_the_lungs_is_scored_in_neither_reference_nor_prediction() -> None:
+    from segmenters.evaluation import score
+
+    (plain,) = read_rtstruct_folder(THORAX)
+    (cut,) = read_rtstruct_folder(THORAX, exclusions={"GTV-1": ["Lung_R", "Lung_L"]})
+    right, left = (
+        next(v for v, n in cut.label_names.items() if n == name) for name in ("Right lung", "Left lung")
+    )
+    tumour_voxels = sum(int(mask.sum()) for mask in cut.excluded.values())
+    assert tumour_voxels > 1000 and set(cut.excluded) == {right, left}
+    # A prediction that calls the tumour lung: penalised against the plain reference, not once cut.
+    prediction = plain.labels.copy()
+    prediction[cut.excluded[right]] = right
+
+    class Fixed:
+        algorithm = ALGORITHM
+        structures = (
+            Structure(right, "Right lung", ANATOMICAL_STRUCTURE, LUNG),
+            Structure(left, "Left lung", ANATOMICAL_STRUCTURE, LUNG),
+        )
+
+        def predict(self, volume: Volume) -> np.ndarray:
+            return prediction
+
+    before = {r.structure: r.dice for r in score(Fixed(), plain, "fixed")}
+    after = {r.structure: r.dice for r in score(Fixed(), cut, "fixed")}
+    assert before["Right lung"] < 1.0 and after["Right lung"] == 1.0 and after["Left lung"] == 1.0
+    with pytest.raises(ValueError, match="no contours of ROI 'GTV-9' to exclude"):
+        read_rtstruct_folder(THORAX, exclusions={"GTV-9": ["Lung_R"]})

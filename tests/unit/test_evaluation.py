@@ -3,9 +3,13 @@ reference count; a slice-range restriction only for the structures the user name
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
 from segmenters import anatomy
 from segmenters.base import AlgorithmInfo, Structure, Volume
@@ -63,3 +67,48 @@ def test_a_perfect_prediction_scores_one_either_way() -> None:
     for restrict in ([], ["Right lung"]):
         (row,) = score(segmenter, case, "fixed", reference_slices_only=restrict)
         assert (row.dice, row.iou, row.hd95_mm) == (1.0, 1.0, 0.0)
+
+
+@pytest.mark.slow  # three segmenters on the real thorax
+def test_evaluate_scores_installed_configured_and_served_segmenters_in_one_table(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from node.cli import main
+    from segmenters.registry import DEMO_CHECKPOINT
+    from tests.shared_data import THORAX
+
+    runner = CliRunner()
+    exported = runner.invoke(
+        main, ["export", str(DEMO_CHECKPOINT), "--format", "torchscript", "--out", str(tmp_path / "ts")]
+    )
+    assert exported.exit_code == 0, exported.output
+    config = tmp_path / "segnode.yaml"
+    declared = {
+        "demo-ts": {"torchscript": str(tmp_path / "ts" / "model.ts"), "device": "cpu", "crop_to_body": True}
+    }
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "segmenters": declared}))
+    out = tmp_path / "scores.csv"
+    # The shared thorax folder as the archive exported it: CT, RTSTRUCT and a SEG of the tumour.
+    args = [
+        "classical",
+        "demo-ts",
+        str(DEMO_CHECKPOINT),
+        "--data",
+        f"dicom-rtstruct:{THORAX}",
+        "--out",
+        str(out),
+    ]
+    ran = runner.invoke(
+        main, ["--config", str(config), "evaluate", *args, "--exclude", "GTV-1:Lung_R,Lung_L"]
+    )
+    assert ran.exit_code == 0, ran.output
+    header = ran.output.splitlines()[0]
+    assert "classical" in header and "demo-ts" in header and "demo-thorax-unet.pt" in header
+    rows = list(csv.DictReader(out.open()))
+    scored = {(r["checkpoint"], r["structure"]) for r in rows}
+    assert {("classical", "Right lung"), ("demo-ts", "Heart"), (str(DEMO_CHECKPOINT), "Heart")} <= scored
+    assert all(r["case"] == "ct-thorax-lung1-002" for r in rows)
+    refused = runner.invoke(
+        main, ["--config", str(config), "evaluate", "no-such", "--data", "synthetic:1", "--out", str(out)]
+    )
+    assert refused.exit_code != 0 and "neither an installed segmenter" in refused.output

@@ -18,10 +18,11 @@ import segmenters.served.runner
 from segmenters import datasets, synthetic, volume_files
 from segmenters.base import Volume
 from segmenters.checkpoint import NetworkSegmenter, load_checkpoint
-from segmenters.cli import evaluate_command, train_command
+from segmenters.cli import train_command
 from segmenters.evaluation import comparison_table, evaluate
 from segmenters.plots import PNG_SIGNATURE
 from segmenters.training import TrainConfig, TrainResult, _augment, _mirror_lut, train
+from workers.cli import evaluate_command
 
 THORAX = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-thorax-lung1-002"
 SHAPE, SPACING = (8, 48, 48), (32.0, 8.0, 8.0)  # a whole phantom thorax, coarsely

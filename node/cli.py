@@ -258,6 +258,12 @@ def _describe_segmenter(declared: SegmenterSettings) -> str:
     if declared.totalsegmentator is not None:
         classes = ", ".join(declared.roi_subset) if declared.roi_subset else "every class"
         what = f"TotalSegmentator task {declared.totalsegmentator} ({classes}) on {declared.device}"
+    elif network is not None and network[0] == "nnunet":
+        folds = ", ".join(map(str, declared.folds)) if declared.folds else "every trained fold"
+        what = (
+            f"nnU-Net model {network[1]} ({folds}, {declared.nnunet_checkpoint}) on {declared.device}, "
+            "batches and precision as nnU-Net runs them"
+        )
     elif network is not None:
         what = (
             f"{network[0]} network {network[1]} on {declared.device}, mixed precision {declared.amp}, "

@@ -69,9 +69,12 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 @click.option(
     "--workers/--no-workers", default=True, help="Also run the worker processes (embedded default)."
 )
+@click.option(
+    "--api/--no-api", default=None, help="Also serve the REST API (default: the configuration's api.enabled)."
+)
 @click.pass_context
-def serve(ctx: click.Context, workers: bool) -> None:
-    """Run the DICOM listener, the scheduler and (by default) one worker process."""
+def serve(ctx: click.Context, workers: bool, api: bool | None) -> None:
+    """Run the DICOM listener, the scheduler, the REST API and (by default) one worker process."""
     from node.runtime import Node
 
     settings = settings_of(ctx)
@@ -79,6 +82,12 @@ def serve(ctx: click.Context, workers: bool) -> None:
         node = Node(settings)
     except SchemaOutOfDateError as err:
         raise click.ClickException(str(err)) from err
+    api_thread = None
+    if settings.api.enabled if api is None else api:
+        from node.api.server import ApiThread
+
+        api_thread = ApiThread(settings)
+        api_thread.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -91,6 +100,8 @@ def serve(ctx: click.Context, workers: bool) -> None:
     try:
         node.run(stop)
     finally:
+        if api_thread is not None:
+            api_thread.stop()
         if worker_proc is not None:
             worker_proc.terminate()
             try:

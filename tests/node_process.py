@@ -38,6 +38,8 @@ class SegnodeProcesses:
             "assembly_poll_s": 0.2,
             "scp": {"ae_title": "SEGNODE", "port": self.port, "min_free_bytes": 0},
             "worker": {"delivery_backoff_s": 0.5, "delivery_backoff_max_s": 2.0},
+            # The API on a port of its own where a test asks for it (api: {enabled: true}).
+            "api": {"enabled": False, "port": peers.free_port()},
         }
         for key, value in config.items():
             if isinstance(value, dict) and isinstance(values.get(key), dict):
@@ -54,14 +56,16 @@ class SegnodeProcesses:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._engine: Engine | None = None
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*SEGNODE, "--config", str(self.config_path), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            stdin=subprocess.DEVNULL,
+            input=input if input is not None else "",
         )
 
     def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:

@@ -283,6 +283,21 @@ class WorkerSettings(BaseModel):
     seg_fast_overlap: bool = True
 
 
+class ApiSettings(BaseModel):
+    """The REST API (and, later, the dashboard): `segnode serve` runs it beside the listener when
+    enabled; `segnode api` runs it alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # behind a TLS-terminating proxy when others must reach it
+    port: int = Field(8080, ge=1, le=65535)
+    session_hours: float = Field(12.0, gt=0)  # a login's token expires after this long
+    # Failed logins allowed per user name and per address within the window, then a wait.
+    login_attempts: int = Field(5, ge=1)
+    login_window_s: float = Field(300.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the node needs to run, from one file plus ``SEGNODE_*`` variables."""
 
@@ -309,8 +324,7 @@ class Settings(BaseSettings):
     # entry points), which need no entry: trained checkpoints, and body-cropped segmenters.
     segmenters: dict[str, SegmenterSettings] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8080, ge=0, le=65535)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")
     def _rules_name_known_destinations(self) -> Settings:

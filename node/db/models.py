@@ -1,4 +1,5 @@
-"""The database schema: studies, series, instances, jobs, job events and deliveries.
+"""The database schema: studies, series, instances, jobs, job events and deliveries; and the
+people who may use the API (users and their tokens).
 
 No patient identifiers are stored: the PACS holds those. A row names DICOM UIDs, the file paths the
 node wrote, and the facts routing needs (modality, description, body part ...).
@@ -202,6 +203,41 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class Role(enum.StrEnum):
+    VIEWER = "viewer"  # reads everything the API shows
+    ADMIN = "admin"  # and acts: retry, cancel, ...
+
+
+class User(Base):
+    """Someone who may use the API. Only an argon2 hash of the password is kept."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[Role] = mapped_column(Enum(Role, native_enum=False, length=16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    disabled: Mapped[bool] = mapped_column(default=False)
+
+
+class ApiToken(Base):
+    """A bearer token: a login's session (expires) or an API token made for a program. Only a
+    SHA-256 of the token is kept, so the table holds nothing that lets anyone in."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    user: Mapped[User] = relationship()
 
 
 # The tables themselves, for the few statements written in SQLAlchemy Core on the C-STORE path.

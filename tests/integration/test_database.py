@@ -97,7 +97,16 @@ def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
     db.upgrade(db_url)
     db.check_schema(engine)
     tables = set(inspect(engine).get_table_names())
-    assert {"studies", "series", "instances", "jobs", "job_events", "deliveries"} <= tables
+    assert {
+        "studies",
+        "series",
+        "instances",
+        "jobs",
+        "job_events",
+        "deliveries",
+        "users",
+        "api_tokens",
+    } <= tables
     db.downgrade(db_url, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     with pytest.raises(db.SchemaOutOfDateError, match="has no segnode schema"):

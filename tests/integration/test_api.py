@@ -1,0 +1,113 @@
+"""The REST API over HTTP against a running node (`segnode serve`, PostgreSQL): every endpoint tried
+with no user, a viewer and an admin; logins throttled; an admin's retry recorded under their name."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.db.models import JobState
+from tests import dicom_factory as factory
+from tests import peers
+from tests.node_process import SegnodeProcesses
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "a long enough password"  # noqa: S105 - the test users'
+
+
+class Api:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def call(self, method: str, path: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)  # noqa: S310 - our own node
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def up(self) -> bool:
+        try:
+            return self.call("GET", "/healthz")[0] == 200
+        except OSError:
+            return False
+
+
+def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
+    segnode_factory: Callable[..., SegnodeProcesses], fresh_pg_url: str, tmp_path: Path
+) -> None:
+    node = segnode_factory(
+        database_url=fresh_pg_url, api={"enabled": True}, rules=[{"name": "ct", "min_slices": 3}]
+    )
+    node.serve()
+    api = Api(node.values["api"]["port"])
+    assert eventually(api.up, timeout=60), "the API never answered"
+    for name, role in (("ada", "admin"), ("vic", "viewer")):
+        added = node.cli("users", "add", name, "--role", role, "--password-stdin", input=PASSWORD + "\n")
+        assert added.returncode == 0, added.stderr
+    short = node.cli("users", "add", "eve", "--password-stdin", input="short\n")
+    assert short.returncode != 0 and "at least 12 characters" in short.stderr
+    token = node.cli("users", "token", "vic", "--label", "monitoring").stdout.strip()
+    status, body = api.call("POST", "/api/login", body={"name": "ada", "password": PASSWORD})
+    assert status == 200 and body["role"] == "admin"
+    admin = body["token"]
+    users = {None: None, "viewer": token, "admin": admin}
+
+    sent = peers.storescu(factory.make_ct_series(tmp_path / "ct", n_slices=4), node.port, aet="SEGNODE")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
+
+    reads = ["/api/me", "/api/jobs", f"/api/jobs/{job.id}", "/api/jobs?state=DELIVERED&limit=1"]
+    for path in reads:
+        assert api.call("GET", path)[0] == 401, path
+        for who in ("viewer", "admin"):
+            status, body = api.call("GET", path, users[who])
+            assert status == 200, (path, who, body)
+    for action in ("retry", "cancel"):
+        assert api.call("POST", f"/api/jobs/{job.id}/{action}")[0] == 401
+        status, body = api.call("POST", f"/api/jobs/{job.id}/{action}", token)
+        assert status == 403 and "needs the admin role" in body["detail"]
+    assert api.call("GET", "/healthz")[0] == 200 and api.call("GET", "/readyz") == (
+        200,
+        {"ready": True, "checks": {"database": "ok", "storage": "ok"}},
+    )
+
+    status, listed = api.call("GET", "/api/jobs?state=DELIVERED", token)
+    assert [j["id"] for j in listed["items"]] == [job.id] and listed["next_cursor"] is None
+    assert listed["items"][0]["series_instance_uid"].startswith("1.2.")
+    status, shown = api.call("GET", f"/api/jobs/{job.id}", token)
+    assert shown["state"] == "DELIVERED" and shown["events"][0]["event"] == "created"
+    assert api.call("GET", "/api/jobs/999999", token)[0] == 404
+
+    # An admin acts: a delivered job cannot be cancelled; it can run again, recorded under their name.
+    status, body = api.call("POST", f"/api/jobs/{job.id}/cancel", admin)
+    assert status == 409 and "there is nothing to cancel" in body["detail"]
+    status, body = api.call("POST", f"/api/jobs/{job.id}/retry", admin)
+    assert status == 200 and body["state"] == "QUEUED"
+    node.wait_for_jobs(
+        lambda jobs: jobs[0].attempts >= 2 and jobs[0].state == JobState.DELIVERED, 180, "rerun"
+    )
+    events = api.call("GET", f"/api/jobs/{job.id}", admin)[1]["events"]
+    assert any(e["event"] == "requeued" and "retry requested by user ada" in e["message"] for e in events)
+
+    # Logging out ends the session's token; failed logins are throttled.
+    assert api.call("POST", "/api/logout", admin) == (200, {"revoked": True})
+    assert api.call("GET", "/api/me", admin)[0] == 401
+    for _ in range(5):
+        assert api.call("POST", "/api/login", body={"name": "ada", "password": "wrong password!"})[0] == 401
+    status, body = api.call("POST", "/api/login", body={"name": "ada", "password": PASSWORD})
+    assert status == 429 and "too many failed logins" in body["detail"]

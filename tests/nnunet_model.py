@@ -25,15 +25,23 @@ LABELS = {"background": 0, "body": 1, "right_lung": 2, "left_lung": 3, "heart": 
 
 def _run(env: dict[str, str], name: str, *args: str) -> None:
     """One of nnU-Net's commands (installed beside this Python), its output shown if it fails."""
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name(name)), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    _check([str(Path(sys.executable).with_name(name)), *args], env, name)
+
+
+def _check(command: list[str], env: dict[str, str], name: str) -> None:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{name} {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{name} {' '.join(command[1:])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+
+
+# nnUNetv2_train's own entry point, with every random generator it draws from seeded first: nnU-Net
+# seeds none, and an unseeded epoch learns the right lung one run and not the next.
+SEEDED_TRAIN = (
+    "import random, sys, numpy, torch; random.seed(0); numpy.random.seed(0); torch.manual_seed(0); "
+    "from nnunetv2.run.run_training import run_training_entry; run_training_entry()"
+)
 
 
 def train_tiny_nnunet(root: Path, cases: int = 6) -> Path:
@@ -75,18 +83,8 @@ def train_tiny_nnunet(root: Path, cases: int = 6) -> Path:
     arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
     (preprocessed / DATASET / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
     _run(env, "nnUNetv2_preprocess", "-d", str(DATASET_ID), "-plans_name", PLANS, "-c", "2d", "-np", "1")
-    # Data augmentation in the training process itself: no worker pool (planning needs it unset).
-    _run(
-        {**env, "nnUNet_n_proc_DA": "0"},
-        "nnUNetv2_train",
-        str(DATASET_ID),
-        "2d",
-        "all",
-        "-tr",
-        TRAINER,
-        "-p",
-        PLANS,
-        "-device",
-        "cpu",
-    )
+    # Data augmentation in the training process itself: no worker pool, so the seeds reach it
+    # (planning needs the variable unset).
+    train = [str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
+    _check([sys.executable, "-c", SEEDED_TRAIN, *train], {**env, "nnUNet_n_proc_DA": "0"}, "nnUNetv2_train")
     return results / DATASET / f"{TRAINER}__{PLANS}__2d"

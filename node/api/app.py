@@ -1,26 +1,27 @@
 """The REST API (FastAPI; OpenAPI at /docs): health for supervisors, login, and the job queue for
 viewers and admins.
 
-Every route but /healthz and /readyz needs a bearer token: a login's (POST /api/login) or an API
-token made with `segnode users token`. Reading needs the viewer role, acting the admin role, and
-each action goes into the job's event history under the user's name.
+Every route but /healthz and /readyz (/metrics included) needs a bearer token: a login's
+(POST /api/login) or an API token made with `segnode users token`. Reading needs the viewer role,
+acting the admin role, and each action goes into the job's event history under the user's name.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at definition, and
 # the dependencies they name (Db, Viewer, Admin) are local to create_app.
-import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.api.auth import LoginThrottle, check_password, issue_token, revoke_token, user_for_token
+from node.api.metrics import free_bytes, registry
 from node.core.config import Settings
 from node.core.queue import JobQueue, make_celery
 from node.db.engine import make_engine, make_sessionmaker, session_scope
@@ -90,11 +91,18 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
             checks["database"] = "ok"
         except Exception as err:  # noqa: BLE001 - any failure is "not ready", said in the answer
             checks["database"] = f"unreachable: {type(err).__name__}"
-        free = shutil.disk_usage(_existing(settings.storage_dir)).free
+        free = free_bytes(settings.storage_dir)
         needed = settings.scp.min_free_bytes
         checks["storage"] = "ok" if free >= needed else f"{free} bytes free, {needed} needed"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    metrics = registry(sessions, settings.storage_dir)
+
+    @app.get("/metrics", tags=["health"])
+    def prometheus(user: Viewer) -> Response:
+        """The node's metrics for Prometheus (a viewer's API token in its bearer_token setting)."""
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/api/login", tags=["auth"])
     def login(body: Login, request: Request, db: Db) -> JSONResponse:
@@ -113,13 +121,16 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
         throttle.succeeded(*keys)
         lifetime = timedelta(hours=settings.api.session_hours)
         token, row = issue_token(db, user, "login", lifetime)
+        db.commit()  # before the answer: the client may use the token at once
         return JSONResponse({"token": token, "expires_at": _iso(row.expires_at), "role": user.role.value})
 
     @app.post("/api/logout", tags=["auth"])
     def logout(
         user: Viewer, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], db: Db
     ) -> dict[str, bool]:
-        return {"revoked": credentials is not None and revoke_token(db, credentials.credentials)}
+        revoked = credentials is not None and revoke_token(db, credentials.credentials)
+        db.commit()  # before the answer: the token must be dead when the client hears so
+        return {"revoked": revoked}
 
     @app.get("/api/me", tags=["auth"])
     def me(user: Viewer) -> dict[str, str]:
@@ -259,10 +270,3 @@ def _job(job: Job, series: Series, study: Study) -> dict[str, Any]:
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
-
-
-def _existing(path: Any) -> Any:
-    """``path`` or its nearest existing parent (the data folder may not exist yet)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.db.models import JobState
 from tests import dicom_factory as factory
@@ -21,6 +22,10 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.slow
 
 PASSWORD = "a long enough password"  # noqa: S105 - the test users'
+
+
+def _body(content_type: str, raw: bytes) -> Any:
+    return json.loads(raw or b"null") if content_type == "application/json" else raw.decode()
 
 
 class Api:
@@ -36,9 +41,14 @@ class Api:
             request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-                return response.status, json.loads(response.read() or b"null")
+                return response.status, _body(response.headers.get_content_type(), response.read())
         except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"null")
+            return err.code, _body(err.headers.get_content_type(), err.read())
+
+    def text(self, path: str, token: str) -> str:
+        request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return str(response.read().decode())
 
     def up(self) -> bool:
         try:
@@ -48,10 +58,16 @@ class Api:
 
 
 def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
-    segnode_factory: Callable[..., SegnodeProcesses], fresh_pg_url: str, tmp_path: Path
+    segnode_factory: Callable[..., SegnodeProcesses],
+    storescp: peers.StoreSCP,
+    fresh_pg_url: str,
+    tmp_path: Path,
 ) -> None:
     node = segnode_factory(
-        database_url=fresh_pg_url, api={"enabled": True}, rules=[{"name": "ct", "min_slices": 3}]
+        database_url=fresh_pg_url,
+        api={"enabled": True},
+        destinations={"pacs": {"ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
     )
     node.serve()
     api = Api(node.values["api"]["port"])
@@ -71,7 +87,7 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     assert sent.returncode == 0, sent.stdout + sent.stderr
     (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
 
-    reads = ["/api/me", "/api/jobs", f"/api/jobs/{job.id}", "/api/jobs?state=DELIVERED&limit=1"]
+    reads = ["/api/me", "/api/jobs", f"/api/jobs/{job.id}", "/api/jobs?state=DELIVERED&limit=1", "/metrics"]
     for path in reads:
         assert api.call("GET", path)[0] == 401, path
         for who in ("viewer", "admin"):
@@ -85,6 +101,22 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
         200,
         {"ready": True, "checks": {"database": "ok", "storage": "ok"}},
     )
+
+    # Prometheus' own parser reads the metrics; they count what the database holds.
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(api.text("/metrics", token))
+        for sample in family.samples
+    }
+    assert found["segnode_instances_received_total", ()] == 4
+    assert found["segnode_series_received_total", ()] == 1
+    assert found["segnode_jobs", (("state", "DELIVERED"),)] == 1 and found["segnode_queue_depth", ()] == 0
+    assert found["segnode_delivery_attempts_total", (("destination", "pacs"),)] >= 1
+    assert found["segnode_deliveries_failed_total", (("destination", "pacs"),)] == 0
+    assert found["segnode_last_instance_to_delivered_seconds_count", ()] == 1
+    assert found["segnode_last_instance_to_delivered_seconds_bucket", (("le", "+Inf"),)] == 1
+    assert found["segnode_storage_free_bytes", ()] > 0
+    assert not any("1.2." in str(key) for key in found)  # no UIDs, let alone patient identifiers
 
     status, listed = api.call("GET", "/api/jobs?state=DELIVERED", token)
     assert [j["id"] for j in listed["items"]] == [job.id] and listed["next_cursor"] is None

@@ -601,15 +601,40 @@ def _dilate_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _close_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Closing by a disk of ``radius`` pixels in each slice: what a ball that size cannot enter."""
-    if radius <= 0 or not mask.any():
+    """Closing by an octagon of ``radius`` pixels (a disk's near enough shape) in each slice: what
+    a ball that size cannot enter. Worked in the mask's own box, 3 x 3 squares and crosses a pass
+    at a time, each pass a few whole-array boolean operations."""
+    found = ndi.find_objects(mask.view(np.uint8))
+    if radius <= 0 or not found or found[0] is None:
         return mask.copy()
-    rows, cols = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    disk = np.zeros((1, 2 * radius + 1, 2 * radius + 1), dtype=bool)
-    disk[0] = rows**2 + cols**2 <= radius**2
-    padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
-    closed = ndi.binary_closing(padded, structure=disk)
-    return closed[:, radius:-radius, radius:-radius]
+    box = found[0]
+    inner = np.pad(mask[box], ((0, 0), (2 * radius, 2 * radius), (2 * radius, 2 * radius)))
+    for step in range(radius):
+        inner = _grow_3x3(inner, square=step % 2 == 0)
+    for step in range(radius):
+        inner = ~_grow_3x3(~inner, square=step % 2 == 0)
+    closed = mask.copy()
+    rows, cols = box[1], box[2]
+    # What the closing adds lies within the mask's box; beyond it, only padding that shrank back.
+    closed[box] |= inner[
+        :, 2 * radius : 2 * radius + rows.stop - rows.start, 2 * radius : 2 * radius + cols.stop - cols.start
+    ]
+    return closed
+
+
+def _grow_3x3(mask: np.ndarray, square: bool) -> np.ndarray:
+    """Dilation by a 3 x 3 square (or cross) in each slice."""
+    out = mask.copy()
+    out[:, 1:, :] |= mask[:, :-1, :]
+    out[:, :-1, :] |= mask[:, 1:, :]
+    if square:
+        rows = out.copy()
+        out[:, :, 1:] |= rows[:, :, :-1]
+        out[:, :, :-1] |= rows[:, :, 1:]
+    else:
+        out[:, :, 1:] |= mask[:, :, :-1]
+        out[:, :, :-1] |= mask[:, :, 1:]
+    return out
 
 
 def _fill_in_plane(mask: np.ndarray, max_hole_pixels: float = math.inf) -> np.ndarray:

@@ -292,15 +292,18 @@ def _drop_gas_under_lungs(lungs: np.ndarray, grid: _Grid) -> np.ndarray:
     height = index if superior > 0 else lungs.shape[0] - 1 - index
     top = np.full(lungs.shape[1:], -1, dtype=np.int64)
     keep = np.zeros(count + 1, dtype=bool)
+    boxes = ndi.find_objects(components)
     for component in np.argsort(sizes)[::-1][:count]:
-        voxels = components == component
+        box = boxes[component - 1]
+        voxels = components[box] == component  # in its own box, not the whole grid
         z, y, x = np.nonzero(voxels)
+        z, y, x = z + box[0].start, y + box[1].start, x + box[2].start
         under = np.count_nonzero(top[y, x] > height[z, 0, 0])
         if under > 0.5 * z.size:
             logger.debug("air of %.0f ml under the lungs is not lung", z.size * grid.voxel_ml)
             continue
         keep[component] = True
-        top = np.maximum(top, np.where(voxels, height, -1).max(axis=0))
+        np.maximum.at(top, (y, x), height[z, 0, 0])
     return np.asarray(keep[components])
 
 

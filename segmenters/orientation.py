@@ -46,6 +46,9 @@ def to_canonical(volume: Volume) -> tuple[Volume, Callable[[np.ndarray], np.ndar
     return canonical, restore
 
 
+CANONICAL_CODES = "SPL"  # the canonical (slice, row, column) directions: superior, posterior, left
+
+
 def reorient(array: np.ndarray, source: str, target: str) -> tuple[np.ndarray, np.ndarray]:
     """``array``, whose axes grow towards the directions ``source`` names (such as SPL), with its axes
     swapped and flipped to grow towards ``target`` (such as RAS); also, for each source axis, its
@@ -57,3 +60,20 @@ def reorient(array: np.ndarray, source: str, target: str) -> tuple[np.ndarray, n
     if source == target:
         return array, moved
     return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform)), moved
+
+
+def to_codes(
+    volume: Volume, codes: str
+) -> tuple[np.ndarray, tuple[float, float, float], Callable[[np.ndarray], np.ndarray]]:
+    """``volume``'s CT numbers with their axes growing towards ``codes`` (a model's orientation),
+    their spacing in that order, and what turns a label map so indexed back into ``volume``'s."""
+    canonical, restore = to_canonical(volume)
+    hu, moved = reorient(canonical.hu, CANONICAL_CODES, codes)
+    spacing = [0.0, 0.0, 0.0]
+    for axis, target in enumerate(moved):
+        spacing[target] = canonical.spacing[axis]
+
+    def back(labels: np.ndarray) -> np.ndarray:
+        return restore(reorient(labels, codes, CANONICAL_CODES)[0])
+
+    return hu, (spacing[0], spacing[1], spacing[2]), back

@@ -1,44 +1,11 @@
-"""Training a segmentation network on CT slices (2D, 2.5D) or patches (the 3D V-Net), with the usual
-literature protocol.
+"""Training a segmentation network on CT slices (2D, 2.5D) or patches (the 3D V-Net) by the
+protocol of the thoracic organ-at-risk literature, so that its figures compare with the papers'.
 
-The defaults are those the thoracic organ-at-risk papers (AAPM 2017 challenge entries and the
-U-Net family after them) report: Adam at 1e-3 with exponential decay, batches of 8 slices,
-cross-entropy, light geometric augmentation (rotation +-10 degrees, translation +-10 %, scaling
-0.9-1.1), early stopping on the validation loss and a fixed seed.
-
-Left-right flipping is off by default: the thorax is not mirror-symmetric (heart to the left,
-left and right lungs are different labels), so a flipped slice is an anatomy the network never
-meets (situs inversus aside), and a flip without swapping the labels would teach it that left
-and right are interchangeable. With ``flip_lr`` on, a flipped slice has its left/right labels
-swapped (structures of the same type and opposite laterality).
-
-Every case is prepared alike: resampled in-plane to ``pixel_spacing_mm`` (slice thickness is kept, as
-at inference), windowed to [0, 1] and centre-cropped or padded to ``crop_size``. Then one of two feeds
-cuts it into batches, and everything else (losses, early stopping, outputs) is shared:
-
-- 2D architectures: each slice (with ``context_slices`` neighbours on each side as extra channels)
-  is a sample; an epoch shows every slice where every structure's reference is defined once.
-- The 3D V-Net: patches of ``patch_size`` (slices, rows, columns; each a multiple of the
-  architecture's ``multiple``), half of them centred on a structure (:mod:`segmenters.patches`); an
-  epoch draws as many as hold the training cases' voxels once. Augmentation turns, scales and shifts
-  a patch as a whole in the axial plane, never out of it (slices are thicker than pixels are wide),
-  and cuts it from a larger box so that what turns in is anatomy, not padding. Voxels on slices where
-  some reference is not defined are ignored by the loss (the 2D feed skips such slices). Validation
-  labels each whole case by sliding windows of the training patch size
-  (:func:`~segmenters.networks.inference.predict_volume`), as the node will serve it; the card records
-  the patch size for that. The validation loss is the loss over a tiling of each case in patches: it
-  covers every voxel, is the objective training minimises (so early stopping compares like with
-  like) and needs no whole-volume logits, which for a real CT would be gigabytes.
-  ``batch_size`` counts patches and keeps the protocol's 8: a full-width V-Net (width 32) needs
-  about 0.5 GB per 32 x 96 x 96 patch for a training step, 4 GB for 8, which a training GPU holds;
-  on a CPU such a step takes about a minute on one core, so there fewer (``--batch-size 2``) or
-  smaller patches are the practical choice.
-
-Outputs in ``out_dir``: ``model.pt`` (``checkpoint.save_checkpoint``: the best epoch's weights and
-the model card), ``model_card.json``, ``history.csv`` (one row per epoch) and two plots:
-``loss.png`` (blue: training loss, orange: validation loss) and ``dice_miou.png`` (blue:
-validation Dice, orange: validation mIoU; y axis 0 to 1). ``score_test`` adds ``test_metrics.csv``
-and the test summary in the card, once training is over.
+Left-right flips are off by default: the thorax is not mirror-symmetric, and a flip without swapping
+the left and right labels would teach that they are interchangeable (``flip_lr`` swaps them). Every
+case is prepared as the node will serve it (in-plane resampling, windowing); a 2D feed shows each
+slice once an epoch, the 3D feed draws patches half centred on a structure, and validation labels
+whole cases as ``predict_volume`` does, so early stopping judges what will be served.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ acting the admin role, and each action goes into the job's event history under t
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at definition, and
 # the dependencies they name (Db, Viewer, Admin) are local to create_app.
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -233,12 +233,11 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     return app
 
 
-def _act(sessions: sessionmaker[Session], job_id: int, action: Any) -> str:
+def _act(sessions: sessionmaker[Session], job_id: int, action: Callable[[Session], Job]) -> str:
     """Run an admin's action in its own committed transaction; 404 / 409 for what cannot be done."""
     try:
         with session_scope(sessions) as s:
-            job = action(s)
-            return str(job.state.value)
+            return action(s).state.value
     except JobNotFoundError as err:
         raise HTTPException(404, str(err)) from err
     except ValueError as err:

@@ -1,18 +1,9 @@
 """The network architectures the CT-segmentation literature compares, behind one constructor.
 
-``build_network(name, in_channels, num_classes, width=..., dropout=...)`` returns an untrained
-``torch.nn.Module`` that maps a batch of images to class logits at the input's resolution:
-
-- 2D networks take slices ``(N, C, H, W)``: C = 1, or 2k + 1 for 2.5D input (a slice with its k
-  neighbours on each side as channels), and return ``(N, num_classes, H, W)``;
-- the 3D V-Net takes patches ``(N, C, D, H, W)`` and returns ``(N, num_classes, D, H, W)``.
-
-Each spatial size must be a multiple of the architecture's ``ArchSpec.multiple`` (``pad_to_multiple``
-pads to it; ``inference.predict_volume`` does so for whole volumes). ``width`` is the channel count at
-full resolution and scales every layer, so tests build tiny models (width 8) while the default 32 is
-a usual size. Hand-written here: FCN, SegNet, DeepLabV3, PSPNet; from MONAI: U-Net, UNet++,
-Attention U-Net and V-Net's blocks; from torchvision: Mask R-CNN, a detector whose instances become
-class maps, and which trains through its own losses (``TrainsOnInstances``).
+``build_network`` returns an untrained module mapping images (2D slices, or 3D patches for the
+V-Net) to class logits at the input's resolution; ``width`` scales every layer, so tests build tiny
+models. MONAI's networks where it has them, torchvision's Mask R-CNN (trained by its own losses:
+``TrainsOnInstances``), the others written here.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 
 from segmenters import anatomy
 from segmenters.base import ANATOMICAL_STRUCTURE, Concept, Structure
+from segmenters.orientation import CANONICAL_CODES
 
 CARD_FILE = "model_card.json"  # the name `segnode train` and `segnode export` write beside a model
 _AXIS_LETTERS = ("LR", "PA", "IS")
@@ -42,7 +43,7 @@ class ServedCard:
     # The direction each array axis of the input grows towards, one letter each (R/L, A/P, S/I).
     # SPL is the DICOM orientation the node works in: slices foot to head, rows front to back,
     # columns right to left. A network trained on RAS-reoriented NIfTI arrays expects RAS.
-    orientation: str = "SPL"
+    orientation: str = CANONICAL_CODES
     demo: bool = False
 
     @property
@@ -133,7 +134,7 @@ def _parse(data: dict[str, Any]) -> ServedCard:
         spatial_dims=spatial_dims,
         multiple=int(data.get("multiple", 16)),
         patch_size=(int(patch[0]), int(patch[1]), int(patch[2])) if patch else None,
-        orientation=check_orientation(str(data.get("orientation", "SPL"))),
+        orientation=check_orientation(str(data.get("orientation", CANONICAL_CODES))),
         demo=bool(data.get("demo", False)),
     )
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from segmenters.base import Structure
+from segmenters.orientation import CANONICAL_CODES
 from segmenters.served.card import (
     CARD_FILE,
     ModelCardError,
@@ -132,7 +133,7 @@ def _preprocessing(
     if not isinstance(transforms, list):
         raise ModelCardError(f"MONAI bundle {folder}: no preprocessing transforms in its inference config")
     window: tuple[float, float] | None = None
-    orientation = "SPL"
+    orientation = CANONICAL_CODES
     spacing: tuple[float, float, float] | None = None
     for i, transform in enumerate(transforms):
         target = str(transform.get("_target_", "")).rsplit(".", 1)[-1]

@@ -19,13 +19,11 @@ import numpy as np
 import torch
 
 from segmenters.base import AlgorithmInfo, Structure, Volume
-from segmenters.orientation import reorient, to_canonical
+from segmenters.orientation import CANONICAL_CODES, to_codes
 from segmenters.served.card import CARD_FILE, ModelCardError, check_orientation, structures_from_names
 from segmenters.served.runner import ARTIFICIAL_INTELLIGENCE
 
 log = logging.getLogger(__name__)
-
-_CANONICAL = "SPL"
 
 
 def nnunet_labels(folder: Path, card: Path | None = None) -> tuple[tuple[Structure, ...], str]:
@@ -46,9 +44,9 @@ def nnunet_labels(folder: Path, card: Path | None = None) -> tuple[tuple[Structu
         if int(value) != 0:
             names[int(value)] = name
     card = card if card is not None else folder / CARD_FILE
-    orientation = _CANONICAL
+    orientation = CANONICAL_CODES
     if card.is_file():
-        orientation = check_orientation(str(json.loads(card.read_text()).get("orientation", _CANONICAL)))
+        orientation = check_orientation(str(json.loads(card.read_text()).get("orientation", CANONICAL_CODES)))
     return structures_from_names(names, f"nnU-Net model {folder}", card), orientation
 
 
@@ -109,13 +107,8 @@ class NnUNetSegmenter:
         return self._structures
 
     def predict(self, volume: Volume) -> np.ndarray:
-        canonical, restore = to_canonical(volume)
-        hu, moved = reorient(canonical.hu, _CANONICAL, self.orientation)
-        spacing = [0.0, 0.0, 0.0]
-        for axis, target in enumerate(moved):
-            spacing[target] = canonical.spacing[axis]
+        hu, spacing, back = to_codes(volume, self.orientation)
         labels = self.predictor.predict_single_npy_array(
-            hu[None].astype(np.float32), {"spacing": spacing}, None, None, False
+            hu[None].astype(np.float32), {"spacing": list(spacing)}, None, None, False
         )
-        back, _ = reorient(np.asarray(labels, dtype=np.uint8), self.orientation, _CANONICAL)
-        return restore(back)
+        return back(np.asarray(labels, dtype=np.uint8))

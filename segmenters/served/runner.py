@@ -14,13 +14,12 @@ from torch import nn
 
 from segmenters.base import AlgorithmInfo, Concept, Structure, Volume
 from segmenters.networks.inference import predict_volume
-from segmenters.orientation import reorient, to_canonical
+from segmenters.orientation import to_codes
 from segmenters.served.card import ServedCard
 
 log = logging.getLogger(__name__)
 
 ARTIFICIAL_INTELLIGENCE = Concept("123110", "Artificial Intelligence", "DCM")  # CID 7162
-_CANONICAL = "SPL"  # segmenters.orientation's canonical (slice, row, column) directions
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -60,14 +59,8 @@ class ServedSegmenter:
         return self.card.structures
 
     def predict(self, volume: Volume) -> np.ndarray:
-        canonical, restore = to_canonical(volume)
-        hu, moved = reorient(canonical.hu, _CANONICAL, self.card.orientation)
-        spacing = [0.0, 0.0, 0.0]
-        for axis, target in enumerate(moved):
-            spacing[target] = canonical.spacing[axis]
-        labels = self._predict_oriented(hu, (spacing[0], spacing[1], spacing[2]))
-        back, _ = reorient(labels, self.card.orientation, _CANONICAL)
-        return restore(back)
+        hu, spacing, back = to_codes(volume, self.card.orientation)
+        return back(self._predict_oriented(hu, spacing))
 
     def _predict_oriented(self, hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
         zoom = _zoom_factors(spacing, self.card.spacing_mm)

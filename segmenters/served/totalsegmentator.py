@@ -9,6 +9,7 @@ never downloads: absent weights are an error that says how to get them.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import importlib.resources
 import logging
 from collections.abc import Sequence
@@ -136,12 +137,12 @@ class TotalSegmentatorSegmenter:
     def __init__(
         self, task: str, *, roi_subset: Sequence[str] | None = None, fast: bool = False, device: torch.device
     ) -> None:
-        api = _api()
+        _api()
         self.task, self.roi_subset, self.fast = task, list(roi_subset) if roi_subset else None, fast
         self._structures = task_structures(task, roi_subset)
         check_weights(task, fast)
         self.device = "gpu" if device.type == "cuda" else "cpu"
-        self.version = getattr(api, "__version__", "") or _package_version()
+        self.version = importlib.metadata.version("TotalSegmentator")
 
     @property
     def algorithm(self) -> AlgorithmInfo:
@@ -172,9 +173,3 @@ class TotalSegmentatorSegmenter:
         )
         labels = np.asarray(result.dataobj, dtype=np.uint8).transpose(2, 1, 0)
         return restore(np.ascontiguousarray(labels))
-
-
-def _package_version() -> str:
-    from importlib.metadata import version
-
-    return version("TotalSegmentator")

@@ -36,7 +36,7 @@ ABDOMEN = DATA / "ct-abdomen-j2k"
 
 # Measured with this version: right 0.939 (the reference's consolidated, airless lung base is not
 # air on CT), left 0.963. The lung contours exclude the tumour, and so does the segmenter.
-# The clinical contours against the classical lungs (0.950 / 0.966, HD95 4.3 / 3.0 mm when written).
+# The clinical contours against the classical lungs (figures in benchmarks/RESULTS.md).
 MIN_DICE = {"Lung-Right": 0.945, "Lung-Left": 0.96}
 MAX_HD95_MM = 5.0
 

@@ -8,6 +8,7 @@ import threading
 from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
+from node.jobs.notifier import Notifier
 from node.jobs.scheduler import Scheduler
 from node.receive.listener import start_scp, stop_listening
 from node.receive.processes import ListenerProcesses, node_slots
@@ -31,6 +32,7 @@ class Node:
         declare_queue(celery)
         self.queue = JobQueue(celery)
         self.scheduler = Scheduler(settings, self.sessions, self.queue)
+        self.notifier = Notifier(settings.notifications, self.sessions)
 
     def run(self, stop: threading.Event) -> None:
         """Listen (in ``scp.processes`` processes) and schedule until ``stop`` is set."""
@@ -39,12 +41,17 @@ class Node:
         server = start_scp(self.settings.scp, self.storage, slots=slots)
         if others is not None:
             others.start()
+        notifier = threading.Thread(
+            target=self.notifier.run, args=(stop,), name="segnode-notifier", daemon=True
+        )
+        notifier.start()
         try:
             self.scheduler.run(stop)
         finally:
             stop_listening(server, self.settings.scp.shutdown_grace_s)
             if others is not None:
                 others.stop(timeout_s=self.settings.scp.shutdown_grace_s + 30)
+            notifier.join(timeout=10)
             self.storage.close()
             self.engine.dispose()
             log.info("node stopped")

@@ -23,7 +23,9 @@ from typing import Any
 
 import pydicom
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
+from node.db import engine as db
 from tests import peers
 from tests.node_process import SegnodeProcesses
 
@@ -89,6 +91,16 @@ def redis_url() -> Iterator[str]:
 def redis_session_url() -> Iterator[str]:
     with peers.claimed_redis_db() as url:
         yield url
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A SQLite database of the current schema in the test's folder (the embedded default)."""
+    url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    yield db.make_sessionmaker(engine)
+    engine.dispose()
 
 
 @pytest.fixture

@@ -237,15 +237,18 @@ def start_storescp(
     fork: bool = False,
     extra_args: Sequence[str] = (),
     attempts: int = 3,
+    port: int | None = None,
 ) -> StoreSCP:
-    """Start storescp on a free port, writing into workdir/"received"; retried if the port was taken."""
+    """Start storescp on a free port (or on ``port``: a PACS back after an outage), writing into
+    workdir/"received"; retried on another free port if the port was taken."""
     directory = workdir / "received"
     directory.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("storescp")
     if exe is None:
         raise FileNotFoundError("storescp not found: install Debian's dcmtk (./dev test does)")
-    for _ in range(attempts):
-        port = free_port()
+    fixed = port
+    for _ in range(1 if fixed is not None else attempts):
+        port = fixed or free_port()
         argv = [exe, "-aet", aet, "-od", str(directory), "+xa", *(["--fork"] if fork else []), *extra_args]
         process = PeerProcess([*argv, str(port)], workdir / "storescp.log", workdir, nodelay_env())
         if _wait_until_listening(process, port, timeout=10.0):

@@ -7,12 +7,13 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from segmenters.ct_series import allow_decoder_processes, start_decoder_server
+from workers.heartbeat import Heartbeat
 from workers.tasks import TRANSFER_SYNTAXES, WorkerContext, register_tasks
 from workers.warm_up import warm_up
 
@@ -43,6 +44,20 @@ def create_worker_app(settings: Settings) -> Celery:
         warm_up(ctx, TRANSFER_SYNTAXES[settings.worker.seg_transfer_syntax])
 
     worker_process_init.connect(_after_fork, weak=False)
+    beats: list[Heartbeat] = []
+
+    def _ready(sender: Any, **_: Any) -> None:
+        beats.append(
+            Heartbeat(ctx.sessions, sender.hostname, settings.worker.concurrency, settings.worker.heartbeat_s)
+        )
+        beats[-1].start()
+
+    def _shutdown(**_: Any) -> None:
+        for heartbeat in beats:
+            heartbeat.stop()
+
+    worker_ready.connect(_ready, weak=False)
+    worker_shutdown.connect(_shutdown, weak=False)
     return app
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.core.outputs import OVERLAY_FOLDER, RESULT_FILES
 from segmenters.base import Segmenter
 from segmenters.ct_series import DecodeFailedError, UnsuitableSeriesError, load_series
 from segmenters.volume_files import write_label_nifti
@@ -27,15 +28,6 @@ log = logging.getLogger(__name__)
 
 
 # Where each output lies in a job's results folder: one file each, the overlay a folder of images.
-RESULT_FILES = {"seg": "seg.dcm", "rtstruct": "rtstruct.dcm", "sr": "sr.dcm"}
-OVERLAY_FOLDER = "overlay"
-
-
-def result_files(folder: Path, output: str) -> list[Path]:
-    """The files of one output in a job's results ``folder``, as :func:`segment_series` wrote them."""
-    if output == "overlay":
-        return sorted((folder / OVERLAY_FOLDER).glob("*.dcm"))
-    return [folder / RESULT_FILES[output]]
 
 
 @dataclass

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings
+from node.core.outputs import result_files
 from node.core.queue import DELIVER_JOB, PROCESS_JOB, JobQueue
 from node.db.job_runs import DeliveryOutcome, DueDelivery, JobRuns
 from node.db.models import JobState
@@ -31,7 +32,7 @@ from workers.errors import (
 )
 from workers.inputs import job_inputs
 from workers.lease import lease_kept
-from workers.pipeline import result_files, segment_series
+from workers.pipeline import segment_series
 from workers.segmenter_factory import build_segmenter
 
 log = logging.getLogger(__name__)

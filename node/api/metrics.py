@@ -16,10 +16,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Delivery, DeliveryState, Instance, Job, JobState, Series
+from node.db.models import AssociationCount, Delivery, DeliveryState, Instance, Job, JobState, Series
 
 # Seconds from a series' last instance to its SEG delivered: the wait a technologist feels.
 LATENCY_BUCKETS = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+STAGE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
 class NodeCollector(Collector):
@@ -32,6 +33,8 @@ class NodeCollector(Collector):
             yield from self._jobs(session)
             yield from self._deliveries(session)
             yield self._latency(session)
+            yield self._stages(session)
+            yield self._associations(session)
         yield GaugeMetricFamily(
             "segnode_storage_free_bytes",
             "Free space where received instances are stored",
@@ -100,19 +103,67 @@ class NodeCollector(Collector):
             .join(Job, Job.id == delivered.c.job_id)
             .join(Series, Series.id == Job.series_id)
         ).all()
-        waits = sorted(max((at - last).total_seconds(), 0.0) for at, last in rows if at is not None)
-        buckets, index = [], 0
-        for bound in LATENCY_BUCKETS:
-            while index < len(waits) and waits[index] <= bound:
-                index += 1
-            buckets.append((str(bound), index))
-        buckets.append(("+Inf", len(waits)))
+        buckets, total = _buckets(
+            [(at - last).total_seconds() for at, last in rows if at is not None], LATENCY_BUCKETS
+        )
         return HistogramMetricFamily(
             "segnode_last_instance_to_delivered_seconds",
             "From a series' last instance received to its result delivered",
             buckets=buckets,
-            sum_value=sum(waits),
+            sum_value=total,
         )
+
+    def _stages(self, session: Session) -> Metric:
+        """Where the wait goes, per finished job: completion (last instance to job), queue (job
+        to a worker starting it), processing (start to results written), delivery (results to
+        the last destination's success)."""
+        delivered = (
+            select(Delivery.job_id, func.max(Delivery.delivered_at).label("at"))
+            .where(Delivery.state == DeliveryState.DELIVERED)
+            .group_by(Delivery.job_id)
+            .subquery()
+        )
+        rows = session.execute(
+            select(Series.last_received_at, Job.created_at, Job.started_at, Job.segmented_at, delivered.c.at)
+            .join(Job, Job.series_id == Series.id)
+            .outerjoin(delivered, delivered.c.job_id == Job.id)
+            .where(Job.segmented_at.is_not(None))
+        ).all()
+        stages: dict[str, list[float]] = {"completion": [], "queue": [], "processing": [], "delivery": []}
+        for last, created, started, segmented, sent in rows:
+            stages["completion"].append((created - last).total_seconds())
+            if started is not None:
+                stages["queue"].append((started - created).total_seconds())
+                stages["processing"].append((segmented - started).total_seconds())
+            if sent is not None:
+                stages["delivery"].append((sent - segmented).total_seconds())
+        family = HistogramMetricFamily(
+            "segnode_stage_seconds", "Seconds each stage of a job took", labels=["stage"]
+        )
+        for stage, seconds in stages.items():
+            buckets, total = _buckets(seconds, STAGE_BUCKETS)
+            family.add_metric([stage], buckets, total)
+        return family
+
+    def _associations(self, session: Session) -> Metric:
+        counted = CounterMetricFamily(
+            "segnode_associations", "DICOM associations ended, by result", labels=["result"]
+        )
+        for result, count in session.execute(select(AssociationCount.result, AssociationCount.count)):
+            counted.add_metric([result], count)
+        return counted
+
+
+def _buckets(values: list[float], bounds: tuple[float, ...]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative histogram buckets of ``values`` (negative ones, from clocks apart, count as 0)."""
+    waits = sorted(max(v, 0.0) for v in values)
+    buckets, index = [], 0
+    for bound in bounds:
+        while index < len(waits) and waits[index] <= bound:
+            index += 1
+        buckets.append((str(bound), float(index)))
+    buckets.append(("+Inf", float(len(waits))))
+    return buckets, sum(waits)
 
 
 def registry(sessions: sessionmaker[Session], storage_dir: Path) -> CollectorRegistry:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -279,6 +279,9 @@ class WorkerSettings(BaseModel):
     # that lapsed goes to another worker. Clocks of node and workers must agree to well within it.
     lease_s: float = Field(60.0, ge=1)
     seg_transfer_syntax: Literal["explicit", "jpeg2000"] = "explicit"
+    # How often a worker says it lives; /readyz and the dashboard take one silent for three times
+    # this as gone.
+    heartbeat_s: float = Field(10.0, gt=0)
     # The overlapping body segment via highdicom internals (far less memory); false: its public API.
     seg_fast_overlap: bool = True
 
@@ -296,6 +299,32 @@ class ApiSettings(BaseModel):
     # Failed logins allowed per user name and per address within the window, then a wait.
     login_attempts: int = Field(5, ge=1)
     login_window_s: float = Field(300.0, gt=0)
+
+
+WebhookEvent = Literal["job_failed", "job_rejected", "destination_down", "destination_up"]
+
+
+class Webhook(BaseModel):
+    """Where the node POSTs a JSON message when something needs a person."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(get_args(WebhookEvent)))
+    # Sent with every message (an Authorization header for the receiving service, say).
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class NotificationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    webhooks: list[Webhook] = Field(default_factory=list)
+    # A destination that answers nothing but failures for this long is reported down.
+    destination_down_after_s: float = Field(300.0, ge=0)
+    # A message a webhook does not take is tried again, with a doubling wait, this many times.
+    max_attempts: int = Field(8, ge=1)
+    backoff_s: float = Field(5.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -325,6 +354,7 @@ class Settings(BaseSettings):
     segmenters: dict[str, SegmenterSettings] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
 
     @model_validator(mode="after")
     def _rules_name_known_destinations(self) -> Settings:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy.exc import DBAPIError
 
@@ -65,3 +66,19 @@ class Outage:
             self.logger.warning(
                 "%s working again after %.1f s; %d failure(s) meanwhile", self.what, lasted, failures
             )
+
+
+def run_passes(
+    stop: threading.Event, one_pass: Callable[[], object], every_s: float, logger: logging.Logger, what: str
+) -> None:
+    """Call ``one_pass`` every ``every_s`` until ``stop`` is set; a failing pass is logged as an
+    outage of ``what`` and the next pass tries again."""
+    passes = Outage(logger, what)
+    while not stop.is_set():
+        try:
+            one_pass()
+        except Exception as err:  # noqa: BLE001 - the next pass tries again; the outage is logged
+            passes.failed(err)
+        else:
+            passes.succeeded()
+        stop.wait(every_s)

@@ -80,6 +80,28 @@ def declare_queue(app: Celery) -> None:
                 raise
 
 
+def broker_depth(app: Celery, timeout_s: float = 2.0) -> int | None:
+    """Messages waiting on the job queue at the broker; None when the broker cannot be asked."""
+    try:
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+            declared = connection.default_channel.queue_declare(queue=QUEUE, passive=True)
+            return int(declared.message_count)
+    except Exception:  # noqa: BLE001 - an unreachable broker or a queue not yet declared: no figure
+        return None
+
+
+def broker_fault_now(app: Celery, broker_url: str, timeout_s: float = 2.0) -> str | None:
+    """Why the broker cannot be reached now, in words; None when it answers."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+            connection.default_channel  # noqa: B018 - opening a channel talks to the broker
+    except Exception as err:  # noqa: BLE001 - whatever it is, it is said in words
+        return broker_fault(err, broker_url)
+    return None
+
+
 class JobQueue:
     """Sends job tasks to the workers."""
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db.engine import session_scope
 from node.db.jobs import HOST, record_event, transition
 from node.db.models import Delivery, DeliveryState, Instance, Job, JobEvent, JobState, utcnow
+from node.db.operations import destination_answered, processing_suspended, suspended_destinations
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,13 @@ class JobRuns:
 
     def claim(self, job_id: int) -> ClaimedJob | None:
         """Take a waiting job, or a RUNNING one whose lease expired (its worker is gone) or that
-        this worker itself holds (a retry after an error here). None: finished, gone, or alive in
-        another worker's hands, so a task delivered twice does nothing."""
+        this worker itself holds (a retry after an error here). None: finished, gone, alive in
+        another worker's hands (so a task delivered twice does nothing), or processing is
+        suspended (the job stays QUEUED; resuming sends it again)."""
         now = utcnow()
         with session_scope(self.sessions) as session:
             current = session.get(Job, job_id)
-            if current is None:
+            if current is None or processing_suspended(session) is not None:
                 return None
             condition: ColumnElement[bool] = Job.state.in_([JobState.RECEIVED, JobState.QUEUED])
             note = ""
@@ -147,6 +149,7 @@ class JobRuns:
             job.output_path = str(folder)
             job.output_sop_instance_uid = seg_uid
             now = utcnow()
+            job.segmented_at = now
             held = job.hold_until if job.hold_until is not None and job.hold_until > now else None
             existing = {(d.destination, d.output): d for d in job.deliveries}
             for name in job.destinations:
@@ -216,7 +219,10 @@ class JobRuns:
             claimed: list[DueDelivery] = []
             if job.series.instance_count > job.instance_count:
                 return Path(job.output_path), claimed
+            suspended = suspended_destinations(session)
             for delivery in job.deliveries:
+                if delivery.destination in suspended:
+                    continue
                 taken = session.execute(
                     update(Delivery)
                     .where(Delivery.id == delivery.id, Delivery.state == DeliveryState.PENDING, due)
@@ -256,6 +262,9 @@ class JobRuns:
             if delivery.state == DeliveryState.PENDING:
                 message += f"; next attempt in {backoff_s(delivery.attempts):g} s"
             record_event(session, job, event, message)
+            # A refusal is an answer: the destination is up, whatever it thought of the files.
+            reachable = outcome.delivered or outcome.permanent
+            destination_answered(session, delivery.destination, reachable, outcome.answer)
             session.flush()
             _settle(session, job)
 

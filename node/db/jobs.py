@@ -7,6 +7,7 @@ complete history: who did what, on which host, and why.
 from __future__ import annotations
 
 import socket
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import func, select, update
@@ -23,6 +24,7 @@ from node.db.models import (
     Study,
     utcnow,
 )
+from node.db.operations import notify
 
 HOST = socket.gethostname()
 
@@ -57,6 +59,19 @@ def transition(
     session.add(
         JobEvent(job_id=job.id, event=event, state=state, host=HOST, message=message or (reason or ""))
     )
+    if state in (JobState.FAILED, JobState.REJECTED):
+        notify(
+            session,
+            f"job_{state.value.lower()}",
+            {
+                "job": job.id,
+                "state": state.value,
+                "reason": job.reason,
+                "rule": job.rule,
+                "segmenter": job.segmenter,
+                "series_instance_uid": job.series.series_instance_uid,
+            },
+        )
 
 
 def create_job(
@@ -135,6 +150,56 @@ def cancel(session: Session, job_id: int, who: str) -> Job:
     return job
 
 
+def rerun(session: Session, job_id: int, segmenter: str, who: str) -> Job:
+    """A new job for the job's series with another segmenter, the same rule, outputs and
+    destinations (its results get their own UIDs: another algorithm made them)."""
+    job = _get(session, job_id)
+    if job.rule is None:
+        raise ValueError(f"job {job_id} was not routed ({job.reason}); no rule says where results go")
+    busy = session.scalar(
+        select(Job.id).where(Job.series_id == job.series_id, Job.state.not_in(TERMINAL_STATES))
+    )
+    if busy is not None:
+        raise ValueError(f"job {busy} of this series is still under way; wait for it or cancel it first")
+    new = create_job(
+        session,
+        job.series,
+        rule=job.rule,
+        segmenter=segmenter,
+        destinations=list(job.destinations),
+        state=JobState.RECEIVED,
+        message=f"re-run of job {job_id} with segmenter {segmenter}, requested by {who}",
+        outputs=list(job.outputs),
+    )
+    new.instance_count = job.instance_count
+    record_event(session, job, "rerun", f"re-run as job {new.id} with segmenter {segmenter} by {who}")
+    return new
+
+
+def resend(session: Session, job_id: int, who: str, destination: str | None = None) -> Job:
+    """Send a finished job's results again (to every destination, or to one): same files, same
+    UIDs, so a PACS that has them stores nothing twice."""
+    job = _get(session, job_id)
+    if job.state not in (JobState.DELIVERED, JobState.FAILED) or not job.deliveries:
+        raise ValueError(
+            f"job {job_id} is {job.state.value} with no results to send; retry it instead"
+            if job.state in TERMINAL_STATES
+            else f"job {job_id} is {job.state.value}: it sends its results itself"
+        )
+    chosen = [d for d in job.deliveries if destination is None or d.destination == destination]
+    if not chosen:
+        raise ValueError(f"job {job_id} has nothing for destination {destination!r}")
+    for delivery in chosen:
+        delivery.state, delivery.attempts, delivery.next_attempt_at = DeliveryState.PENDING, 0, None
+    job.reason = ""
+    job.finished_at = None
+    where = destination or "every destination"
+    transition(
+        session, job, JobState.SEGMENTED, "resend", f"results sent again to {where}, requested by {who}"
+    )
+    return job
+
+
 def supersede(session: Session, job: Job, by: int) -> bool:
     """A job whose series grew after it was made stops where it is, as a cancelled one does (a
     worker running it discards its result, nothing more is sent); False if it had finished."""
@@ -172,11 +237,15 @@ def stale_jobs(session: Session, older_than: datetime) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.state == JobState.QUEUED, Job.updated_at < older_than)))
 
 
-def jobs_with_due_deliveries(session: Session, now: datetime) -> dict[int, int]:
-    """SEGMENTED jobs with a pending delivery due by ``now``, whose series has not grown past
-    them: job id -> the attempts its due deliveries have made (a new attempt since tells a new
-    retry from an old one)."""
+def jobs_with_due_deliveries(
+    session: Session, now: datetime, suspended: Collection[str] = ()
+) -> dict[int, int]:
+    """SEGMENTED jobs with a pending delivery due by ``now`` to a destination not ``suspended``,
+    whose series has not grown past them: job id -> the attempts its due deliveries have made (a
+    new attempt since tells a new retry from an old one)."""
     due = Delivery.next_attempt_at.is_(None) | (Delivery.next_attempt_at <= now)
+    if suspended:
+        due = due & Delivery.destination.not_in(list(suspended))
     query = (
         select(Job.id, func.sum(Delivery.attempts))
         .join(Delivery, Delivery.job_id == Job.id)

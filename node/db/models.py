@@ -2,7 +2,8 @@
 people who may use the API (users and their tokens).
 
 No patient identifiers are stored: the PACS holds those. A row names DICOM UIDs, the file paths the
-node wrote, and the facts routing needs (modality, description, body part ...).
+node wrote, the facts routing needs (modality, description, body part ...), and keyed hashes of the
+patient ID and accession number that only the node's own key makes searchable.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ class Series(Base):
     released_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # When someone asked for the series to be taken as complete now (the CLI, the dashboard).
     complete_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Keyed hashes of the patient ID and accession number (node.core.identifiers), for an admin's
+    # search; set when the series is assembled ('' when the header has none).
+    patient_key: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    accession_key: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -153,10 +158,12 @@ class Job(Base):
     worker: Mapped[str] = mapped_column(String(255), default="")
     output_path: Mapped[str] = mapped_column(String(300), default="")
     output_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
+    # When its results were last written (the end of processing, the start of delivery).
+    segmented_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # While RUNNING: the job is its worker's until then; the worker renews it while it works.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
     # A job made at its sender's release runs at once, but its results are not sent before this:
@@ -240,7 +247,75 @@ class ApiToken(Base):
     user: Mapped[User] = relationship()
 
 
+class AssociationCount(Base):
+    """Associations that ended, by how (released, aborted, rejected), counted by the listeners."""
+
+    __tablename__ = "association_counts"
+
+    result: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class WorkerBeat(Base):
+    """A worker process's heartbeat: the dashboard's list of workers and /readyz's live worker."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    gpu: Mapped[str] = mapped_column(String(128), default="")  # the device's name; '' on a CPU
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Suspension(Base):
+    """Work an admin stopped: ``processing`` (no job goes to a worker) or ``delivery:NAME`` (nothing
+    is sent to that destination). The node keeps receiving; the work waits in the database."""
+
+    __tablename__ = "suspensions"
+
+    target: Mapped[str] = mapped_column(String(80), primary_key=True)
+    by: Mapped[str] = mapped_column(String(80))
+    since: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class DestinationStatus(Base):
+    """What a destination last answered (a delivery or a C-ECHO), and since when it is down."""
+
+    __tablename__ = "destination_status"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    checked_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    ok: Mapped[bool] = mapped_column(default=True)
+    answer: Mapped[str] = mapped_column(Text, default="")
+    down_since: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    down_notified: Mapped[bool] = mapped_column(default=False)
+
+
+class Notification(Base):
+    """A webhook message waiting to be sent (an outbox): written in the transaction of what it
+    reports, sent by the scheduler's notifier, so a webhook that is down never holds up a job."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, object]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    # The webhooks that answered success (each is sent the message once).
+    sent_to: Mapped[list[str]] = mapped_column(JSON, default=list)
+    done: Mapped[bool] = mapped_column(default=False, index=True)
+
+
 # The tables themselves, for the few statements written in SQLAlchemy Core on the C-STORE path.
 STUDIES = cast(Table, Study.__table__)
 SERIES = cast(Table, Series.__table__)
 INSTANCES = cast(Table, Instance.__table__)
+ASSOCIATIONS = cast(Table, AssociationCount.__table__)

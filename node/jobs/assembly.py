@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.core.config import Settings
+from node.core.identifiers import node_key, read_identifiers, search_key
 from node.db.jobs import create_job, record_event, supersede, transition
 from node.db.models import TERMINAL_STATES, Instance, Job, JobState, Series
 from node.jobs.completion import (
@@ -83,8 +84,24 @@ def assemble(session: Session, settings: Settings, now: datetime) -> list[int]:
             completion = _study_complete(session, item, by_study[item.series.study_id], now)
         if completion.why:
             complete.append((item, completion))
+    if any(item.series.patient_key is None for item, _ in complete):
+        key = node_key(settings.data_dir)
+        for item, _ in complete:
+            _index_identifiers(session, item.series, settings, key)
     made = [_make_job(session, item, completion) for item, completion in complete]
     return [job_id for job_id in made if job_id is not None]
+
+
+def _index_identifiers(session: Session, series: Series, settings: Settings, key: bytes) -> None:
+    """Keep the keyed hashes of the series' patient ID and accession number, from its first file."""
+    if series.patient_key is not None:
+        return
+    path = session.scalar(
+        select(Instance.path).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
+    )
+    found = read_identifiers(settings.storage_dir / path) if path else {}
+    series.patient_key = search_key(key, found.get("PatientID", ""))
+    series.accession_key = search_key(key, found.get("AccessionNumber", ""))
 
 
 def _may_be_complete(series: Series, settings: Settings, now: datetime) -> bool:

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings
-from node.core.outages import Outage
+from node.core.outages import Outage, run_passes
 from node.core.queue import JobQueue, broker_fault
 from node.db.engine import session_scope
 from node.db.jobs import (
@@ -29,6 +29,7 @@ from node.db.jobs import (
     stale_jobs,
 )
 from node.db.models import Job, JobState, utcnow
+from node.db.operations import processing_suspended, suspended_destinations
 from node.jobs.assembly import assemble
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ class Scheduler:
         self.rescue_stale()
 
     def send_received(self) -> None:
+        """Jobs waiting to be queued go to the broker, unless an admin suspended processing: then
+        they wait in the database, saying why, until processing is resumed."""
+        with session_scope(self.sessions) as session:
+            suspension = processing_suspended(session)
+            if suspension is not None:
+                since = suspension.since.strftime("%Y-%m-%d %H:%M UTC")
+                note_waiting(session, f"processing suspended by {suspension.by} since {since}")
+                return
         with self.sessions() as session:
             waiting = session.scalars(
                 select(Job.id).where(Job.state == JobState.RECEIVED).order_by(Job.id)
@@ -97,7 +106,7 @@ class Scheduler:
         now = time.monotonic()
         again_after = DISPATCH_AGAIN_STEPS * self.settings.worker.delivery_timeout_s
         with self.sessions() as session:
-            due = jobs_with_due_deliveries(session, utcnow())
+            due = jobs_with_due_deliveries(session, utcnow(), suspended_destinations(session))
         for job_id, attempts in due.items():
             sent = self._dispatched.get(job_id)
             if sent is None or sent[0] != attempts or now - sent[1] >= again_after:
@@ -115,12 +124,4 @@ class Scheduler:
                 log.warning("job %d: stale in %s; sent again", job.id, job.state)
 
     def run(self, stop: threading.Event) -> None:
-        passes = Outage(log, "the scheduler's passes")
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception as err:  # noqa: BLE001 - the next pass tries again; the outage is logged
-                passes.failed(err)
-            else:
-                passes.succeeded()
-            stop.wait(self.settings.assembly_poll_s)
+        run_passes(stop, self.tick, self.settings.assembly_poll_s, log, "the scheduler's passes")

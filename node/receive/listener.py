@@ -174,6 +174,7 @@ class StoreHandler:
         """Bound to ``EVT_RELEASED``: the sender says it is done, which fast completion heeds
         unless the node refused one of its instances (the sender will send it again)."""
         sent = self._forget(event)
+        self._count("released")
         if sent is not None and sent.series and not sent.refused:
             try:
                 self.storage.mark_released(sent.series)
@@ -185,6 +186,18 @@ class StoreHandler:
     def aborted(self, event: evt.Event) -> None:
         """Bound to ``EVT_ABORTED``: an aborted association says nothing about its series."""
         self._forget(event)
+        self._count("aborted")
+
+    def rejected(self, event: evt.Event) -> None:
+        """Bound to ``EVT_REJECTED``: said in the log, counted for the metrics."""
+        _log_rejection(event)
+        self._count("rejected")
+
+    def _count(self, result: str) -> None:
+        try:
+            self.storage.count_association(result)
+        except Exception as err:  # noqa: BLE001 - a metric is not worth failing an association over
+            log.debug("association %s not counted (%s)", result, type(err).__name__)
 
     def _forget(self, event: evt.Event) -> _Sent | None:
         """What ``event``'s association sent, forgotten with what every association that ended
@@ -432,7 +445,7 @@ def start_scp(
         (evt.EVT_ABORTED, store.aborted),
         (evt.EVT_REQUESTED, limits.requested),
         (evt.EVT_CONN_CLOSE, limits.closed),
-        (evt.EVT_REJECTED, _log_rejection),
+        (evt.EVT_REJECTED, store.rejected),
         *path.handlers(),
     ]
     server = ae.make_server(

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node.core.uids import is_valid_uid
-from node.db.models import INSTANCES, SERIES, STUDIES, utcnow
+from node.db.models import ASSOCIATIONS, INSTANCES, SERIES, STUDIES, utcnow
 from node.receive.instance_rows import InstanceRows
 from node.receive.spool_files import DISK_FULL, Spool, StagedFile, StorageFullError, fsync_dir, is_full
 
@@ -192,6 +192,15 @@ class Storage:
                 update(SERIES)
                 .where(SERIES.c.series_instance_uid.in_(sorted(series_uids)))
                 .values(released_at=utcnow())
+            )
+
+    def count_association(self, result: str) -> None:
+        """Count an association that ended (released, aborted, rejected) for the metrics."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(ASSOCIATIONS)
+                .where(ASSOCIATIONS.c.result == result)
+                .values(count=ASSOCIATIONS.c.count + 1)
             )
 
     def _unrecorded(self, sop_instance_uid: str) -> bool:

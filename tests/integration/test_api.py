@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, select
 
-from node.db.models import JobState
+from node.db.models import Base, JobState
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
@@ -25,7 +26,9 @@ PASSWORD = "a long enough password"  # noqa: S105 - the test users'
 
 
 def _body(content_type: str, raw: bytes) -> Any:
-    return json.loads(raw or b"null") if content_type == "application/json" else raw.decode()
+    if content_type == "application/json":
+        return json.loads(raw or b"null")
+    return raw if content_type.startswith("image/") else raw.decode()
 
 
 class Api:
@@ -45,10 +48,11 @@ class Api:
         except urllib.error.HTTPError as err:
             return err.code, _body(err.headers.get_content_type(), err.read())
 
-    def text(self, path: str, token: str) -> str:
+    def text(self, path: str, token: str, raw: bool = False) -> Any:
         request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-            return str(response.read().decode())
+            body = response.read()
+            return body if raw else str(body.decode())
 
     def up(self) -> bool:
         try:
@@ -87,20 +91,51 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     assert sent.returncode == 0, sent.stdout + sent.stderr
     (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
 
-    reads = ["/api/me", "/api/jobs", f"/api/jobs/{job.id}", "/api/jobs?state=DELIVERED&limit=1", "/metrics"]
+    series_uid = api.call("GET", f"/api/jobs/{job.id}", admin)[1]["series_instance_uid"]
+    reads = [
+        "/api/me",
+        "/api/jobs",
+        f"/api/jobs/{job.id}",
+        "/api/jobs?state=DELIVERED&limit=1",
+        f"/api/jobs?series={series_uid}",
+        f"/api/jobs/{job.id}/preview.png",
+        f"/api/series/{series_uid}",
+        "/api/studies",
+        "/api/queue",
+        "/api/queues",
+        "/api/workers",
+        "/api/destinations",
+        "/api/charts",
+        "/api/config",
+        "/metrics",
+    ]
     for path in reads:
         assert api.call("GET", path)[0] == 401, path
         for who in ("viewer", "admin"):
             status, body = api.call("GET", path, users[who])
             assert status == 200, (path, who, body)
-    for action in ("retry", "cancel"):
-        assert api.call("POST", f"/api/jobs/{job.id}/{action}")[0] == 401
-        status, body = api.call("POST", f"/api/jobs/{job.id}/{action}", token)
-        assert status == 403 and "needs the admin role" in body["detail"]
-    assert api.call("GET", "/healthz")[0] == 200 and api.call("GET", "/readyz") == (
-        200,
-        {"ready": True, "checks": {"database": "ok", "storage": "ok"}},
-    )
+    actions = [
+        f"/api/jobs/{job.id}/retry",
+        f"/api/jobs/{job.id}/cancel",
+        f"/api/jobs/{job.id}/resend",
+        f"/api/jobs/{job.id}/rerun",
+        f"/api/series/{series_uid}/complete",
+        "/api/processing/suspend",
+        "/api/processing/resume",
+        "/api/destinations/pacs/echo",
+        "/api/destinations/pacs/suspend",
+        "/api/destinations/pacs/resume",
+    ]
+    for action in actions:
+        assert api.call("POST", action, body={"segmenter": "classical"})[0] == 401, action
+        status, body = api.call("POST", action, token, body={"segmenter": "classical"})
+        assert status == 403 and "needs the admin role" in body["detail"], action
+    assert api.call("GET", "/healthz")[0] == 200
+    status, ready = api.call("GET", "/readyz")
+    assert status == 200 and ready == {
+        "ready": True,
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok", "workers": "ok: 1 online"},
+    }
 
     # Prometheus' own parser reads the metrics; they count what the database holds.
     found = {
@@ -116,6 +151,10 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     assert found["segnode_last_instance_to_delivered_seconds_count", ()] == 1
     assert found["segnode_last_instance_to_delivered_seconds_bucket", (("le", "+Inf"),)] == 1
     assert found["segnode_storage_free_bytes", ()] > 0
+    assert found["segnode_associations_total", (("result", "released"),)] >= 1
+    assert found["segnode_associations_total", (("result", "rejected"),)] == 0
+    for stage in ("completion", "queue", "processing", "delivery"):
+        assert found["segnode_stage_seconds_count", (("stage", stage),)] == 1, stage
     assert not any("1.2." in str(key) for key in found)  # no UIDs, let alone patient identifiers
 
     status, listed = api.call("GET", "/api/jobs?state=DELIVERED", token)
@@ -124,6 +163,62 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     status, shown = api.call("GET", f"/api/jobs/{job.id}", token)
     assert shown["state"] == "DELIVERED" and shown["events"][0]["event"] == "created"
     assert api.call("GET", "/api/jobs/999999", token)[0] == 404
+    assert api.text(f"/api/jobs/{job.id}/preview.png", token, raw=True)[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Patient identifiers: shown to a logged-in user, searched by an admin, never in the database.
+    assert shown["patient"]["PatientID"] == "SYN0001" and shown["patient"]["AccessionNumber"] == "ACC0001"
+    assert api.call("GET", "/api/jobs?q=SYN0001", token)[0] == 403
+    for exact in ("SYN0001", "ACC0001"):
+        assert [j["id"] for j in api.call("GET", f"/api/jobs?q={exact}", admin)[1]["items"]] == [job.id]
+    assert api.call("GET", "/api/jobs?q=SYN000", admin)[1]["items"] == []
+    engine = create_engine(fresh_pg_url)
+    with engine.connect() as conn:  # every table of the schema, every row
+        dumped = " ".join(
+            str(row) for table in Base.metadata.sorted_tables for row in conn.execute(select(table))
+        )
+    engine.dispose()
+    assert "SYN0001" not in dumped and "ACC0001" not in dumped and "Phantom" not in dumped
+
+    # What a viewer sees of workers, queues, destinations and routing.
+    (worker,) = api.call("GET", "/api/workers", token)[1]
+    assert worker["online"] and worker["jobs_done"] == 1 and worker["current_jobs"] == []
+    assert worker["gpu"] is None  # this machine has none
+    (queue,) = api.call("GET", "/api/queues", token)[1]
+    assert queue["waiting_jobs"] == 0 and queue["broker_messages"] == 0
+    (pacs,) = api.call("GET", "/api/destinations", token)[1]
+    assert pacs["state"] == "up" and pacs["last_answer"].endswith("answered 0x0000"), pacs
+    shown = api.call("GET", f"/api/series/{series_uid}", token)[1]
+    assert shown["routing"] == {
+        "taken_by": "ct",
+        "rules": [{"rule": "ct", "matches": True, "verdict": "takes it"}],
+    }
+    assert api.call("GET", "/api/config", token)[1]["ok"] is True
+
+    # Destinations: a C-ECHO, a suspension that holds a resend back until it is lifted.
+    status, echoed = api.call("POST", "/api/destinations/pacs/echo", admin)
+    assert status == 200 and echoed["ok"] and "answered C-ECHO" in echoed["answer"]
+    assert api.call("POST", "/api/destinations/nowhere/echo", admin)[0] == 404
+    assert api.call("POST", "/api/destinations/pacs/suspend", admin)[1]["changed"] is True
+    assert api.call("GET", "/api/destinations", token)[1][0]["state"] == "suspended"
+    status, body = api.call("POST", f"/api/jobs/{job.id}/resend", admin)
+    assert status == 200 and body["state"] == "SEGMENTED"
+    assert api.call("GET", "/api/destinations", token)[1][0]["pending"] == 1
+    held = api.call("GET", f"/api/jobs/{job.id}", admin)[1]
+    assert held["state"] == "SEGMENTED" and held["events"][-1]["event"] == "resend"
+    assert "requested by user ada" in held["events"][-1]["message"]
+    assert api.call("POST", "/api/destinations/pacs/resume", admin)[1]["changed"] is True
+    node.wait_for_state(JobState.DELIVERED, timeout=60)
+    events = [e["event"] for e in api.call("GET", f"/api/jobs/{job.id}", admin)[1]["events"]]
+    assert events[-3:] == ["resend", "sent", "delivered"], events
+
+    # Re-run with another segmenter: a new job for the series; an unknown segmenter is refused.
+    status, body = api.call("POST", f"/api/jobs/{job.id}/rerun", admin, body={"segmenter": "no-such-model"})
+    assert status == 422 and "not installed or configured" in body["detail"]
+    status, rerun = api.call("POST", f"/api/jobs/{job.id}/rerun", admin, body={"segmenter": "classical"})
+    assert status == 200 and rerun["id"] != job.id and rerun["state"] == "RECEIVED"
+    node.wait_for_state(JobState.DELIVERED, count=2, timeout=180)
+    status, body = api.call("POST", f"/api/series/{series_uid}/complete", admin)
+    assert status == 200 and body == {"completing": []}  # nothing of it still waits
 
     # An admin acts: a delivered job cannot be cancelled; it can run again, recorded under their name.
     status, body = api.call("POST", f"/api/jobs/{job.id}/cancel", admin)
@@ -131,7 +226,7 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     status, body = api.call("POST", f"/api/jobs/{job.id}/retry", admin)
     assert status == 200 and body["state"] == "QUEUED"
     node.wait_for_jobs(
-        lambda jobs: jobs[0].attempts >= 2 and jobs[0].state == JobState.DELIVERED, 180, "rerun"
+        lambda jobs: jobs[0].attempts >= 2 and jobs[0].state == JobState.DELIVERED, 180, "retried"
     )
     events = api.call("GET", f"/api/jobs/{job.id}", admin)[1]["events"]
     assert any(e["event"] == "requeued" and "retry requested by user ada" in e["message"] for e in events)

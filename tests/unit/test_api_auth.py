@@ -3,9 +3,7 @@ expire or are revoked, and a throttle on failed logins."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -24,15 +22,6 @@ from node.db import engine as db
 from node.db.models import ApiToken, Role, User, utcnow
 
 PASSWORD = "correct horse battery"  # noqa: S105 - a test user's
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
-    db.upgrade(url)
-    engine = db.make_engine(url)
-    yield db.make_sessionmaker(engine)
-    engine.dispose()
 
 
 def test_a_password_is_kept_as_an_argon2_hash_and_checked_against_it(sessions: sessionmaker[Session]) -> None:

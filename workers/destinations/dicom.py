@@ -12,8 +12,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
-from node.core.config import DestinationTls, DicomDestination
+from node.core.config import DicomDestination
 from node.core.dicom import rejection_reason
+from node.core.tls import TlsFileError, client_context, tls_reason
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
 
 SUCCESS_CATEGORIES = {"Success", "Warning"}
@@ -22,39 +23,6 @@ PERMANENT = 0x01  # A-ASSOCIATE-RJ result: rejected-permanent
 A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 # The network, not the peer's judgement of a certificate: worth trying again.
 SSL_NETWORK_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
-
-
-def _no_password() -> bytes:
-    # Without a callback OpenSSL would ask on the terminal, and a worker has none.
-    raise ValueError("it is encrypted: give an unencrypted key, readable by the worker's user alone")
-
-
-def _client_context(tls: DestinationTls, where: str) -> ssl.SSLContext:
-    """The TLS context for a destination; a file that cannot be used is a configuration fault."""
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_bundle)
-    except (OSError, ValueError) as err:
-        raise DeliveryRefusedError(f"{where}: cannot use tls.ca_bundle {tls.ca_bundle}: {_why(err)}") from err
-    context.check_hostname = tls.check_hostname  # the certificate itself is verified either way
-    if tls.certificate is not None:
-        try:
-            context.load_cert_chain(tls.certificate, tls.private_key, password=_no_password)
-        except (OSError, ValueError) as err:
-            raise DeliveryRefusedError(
-                f"{where}: cannot use tls.certificate {tls.certificate} with tls.private_key "
-                f"{tls.private_key}: {_why(err)}"
-            ) from err
-    return context
-
-
-def _why(err: Exception) -> str:
-    if isinstance(err, ssl.SSLError) and "PEM lib" in str(err):  # OpenSSL's words, and no reason
-        return "not a PEM certificate and its matching private key"
-    if isinstance(err, ssl.SSLError) and err.reason:
-        return err.reason.lower().replace("_", " ")
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return str(err)
 
 
 def _tls_refusal(destination: DicomDestination, context: ssl.SSLContext, timeout_s: float) -> str | None:
@@ -81,7 +49,7 @@ def _tls_refusal(destination: DicomDestination, context: ssl.SSLContext, timeout
     except SSL_NETWORK_ERRORS:
         return None
     except ssl.SSLError as err:
-        words = _why(err)  # an alert from the destination, e.g. "tlsv1 alert unknown ca"
+        words = tls_reason(err)  # an alert from the destination, e.g. "tlsv1 alert unknown ca"
         offered = destination.tls is not None and destination.tls.certificate is not None
         if "certificate" in words or "unknown ca" in words:
             if not offered:
@@ -106,7 +74,10 @@ def send_by_c_store(
     handshake that fails on a certificate (ours or the destination's), with the TLS reason.
     """
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    context = _client_context(destination.tls, where) if destination.tls is not None else None
+    try:
+        context = client_context(destination.tls, where) if destination.tls is not None else None
+    except TlsFileError as err:
+        raise DeliveryRefusedError(str(err)) from err
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = timeout_s

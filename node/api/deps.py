@@ -1,0 +1,82 @@
+"""What every route needs: the node's settings, a database session, and the user behind the
+request, from a bearer token (programs) or the dashboard's session cookie (people)."""
+
+# No `from __future__ import annotations`: FastAPI reads the dependencies' annotations.
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from node.api.auth import user_for_token
+from node.core.config import Settings
+from node.db.engine import session_scope
+from node.db.models import Role, User
+
+COOKIE = "segnode_session"
+bearer = HTTPBearer(auto_error=False)
+
+
+def settings(request: Request) -> Settings:
+    found: Settings = request.app.state.settings
+    return found
+
+
+def session(request: Request) -> Iterator[Session]:
+    with session_scope(request.app.state.sessions) as s:
+        yield s
+
+
+Db = Annotated[Session, Depends(session)]
+Config = Annotated[Settings, Depends(settings)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+class NotLoggedInError(HTTPException):
+    """401; the dashboard answers it with the login page instead."""
+
+
+def token_of(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The bearer token, else the session cookie; a cookie counts for a state-changing request only
+    when the request comes from the node's own pages (the cookie is SameSite=Strict as well)."""
+    if credentials is not None:
+        return credentials.credentials
+    cookie = request.cookies.get(COOKIE)
+    if cookie is None:
+        return None
+    if request.method not in ("GET", "HEAD"):
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+            raise HTTPException(403, "a request from another site may not act with the session cookie")
+    return cookie
+
+
+def current_user(request: Request, db: Db, credentials: Credentials) -> User:
+    token = token_of(request, credentials)
+    if token is None:
+        raise NotLoggedInError(
+            401,
+            "log in first (POST /api/login) or send an API token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    user = user_for_token(db, token)
+    if user is None:
+        raise NotLoggedInError(
+            401,
+            "the token is expired, revoked or unknown: log in again",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return user
+
+
+Viewer = Annotated[User, Depends(current_user)]
+
+
+def admin(user: Viewer) -> User:
+    if user.role != Role.ADMIN:
+        raise HTTPException(403, f"{user.name} is a viewer; this needs the admin role")
+    return user
+
+
+Admin = Annotated[User, Depends(admin)]

@@ -25,6 +25,7 @@ from tests.browser import chromium
 from tests.node_process import SegnodeProcesses
 from tests.shared_data import THORAX
 from tests.waiting import eventually
+from tests.webhooks import Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +72,16 @@ def test_an_admin_watches_and_steers_the_queue_in_chromium(
     storescp_factory: Callable[..., peers.StoreSCP],
     fresh_pg_url: str,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     pacs = storescp_factory(aet="PACS")
+    hooks = Receiver()
+    request.addfinalizer(hooks.stop)
     node = segnode_factory(
         database_url=fresh_pg_url,
         api={"enabled": True},
         worker={"delivery_max_attempts": 2},
+        notifications={"webhooks": [{"url": hooks.url("/hook")}], "destination_down_after_s": 0},
         destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}},
         rules=[{"name": "chest-ct", "min_slices": 3, "destinations": ["pacs"]}],
     )
@@ -141,6 +146,12 @@ def test_an_admin_watches_and_steers_the_queue_in_chromium(
             lambda: "Fix the destination, then retry the job" in _text(driver, "#reason"), timeout=30
         )
         assert "did not accept the SEG after 2 attempt(s)" in _text(driver, "#reason")
+        # The webhook heard of the failure and of the PACS being down.
+        assert eventually(
+            lambda: {"job_failed", "destination_down"} <= set(hooks.events("/hook")), timeout=60
+        )
+        failed = next(body for path, body in hooks.received if body["event"] == "job_failed")
+        assert failed["job"] == second and "did not accept the SEG" in failed["reason"]
         storescp_back = peers.start_storescp(pacs.directory.parent, aet="PACS", port=pacs.port)
         try:
             _click(driver, "#retry")
@@ -148,6 +159,7 @@ def test_an_admin_watches_and_steers_the_queue_in_chromium(
                 lambda: _attribute(driver, ".job-head", "data-state") == "DELIVERED", timeout=WAIT_S
             ), _text(driver, "#timeline")
             assert "retry requested by user ada" in _text(driver, "#timeline")
+            assert eventually(lambda: "destination_up" in hooks.events("/hook"), timeout=60), hooks.received
 
             # Suspended processing: a series still arrives, its job waits and says why; resumed, it runs.
             driver.get(f"{base}/")

@@ -4,12 +4,8 @@ attempts, and a destination that stays down is reported once, and again when it 
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -21,45 +17,14 @@ from node.db.jobs import create_job, transition
 from node.db.models import DestinationStatus, JobState, Notification, Series, Study
 from node.db.operations import destination_answered
 from node.jobs.notifier import Notifier
-
-
-class Receiver:
-    """An HTTP server that records every JSON body POSTed to it, answering each path's next status."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[str, dict[str, Any]]] = []
-        self.authorizations: list[str | None] = []
-        self.statuses: dict[str, list[int]] = {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.received.append((self.path, body))
-                receiver.authorizations.append(self.headers.get("Authorization"))
-                queued = receiver.statuses.get(self.path, [])
-                self.send_response(queued.pop(0) if queued else 200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    def events(self, path: str) -> list[str]:
-        return [body["event"] for p, body in self.received if p == path]
+from tests.webhooks import Receiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     found = Receiver()
     yield found
-    found.server.shutdown()
+    found.stop()
 
 
 def _failed_job(sessions: sessionmaker[Session]) -> int:

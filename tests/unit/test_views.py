@@ -1,0 +1,72 @@
+"""What the dashboard's charts and queue panels read, on a real (SQLite) database with jobs at
+known times."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.api import views
+from node.core.config import Settings
+from node.db import engine as db
+from node.db.models import Job, JobState, Series, Study, utcnow
+
+
+def test_charts_count_finished_jobs_by_hour_and_day_with_the_median_wait(
+    sessions: sessionmaker[Session],
+) -> None:
+    now = utcnow()
+    finished = [  # (hours ago, state, seconds from last instance to the end)
+        (0.5, JobState.DELIVERED, 4.0),
+        (0.6, JobState.DELIVERED, 6.0),
+        (0.7, JobState.DELIVERED, 20.0),
+        (0.8, JobState.FAILED, 3.0),
+        (5.5, JobState.REJECTED, 1.0),
+        (30.0, JobState.DELIVERED, 10.0),  # yesterday: in the days, not in the hours
+        (24 * 20, JobState.DELIVERED, 1.0),  # older than the charts
+        (0.2, JobState.SUPERSEDED, 1.0),  # not finished work
+    ]
+    with db.session_scope(sessions) as session:
+        study = Study(study_instance_uid="1.2.3")
+        session.add(study)
+        for i, (hours_ago, state, wait_s) in enumerate(finished):
+            end = now - timedelta(hours=hours_ago)
+            series = Series(
+                study=study,
+                series_instance_uid=f"1.2.3.{i}",
+                last_received_at=end - timedelta(seconds=wait_s),
+            )
+            session.add(series)
+            session.add(Job(series=series, state=state, finished_at=end, created_at=end))
+    with sessions() as session:
+        found = views.charts(session, now)
+    last_hour, five_hours_ago = found["hours"]["points"][-1], found["hours"]["points"][-6]
+    assert (last_hour["delivered"], last_hour["failed"]) == (3, 1)
+    assert last_hour["median_wait_s"] == pytest.approx(6.0, abs=0.01)  # SQLite: julianday doubles
+    assert (five_hours_ago["delivered"], five_hours_ago["failed"]) == (0, 1)
+    assert sum(p["delivered"] for p in found["hours"]["points"]) == 3
+    today, yesterday = found["days"]["points"][-1], found["days"]["points"][-2]
+    assert (today["delivered"], today["failed"]) == (3, 2)
+    assert yesterday["delivered"] == 1 and yesterday["median_wait_s"] == pytest.approx(10.0, abs=0.01)
+    assert sum(p["delivered"] + p["failed"] for p in found["days"]["points"]) == 6
+    assert found["hours"]["most"] == 4 and found["days"]["longest"] == pytest.approx(10.0, abs=0.01)
+
+
+def test_the_queue_puts_failures_first_and_the_oldest_waiting_first(sessions: sessionmaker[Session]) -> None:
+    now = utcnow()
+    with db.session_scope(sessions) as session:
+        study = Study(study_instance_uid="1.2.3")
+        states = [JobState.QUEUED, JobState.FAILED, JobState.RECEIVED, JobState.DELIVERED, JobState.FAILED]
+        for i, state in enumerate(states):
+            series = Series(study=study, series_instance_uid=f"1.2.3.{i}")
+            finished = now if state in (JobState.FAILED, JobState.DELIVERED) else None
+            session.add(Job(series=series, state=state, finished_at=finished, reason=f"job {i + 1}"))
+    with sessions() as session:
+        queue = views.queue_overview(session, Settings(), now)
+    assert [j["id"] for j in queue["attention"]] == [5, 2]  # newest failure first
+    assert [j["id"] for j in queue["in_progress"]] == [1, 3]  # oldest waiting first
+    assert [j["id"] for j in queue["finished"]] == [4]
+    assert queue["counts"]["FAILED"] == 2 and queue["counts"]["RUNNING"] == 0
+    assert queue["processing"] == {"suspended": False, "by": None, "since": None}

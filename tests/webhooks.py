@@ -1,0 +1,44 @@
+"""A webhook receiver for the tests: a real HTTP server on 127.0.0.1 that records what is POSTed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class Receiver:
+    """An HTTP server that records every JSON body POSTed to it, answering each path's next status."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self.authorizations: list[str | None] = []
+        self.statuses: dict[str, list[int]] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.received.append((self.path, body))
+                receiver.authorizations.append(self.headers.get("Authorization"))
+                queued = receiver.statuses.get(self.path, [])
+                self.send_response(queued.pop(0) if queued else 200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def events(self, path: str) -> list[str]:
+        return [body["event"] for p, body in self.received if p == path]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Row, Select, func, select
+from sqlalchemy import Float, Row, Select, cast, func, select
 from sqlalchemy.orm import Session
 
 from node.core.config import Settings
@@ -377,7 +377,7 @@ def _epoch(session: Session, column: Any) -> Any:
     """``column`` (a timestamp) as seconds since 1970, in the session's database's own terms."""
     if session.get_bind().dialect.name == "sqlite":
         return (func.julianday(column) - 2440587.5) * 86400.0
-    return func.extract("epoch", column)
+    return cast(func.extract("epoch", column), Float)  # a float, not a Decimal per row
 
 
 def live(session: Session, settings: Settings) -> list[WorkerBeat]:

@@ -8,21 +8,37 @@ cookie. Reading needs the viewer role, acting the admin role.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.api import dashboard, health, rest
 from node.api.auth import LoginThrottle
+from node.api.dicomweb import retrieve, stow
 from node.api.metrics import registry
 from node.core.config import Settings
 from node.core.queue import JobQueue, make_celery
 from node.db.engine import make_engine, make_sessionmaker
+from node.receive.storage import Storage
 
 
 def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None) -> FastAPI:
     """The app over the node's database (``sessions``, else one made from the settings)."""
     sessions = sessions or make_sessionmaker(make_engine(settings.effective_database_url))
-    app = FastAPI(title="segnode", summary="The queue of a DICOM segmentation node", docs_url="/docs")
+    # STOW-RS stores as the listener does; the listener's process owns the leftovers of a crash.
+    storage = Storage(settings.storage_dir, sessions.kw["bind"], settings.scp.min_free_bytes, owner=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        storage.close()
+
+    app = FastAPI(
+        title="segnode", summary="The queue of a DICOM segmentation node", docs_url="/docs", lifespan=lifespan
+    )
+    app.state.storage = storage
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.throttle = LoginThrottle(settings.api.login_attempts, settings.api.login_window_s)
@@ -30,5 +46,8 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.state.queue = JobQueue(make_celery(settings))
     app.include_router(health.router)
     app.include_router(rest.router)
+    if settings.dicomweb.enabled:
+        app.include_router(stow.router)
+        app.include_router(retrieve.router)
     dashboard.mount(app)
     return app

@@ -6,16 +6,17 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from node.api.auth import user_for_token
+from node.api.auth import LoginThrottle, check_password, user_for_token
 from node.core.config import Settings
 from node.db.engine import session_scope
 from node.db.models import Role, User
 
 COOKIE = "segnode_session"
 bearer = HTTPBearer(auto_error=False)
+basic_auth = HTTPBasic(auto_error=False)
 
 
 def settings(request: Request) -> Settings:
@@ -31,6 +32,7 @@ def session(request: Request) -> Iterator[Session]:
 Db = Annotated[Session, Depends(session)]
 Config = Annotated[Settings, Depends(settings)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+BasicCredentials = Annotated[HTTPBasicCredentials | None, Depends(basic_auth)]
 
 
 class NotLoggedInError(HTTPException):
@@ -70,7 +72,42 @@ def current_user(request: Request, db: Db, credentials: Credentials) -> User:
     return user
 
 
-Viewer = Annotated[User, Depends(current_user)]
+def viewer(user: Annotated[User, Depends(current_user)]) -> User:
+    if user.role == Role.SENDER:
+        raise HTTPException(
+            403, f"{user.name} is a sender: it may store instances (STOW-RS) and nothing else"
+        )
+    return user
+
+
+Viewer = Annotated[User, Depends(viewer)]
+
+
+def stower(request: Request, db: Db, credentials: Credentials, basic: BasicCredentials) -> User:
+    """Who stores instances over STOW-RS: a bearer token, or a name and password (HTTP Basic,
+    throttled like a login; over HTTPS only, in front of the node); a sender or an admin."""
+    if basic is not None and credentials is None:
+        throttle: LoginThrottle = request.app.state.throttle
+        address = request.client.host if request.client else "unknown"
+        keys = (f"name:{basic.username}", f"address:{address}")
+        if throttle.retry_after(*keys) > 0:
+            raise HTTPException(429, "too many failed logins: wait and try again")
+        found = check_password(db, basic.username, basic.password)
+        if found is None:
+            throttle.failed(*keys)
+            raise NotLoggedInError(401, "wrong name or password", headers={"WWW-Authenticate": "Basic"})
+        throttle.succeeded(*keys)
+        user = found
+    else:
+        user = current_user(request, db, credentials)
+    if user.role not in (Role.SENDER, Role.ADMIN):
+        raise HTTPException(
+            403, f"{user.name} is a {user.role.value}; storing needs the sender or admin role"
+        )
+    return user
+
+
+Stower = Annotated[User, Depends(stower)]
 
 
 def admin(user: Viewer) -> User:

@@ -295,6 +295,9 @@ class ApiSettings(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"  # behind a TLS-terminating proxy when others must reach it
     port: int = Field(8080, ge=1, le=65535)
+    # The address clients reach the node by (https://segnode.example.org behind a proxy): the
+    # base of the URLs DICOMweb answers carry; unset, each request's own Host.
+    public_url: str | None = Field(None, pattern=r"^https?://")
     session_hours: float = Field(12.0, gt=0)  # a login's token expires after this long
     # Failed logins allowed per user name and per address within the window, then a wait.
     login_attempts: int = Field(5, ge=1)
@@ -302,6 +305,17 @@ class ApiSettings(BaseModel):
 
 
 WebhookEvent = Literal["job_failed", "job_rejected", "destination_down", "destination_up"]
+
+
+class DicomWebSettings(BaseModel):
+    """DICOMweb on the API's port, under /dicomweb: STOW-RS in (users with the sender or admin
+    role), QIDO-RS and WADO-RS out (viewers and admins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # A STOW-RS request larger than this is refused (413) before or as it is read.
+    max_request_bytes: int = Field(8 * 1024**3, ge=1024)
 
 
 class Webhook(BaseModel):
@@ -355,6 +369,7 @@ class Settings(BaseSettings):
     rules: list[Rule] = Field(default_factory=list)
     api: ApiSettings = Field(default_factory=ApiSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
 
     @model_validator(mode="after")
     def _rules_name_known_destinations(self) -> Settings:

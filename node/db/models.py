@@ -213,8 +213,9 @@ class Delivery(Base):
 
 
 class Role(enum.StrEnum):
-    VIEWER = "viewer"  # reads everything the API shows
+    VIEWER = "viewer"  # reads everything the API shows (and reads instances over DICOMweb)
     ADMIN = "admin"  # and acts: retry, cancel, ...
+    SENDER = "sender"  # a DICOMweb client that stores instances (STOW-RS) and nothing else
 
 
 class User(Base):

@@ -1,0 +1,309 @@
+"""STOW-RS (PS3.18 10.5): instances POSTed as multipart/related; type="application/dicom", each
+part spooled as it arrives and stored as a C-STORE'd instance is (file and row synced before the
+answer), then routed and completed alike. Every part gets its own verdict in the answer."""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations.
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+
+from node.api.deps import Config, Stower
+from node.api.dicomweb.multipart import (
+    MultipartError,
+    MultipartReader,
+    PartData,
+    PartEnd,
+    PartStart,
+    parse_content_type,
+)
+from node.core.config import Settings
+from node.core.dicom import CT_IMAGE_CLASSES
+from node.core.uids import is_valid_uid
+from node.db.models import User
+from node.receive.listener import ACCEPTED_TRANSFER_SYNTAXES, instance_facts
+from node.receive.part10 import TruncatedDataSetError, read_header
+from node.receive.spool_files import Spool, StorageFullError
+from node.receive.storage import InvalidUIDError, Storage
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+# Failure reasons (PS3.18 Table 10.5.3-2, from PS3.4 C-STORE statuses).
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+PROCESSING_FAILURE = 0x0110
+PREAMBLE = 132  # 128 bytes and "DICM"
+GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL in explicit VR: tag, VR, length, value
+ACCEPTED = frozenset(str(uid) for uid in ACCEPTED_TRANSFER_SYNTAXES)
+
+
+@dataclass
+class Verdict:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str = ""
+    series_uid: str = ""
+    failure: int | None = None
+    reason: str = ""
+
+
+def store_part(storage: Storage, spool: Spool, who: str, study: str | None) -> Verdict:
+    """Store one part (a Part 10 file in ``spool``) or say why not; nothing of a refused part stays."""
+    staged = spool.finish()
+    try:
+        verdict, facts = _check(staged.wait(), study)
+    except StorageFullError:
+        staged.discard()
+        return Verdict("", "", failure=OUT_OF_RESOURCES, reason="the node's storage is full")
+    except OSError as err:
+        staged.discard()
+        return Verdict(
+            "", "", failure=PROCESSING_FAILURE, reason=f"the part could not be written: {err.strerror}"
+        )
+    if facts is None:
+        staged.discard()
+        return verdict
+    try:
+        storage.store(staged, facts, who)
+    except InvalidUIDError as err:
+        verdict.failure, verdict.reason = CANNOT_UNDERSTAND, str(err)
+    except StorageFullError:
+        verdict.failure, verdict.reason = OUT_OF_RESOURCES, "the node's storage is full"
+    except Exception as err:  # noqa: BLE001 - answered by name; the sender may send it again
+        log.warning("STOW-RS from %s: instance not stored (%s)", who, type(err).__name__)
+        verdict.failure, verdict.reason = PROCESSING_FAILURE, f"not stored: {type(err).__name__}"
+    if verdict.failure is not None:
+        staged.discard()
+    return verdict
+
+
+def _check(path: Path, study: str | None) -> tuple[Verdict, Any]:
+    """The part's verdict so far and its facts (None when it is refused)."""
+    with path.open("rb") as source:
+        head = source.read(PREAMBLE)
+    if len(head) < PREAMBLE or head[128:] != b"DICM":
+        return Verdict(
+            "", "", failure=CANNOT_UNDERSTAND, reason="not a DICOM Part 10 file (no DICM prefix)"
+        ), None
+    try:
+        meta = read_file_meta_info(path)
+        syntax = str(meta.TransferSyntaxUID)
+        start = PREAMBLE + GROUP_LENGTH_ELEMENT + int(meta.FileMetaInformationGroupLength)
+    except (InvalidDicomError, AttributeError, ValueError, TypeError) as err:
+        return Verdict(
+            "",
+            "",
+            failure=CANNOT_UNDERSTAND,
+            reason=f"its File Meta Information cannot be read ({type(err).__name__})",
+        ), None
+    sop_class, sop_instance = (
+        str(meta.get("MediaStorageSOPClassUID", "")),
+        str(meta.get("MediaStorageSOPInstanceUID", "")),
+    )
+    verdict = Verdict(sop_class, sop_instance)
+    if syntax not in ACCEPTED:
+        verdict.failure, verdict.reason = (
+            TRANSFER_SYNTAX_NOT_SUPPORTED,
+            f"transfer syntax {syntax} is not one the node accepts",
+        )
+        return verdict, None
+    try:
+        with path.open("rb") as source:
+            ds, has_pixels = read_header(source, UID(syntax), start)
+        facts = instance_facts(ds, syntax)
+    except TruncatedDataSetError:
+        verdict.failure, verdict.reason = CANNOT_UNDERSTAND, "the data set is truncated"
+        return verdict, None
+    except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
+        verdict.failure, verdict.reason = (
+            CANNOT_UNDERSTAND,
+            f"the data set cannot be parsed ({type(err).__name__})",
+        )
+        return verdict, None
+    verdict.sop_class_uid, verdict.sop_instance_uid = facts.sop_class_uid, facts.sop_instance_uid
+    verdict.study_uid, verdict.series_uid = facts.study_uid, facts.series_uid
+    problem = ""
+    if facts.sop_instance_uid != sop_instance:
+        problem = "the data set names another SOPInstanceUID than its File Meta Information"
+    elif not is_valid_uid(facts.sop_class_uid):
+        problem = "SOPClassUID is not a valid DICOM UID"
+    elif facts.sop_class_uid in CT_IMAGE_CLASSES and not has_pixels:
+        verdict.failure, verdict.reason = DOES_NOT_MATCH, "the image has no Pixel Data"
+        return verdict, None
+    elif study is not None and facts.study_uid != study:
+        verdict.failure, verdict.reason = (
+            DOES_NOT_MATCH,
+            f"it belongs to study {facts.study_uid}, not to {study} of the URL",
+        )
+        return verdict, None
+    if problem:
+        verdict.failure, verdict.reason = CANNOT_UNDERSTAND, problem
+        return verdict, None
+    return verdict, facts
+
+
+def _storage(request: Request) -> Storage:
+    found: Storage = request.app.state.storage
+    return found
+
+
+async def _receive(request: Request, settings: Config, user: User, study: str | None) -> JSONResponse:
+    content_type = parse_content_type(request.headers.get("content-type", ""))
+    if content_type.media_type != "multipart/related":
+        raise HTTPException(
+            415, f'STOW-RS takes multipart/related; type="{DICOM}", not {content_type.media_type}'
+        )
+    part_type = content_type.params.get("type", DICOM).lower()
+    if part_type != DICOM:
+        raise HTTPException(
+            415, f"the node stores whole instances ({DICOM}); {part_type} parts are not taken"
+        )
+    limit = settings.dicomweb.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the request has {int(declared)} bytes; the node takes at most {limit}")
+    try:
+        reader = MultipartReader(content_type.params.get("boundary", ""))
+    except MultipartError as err:
+        raise HTTPException(400, str(err)) from err
+    storage, who = _storage(request), user.name[:16]
+    verdicts: list[Verdict] = []
+    spool: Spool | None = None
+    refused_part: str | None = None
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise HTTPException(
+                    413,
+                    f"the request is larger than the {limit} bytes the node takes; "
+                    f"{sum(v.failure is None for v in verdicts)} instance(s) before the limit are stored",
+                )
+            for event in reader.feed(chunk):
+                if isinstance(event, PartStart):
+                    refused_part = _refused_part(event.headers)
+                    if refused_part is None:
+                        try:
+                            spool = storage.open_spool()
+                        except StorageFullError:
+                            refused_part = "the node's storage is full"
+                elif isinstance(event, PartData) and spool is not None:
+                    spool.write(event.data)
+                elif isinstance(event, PartEnd):
+                    if spool is not None:
+                        done, spool = spool, None
+                        verdicts.append(await run_in_threadpool(store_part, storage, done, who, study))
+                    else:
+                        code = (
+                            OUT_OF_RESOURCES
+                            if refused_part == "the node's storage is full"
+                            else DOES_NOT_MATCH
+                        )
+                        verdicts.append(Verdict("", "", failure=code, reason=refused_part or ""))
+        reader.close()
+    except MultipartError as err:
+        raise HTTPException(
+            400, f"{err}; {sum(v.failure is None for v in verdicts)} instance(s) before it are stored"
+        ) from err
+    finally:
+        if spool is not None:
+            spool.discard()
+        stored = {v.series_uid for v in verdicts if v.failure is None}
+        if stored:  # like an association's release: the sender says these series are sent
+            await run_in_threadpool(storage.mark_released, stored)
+    if not verdicts:
+        raise HTTPException(400, "the body holds no part")
+    return _answer(request, settings, verdicts, study)
+
+
+def _refused_part(headers: dict[str, str]) -> str | None:
+    given = headers.get("content-type")
+    if given is None:
+        return None
+    media = parse_content_type(given).media_type
+    return None if media == DICOM else f"a part of type {media}; the node takes {DICOM} parts"
+
+
+def public_base(request: Request, settings: Settings) -> str:
+    """The node's address as its clients reach it: ``api.public_url``, else the request's Host with
+    the server's port where the Host left it out (dicomweb-client sends a Host without it)."""
+    if settings.api.public_url:
+        return settings.api.public_url.rstrip("/")
+    host = request.headers.get("host", "")
+    server = request.scope.get("server")
+    if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1] not in (80, 443):
+        host = f"{host}:{server[1]}"
+    return f"{request.url.scheme}://{host or 'localhost'}"
+
+
+def _answer(request: Request, settings: Settings, verdicts: list[Verdict], study: str | None) -> JSONResponse:
+    base = public_base(request, settings) + "/dicomweb/studies"
+    stored = [v for v in verdicts if v.failure is None]
+    failed = [v for v in verdicts if v.failure is not None]
+    body: dict[str, Any] = {}
+    studies = {v.study_uid for v in stored} | ({study} if study else set())
+    if len(studies) == 1:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/{next(iter(studies))}"]}
+    if stored:
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": {"vr": "UI", "Value": [v.sop_class_uid]},
+                    "00081155": {"vr": "UI", "Value": [v.sop_instance_uid]},
+                    "00081190": {
+                        "vr": "UR",
+                        "Value": [
+                            f"{base}/{v.study_uid}/series/{v.series_uid}/instances/{v.sop_instance_uid}"
+                        ],
+                    },
+                }
+                for v in stored
+            ],
+        }
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [_failed_item(v) for v in failed]}
+    status = 200 if not failed else (202 if stored else 409)
+    headers = {}
+    if failed:  # the reasons in words (the standard's codes say less), without patient identifiers
+        headers["Warning"] = ", ".join(f'299 segnode "{_quoted(v)}"' for v in failed[:20])
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def _failed_item(verdict: Verdict) -> dict[str, Any]:
+    item: dict[str, Any] = {"00081197": {"vr": "US", "Value": [verdict.failure]}}
+    if verdict.sop_class_uid:
+        item["00081150"] = {"vr": "UI", "Value": [verdict.sop_class_uid]}
+    if verdict.sop_instance_uid:
+        item["00081155"] = {"vr": "UI", "Value": [verdict.sop_instance_uid]}
+    return item
+
+
+def _quoted(verdict: Verdict) -> str:
+    which = verdict.sop_instance_uid if is_valid_uid(verdict.sop_instance_uid) else "a part"
+    return f"{which}: {verdict.reason}".replace('"', "'").replace("\r", " ").replace("\n", " ")
+
+
+@router.post("/studies")
+async def stow(request: Request, settings: Config, user: Stower) -> JSONResponse:
+    """Store instances of any studies (STOW-RS); users with the sender or admin role."""
+    return await _receive(request, settings, user, None)
+
+
+@router.post("/studies/{study}")
+async def stow_study(study: str, request: Request, settings: Config, user: Stower) -> JSONResponse:
+    """Store instances of one study (STOW-RS); an instance of another study is refused."""
+    return await _receive(request, settings, user, study)

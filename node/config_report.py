@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from node.core.config import SegmenterSettings, Settings
+from node.core.config import DicomWebDestination, SegmenterSettings, Settings
 
 
 def report(settings: Settings) -> tuple[list[str], list[str]]:
@@ -66,6 +66,14 @@ def report(settings: Settings) -> tuple[list[str], list[str]]:
     for name, declared in settings.segmenters.items():
         lines.append(f"Segmenter {name!r}: {_describe_segmenter(declared)}")
     for name, dest in settings.destinations.items():
+        if isinstance(dest, DicomWebDestination):
+            who = (
+                " as " + dest.username
+                if dest.username
+                else (" with a bearer token" if dest.bearer_token else "")
+            )
+            lines.append(f"Destination {name!r}: STOW-RS to {dest.url}{who}")
+            continue
         over = ""
         if dest.tls is not None:
             trust = dest.tls.ca_bundle or "the system's CAs"

@@ -1,15 +1,40 @@
-"""C-ECHO to a destination, as an admin's "test destination" button asks: the answer in words."""
+"""An admin's "test destination": C-ECHO to a DICOM peer, a QIDO-RS search to a DICOMweb archive;
+the answer in words."""
 
 from __future__ import annotations
 
 import time
 
+import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.core.config import DicomDestination
+from node.core.config import DicomDestination, DicomWebDestination
 from node.core.dicom import rejection_reason
+from node.core.dicomweb import dicomweb_client
 from node.core.tls import TlsFileError, client_context
+
+
+def test_destination(
+    destination: DicomDestination | DicomWebDestination, calling_ae: str, timeout_s: float
+) -> tuple[bool, str]:
+    """(answered success, what happened), no wait longer than ``timeout_s``."""
+    if isinstance(destination, DicomWebDestination):
+        return _search(destination, timeout_s)
+    return echo(destination, calling_ae, timeout_s)
+
+
+def _search(destination: DicomWebDestination, timeout_s: float) -> tuple[bool, str]:
+    started = time.monotonic()
+    try:
+        dicomweb_client(destination, timeout_s).search_for_studies(limit=1)
+    except requests.HTTPError as err:
+        status = err.response.status_code if err.response is not None else 0
+        return False, f"{destination.url}: QIDO-RS answered HTTP {status}"
+    except (requests.ConnectionError, requests.Timeout) as err:
+        return False, f"{destination.url}: no answer ({type(err).__name__})"
+    took = (time.monotonic() - started) * 1000
+    return True, f"{destination.url} answered a QIDO-RS search in {took:.0f} ms"
 
 
 def echo(destination: DicomDestination, calling_ae: str, timeout_s: float) -> tuple[bool, str]:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from node.api import views
 from node.api.auth import LoginThrottle, check_password, issue_token, revoke_token
 from node.api.deps import COOKIE, Admin, Config, Credentials, Db, Viewer, token_of
-from node.api.echo import echo
+from node.api.echo import test_destination
 from node.api.preview import preview_png
 from node.config_report import report
 from node.core.identifiers import node_key, search_key
@@ -300,9 +300,11 @@ def _destination(settings: Config, name: str) -> None:
 
 @router.post("/destinations/{name}/echo", tags=["destinations"])
 def echo_destination(name: str, user: Admin, db: Db, settings: Config) -> dict[str, Any]:
-    """C-ECHO the destination now; its answer becomes the destination's last known state."""
+    """Test the destination now (C-ECHO, or a QIDO-RS search for a DICOMweb one); its answer
+    becomes the destination's last known state."""
     _destination(settings, name)
-    ok, answer = echo(settings.destinations[name], settings.scp.ae_title, settings.worker.delivery_timeout_s)
+    destination = settings.destinations[name]
+    ok, answer = test_destination(destination, settings.scp.ae_title, settings.worker.delivery_timeout_s)
     destination_answered(db, name, ok, answer)
     return {"destination": name, "ok": ok, "answer": answer}
 

@@ -12,7 +12,7 @@ from celery import Celery
 from sqlalchemy import Float, Row, Select, cast, func, select
 from sqlalchemy.orm import Session
 
-from node.core.config import Settings
+from node.core.config import DicomDestination, Settings
 from node.core.identifiers import read_identifiers
 from node.core.queue import QUEUE, broker_depth
 from node.db.models import (
@@ -209,8 +209,10 @@ def destinations(session: Session, settings: Settings) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "kind": dest.kind,
-                "address": f"{dest.ae_title}@{dest.host}:{dest.port}",
-                "tls": dest.tls is not None,
+                "address": dest.address,
+                "tls": dest.tls is not None
+                if isinstance(dest, DicomDestination)
+                else dest.url.startswith("https"),
                 "suspended": suspension is not None,
                 "suspended_by": suspension.by if suspension else None,
                 "suspended_since": iso(suspension.since) if suspension else None,

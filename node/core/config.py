@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -116,9 +116,47 @@ class DicomDestination(BaseModel):
     # Unset: plain TCP.
     tls: DestinationTls | None = None
 
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
-# One kind today; a DICOMweb (STOW-RS) kind joins as a union discriminated by ``kind``.
-Destination = DicomDestination
+
+class DicomWebDestination(BaseModel):
+    """A DICOMweb archive that receives results by STOW-RS (Orthanc's plugin, dcm4chee, a cloud
+    healthcare API). Credentials: a bearer token or a name and password, never both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://")  # the service root, e.g. https://pacs/dicom-web
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    # PEM file of the CAs that vouch for an https URL; unset: the system's trust store.
+    ca_bundle: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> DicomWebDestination:
+        if self.bearer_token is not None and self.username is not None:
+            raise ValueError("give bearer_token or username and password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password are given together or not at all")
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+
+def _destination_kind(value: Any) -> str:
+    """A destination's kind; one without ``kind`` is a DICOM peer (as every one was before)."""
+    return str(value.get("kind", "dicom") if isinstance(value, dict) else getattr(value, "kind", "dicom"))
+
+
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 class Rule(BaseModel):

@@ -248,3 +248,39 @@ def test_qido_and_wado_show_what_the_node_received_and_what_it_produced(
             media_types=(("application/dicom", "1.2.840.10008.1.2.4.50"),),
         )
     assert unmakeable.value.response is not None and unmakeable.value.response.status_code == 406
+
+
+def test_results_go_to_a_dicomweb_archive_by_stow_rs(
+    segnode_factory: Callable[..., SegnodeProcesses],
+    orthanc: peers.Orthanc,
+    fresh_pg_url: str,
+    tmp_path: Path,
+) -> None:
+    """A series sent by storescu; its SEG stored into Orthanc's DICOMweb plugin by STOW-RS
+    (dicomweb-client), dciodvfy-clean; the destination's test is a QIDO-RS search."""
+    node = segnode_factory(
+        database_url=fresh_pg_url,
+        api={"enabled": True},
+        destinations={"archive": {"kind": "dicomweb", "url": f"{orthanc.http}/dicom-web"}},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": ["archive"]}],
+    )
+    node.serve()
+    sent = peers.storescu(factory.make_ct_series(tmp_path / "ct", n_slices=6), node.port, aet="SEGNODE")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
+    shown = node.cli("jobs", "show", str(job.id)).stdout
+    assert f"{orthanc.http}/dicom-web stored 1 instance(s) (STOW-RS)" in shown
+    (seg,) = [i for i in orthanc.instances() if orthanc.instance_tags(i).get("Modality") == "SEG"]
+    assert orthanc.instance_tags(seg)["SOPInstanceUID"] == job.output_sop_instance_uid
+    (tmp_path / "seg.dcm").write_bytes(orthanc.request("GET", f"/instances/{seg}/file"))
+    assert peers.dciodvfy_errors(tmp_path / "seg.dcm") == []
+
+    added = node.cli("users", "add", "ada", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    assert eventually(lambda: peers.port_open(node.values["api"]["port"]), timeout=60), "no API"
+    admin = _token(node, "ada")
+    url = f"http://127.0.0.1:{node.values['api']['port']}/api/destinations/archive/echo"
+    request = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {admin}"})
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - our own node
+        tested = json.loads(response.read())
+    assert tested["ok"] and "answered a QIDO-RS search" in tested["answer"], tested

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from node.core.config import Rule, load_settings
+from node.core.config import DicomDestination, DicomWebDestination, Rule, load_settings
 from segmenters.cropping import DEFAULT_MARGIN_MM
 
 CONFIG = """
@@ -34,7 +34,7 @@ def test_file_is_read_and_environment_overrides_it(tmp_path: Path, monkeypatch: 
     assert settings.scp.allowed_calling_aes == ["CT01", "PACS"]
     assert settings.quiet_period_s == 1.5
     assert settings.rules[0].destinations == ["pacs"]
-    assert settings.destinations["pacs"].port == 4242
+    assert settings.destinations["pacs"] == DicomDestination(ae_title="ORTHANC", host="127.0.0.1", port=4242)
     assert settings.effective_database_url == "sqlite:////srv/segnode/segnode.sqlite"
     assert settings.effective_broker_url == "sqla+sqlite:////srv/segnode/broker.sqlite"
 
@@ -152,11 +152,13 @@ def test_tls_settings_are_read_for_the_listener_and_a_destination(tmp_path: Path
     path.write_text(TLS_CONFIG)
     settings = load_settings(path)
     assert settings.scp.tls_ca_bundle == Path("/etc/segnode/clients-ca.pem")
-    tls = settings.destinations["pacs"].tls
+    pacs = settings.destinations["pacs"]
+    assert isinstance(pacs, DicomDestination)
+    tls = pacs.tls
     assert tls is not None and tls.ca_bundle == Path("/etc/segnode/pacs-ca.pem")
     assert tls.certificate == Path("/etc/segnode/node.crt") and tls.check_hostname
     plain = load_settings(None, destinations={"pacs": {"ae_title": "P", "host": "h", "port": 1}})
-    assert plain.destinations["pacs"].tls is None
+    assert plain.destinations["pacs"] == DicomDestination(ae_title="P", host="h", port=1)
 
 
 @pytest.mark.parametrize(
@@ -196,3 +198,24 @@ def test_a_rules_outputs_are_known_distinct_and_an_sr_comes_with_its_seg() -> No
     ]:
         with pytest.raises(ValidationError, match=words):
             Rule(name="r", outputs=outputs)
+
+
+def test_a_dicomweb_destination_is_told_apart_by_its_kind_and_checked() -> None:
+    settings = load_settings(
+        None,
+        destinations={
+            "archive": {"kind": "dicomweb", "url": "https://pacs.example/dicom-web", "bearer_token": "t"},
+            "pacs": {"ae_title": "P", "host": "h", "port": 104},  # no kind: a DICOM peer
+        },
+    )
+    archive = settings.destinations["archive"]
+    assert isinstance(archive, DicomWebDestination) and archive.address == "https://pacs.example/dicom-web"
+    assert isinstance(settings.destinations["pacs"], DicomDestination)
+    for wrong, words in (
+        ({"url": "ftp://x"}, "should match pattern"),
+        ({"url": "https://x", "bearer_token": "t", "username": "u", "password": "p"}, "not both"),
+        ({"url": "https://x", "username": "u"}, "together"),
+        ({"url": "https://x", "ae_title": "P"}, "Extra inputs"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            load_settings(None, destinations={"a": {"kind": "dicomweb", **wrong}})

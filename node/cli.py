@@ -130,6 +130,39 @@ def config_check(ctx: click.Context) -> None:
     click.echo("Configuration OK.")
 
 
+@main.command()
+@click.argument("study_uid")
+@click.option("--source", required=True, help="A source of the configuration (sources:).")
+@click.option("--wait/--no-wait", default=False, help="Wait until the study has arrived (or failed).")
+@click.pass_context
+def pull(ctx: click.Context, study_uid: str, source: str, wait: bool) -> None:
+    """Fetch a study from a PACS and segment it as if it had been sent (asking twice: one job)."""
+    import time
+
+    from node.db.models import Pull
+    from node.jobs.pulling import DONE, FAILED, request_pull
+
+    settings = settings_of(ctx)
+    if source not in settings.sources:
+        raise click.BadParameter(
+            f"no source {source!r} (configured: {', '.join(settings.sources) or 'none'})"
+        )
+    sessions = _sessions(ctx)
+    with session_scope(sessions) as session:
+        found, created = request_pull(session, source, study_uid, "the command line")
+        pull_id = found.id
+        click.echo(f"pull {pull_id}: {'asked for' if created else 'asked for already'} ({found.state})")
+    while wait:
+        with sessions() as session:
+            found = session.get_one(Pull, pull_id)
+            if found.state in (DONE, FAILED):
+                click.echo(f"pull {pull_id}: {found.state}: {found.message}")
+                if found.state == FAILED:
+                    raise SystemExit(1)
+                return
+        time.sleep(0.5)
+
+
 # --- db --------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from node.core.config import Settings
 from node.core.queue import JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from node.jobs.notifier import Notifier
+from node.jobs.pulling import Puller
 from node.jobs.scheduler import Scheduler
 from node.receive.listener import start_scp, stop_listening
 from node.receive.processes import ListenerProcesses, node_slots
@@ -33,6 +34,7 @@ class Node:
         self.queue = JobQueue(celery)
         self.scheduler = Scheduler(settings, self.sessions, self.queue)
         self.notifier = Notifier(settings.notifications, self.sessions)
+        self.puller = Puller(settings, self.sessions, self.storage)
 
     def run(self, stop: threading.Event) -> None:
         """Listen (in ``scp.processes`` processes) and schedule until ``stop`` is set."""
@@ -45,6 +47,8 @@ class Node:
             target=self.notifier.run, args=(stop,), name="segnode-notifier", daemon=True
         )
         notifier.start()
+        puller = threading.Thread(target=self.puller.run, args=(stop,), name="segnode-pull", daemon=True)
+        puller.start()
         try:
             self.scheduler.run(stop)
         finally:
@@ -52,6 +56,7 @@ class Node:
             if others is not None:
                 others.stop(timeout_s=self.settings.scp.shutdown_grace_s + 30)
             notifier.join(timeout=10)
+            puller.join(timeout=10)
             self.storage.close()
             self.engine.dispose()
             log.info("node stopped")

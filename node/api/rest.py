@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.api import views
@@ -19,8 +20,9 @@ from node.api.preview import preview_png
 from node.config_report import report
 from node.core.identifiers import node_key, search_key
 from node.core.queue import JobQueue
+from node.core.uids import is_valid_uid
 from node.db.jobs import JobNotFoundError, cancel, request_completion, rerun, resend, retry
-from node.db.models import Job, JobState, Role, Series, Study, utcnow
+from node.db.models import Job, JobState, Pull, Role, Series, Study, utcnow
 from node.db.operations import (
     PROCESSING,
     delivery_target,
@@ -28,6 +30,7 @@ from node.db.operations import (
     resume,
     suspend,
 )
+from node.jobs.pulling import request_pull
 
 MAX_PAGE = 500
 router = APIRouter(prefix="/api")
@@ -277,8 +280,6 @@ def suspend_processing(user: Admin, db: Db) -> dict[str, Any]:
 @router.post("/processing/resume", tags=["queue"])
 def resume_processing(user: Admin, request: Request, db: Db) -> dict[str, Any]:
     """Processing again: jobs that waited go to the workers, oldest first."""
-    from sqlalchemy import select
-
     changed = resume(db, PROCESSING)
     queued = db.scalars(select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id)).all()
     db.commit()
@@ -320,6 +321,44 @@ def suspend_destination(name: str, user: Admin, db: Db, settings: Config) -> dic
 def resume_destination(name: str, user: Admin, db: Db, settings: Config) -> dict[str, Any]:
     _destination(settings, name)
     return {"destination": name, "suspended": False, "changed": resume(db, delivery_target(name))}
+
+
+class PullRequest(BaseModel):
+    source: str
+    study_instance_uid: str
+
+
+def _pull_row(pull: Pull) -> dict[str, Any]:
+    return {
+        "id": pull.id,
+        "source": pull.source,
+        "study_instance_uid": pull.study_instance_uid,
+        "state": pull.state,
+        "requested_by": pull.requested_by,
+        "requested_at": views.iso(pull.requested_at),
+        "finished_at": views.iso(pull.finished_at),
+        "instances": pull.instances,
+        "message": pull.message,
+    }
+
+
+@router.post("/pulls", tags=["pulls"])
+def ask_pull(body: PullRequest, user: Admin, db: Db, settings: Config) -> dict[str, Any]:
+    """Fetch a study from a source (a PACS) and segment it as if it had been sent; asking again
+    for the same study from the same source answers with the pull already asked for."""
+    if body.source not in settings.sources:
+        raise HTTPException(404, f"no source {body.source!r} is configured")
+    if not is_valid_uid(body.study_instance_uid):
+        raise HTTPException(422, "study_instance_uid is not a valid DICOM UID")
+    pull, created = request_pull(db, body.source, body.study_instance_uid, f"user {user.name}")
+    db.flush()
+    return {**_pull_row(pull), "created": created}
+
+
+@router.get("/pulls", tags=["pulls"])
+def list_pulls(user: Viewer, db: Db) -> list[dict[str, Any]]:
+    """The latest pulls, newest first."""
+    return [_pull_row(p) for p in db.scalars(select(Pull).order_by(Pull.id.desc()).limit(MAX_PAGE))]
 
 
 @router.get("/config", tags=["config"])

@@ -401,6 +401,9 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    # Where studies can be pulled from (`segnode pull`): a DICOM peer by C-MOVE to this node's AE
+    # title (the peer must know it), or a DICOMweb archive by QIDO-RS and WADO-RS.
+    sources: dict[str, Destination] = Field(default_factory=dict)
     # Segmenters by the name rules use, beside the installed ones ("classical", "demo-thorax-unet",
     # entry points), which need no entry: trained checkpoints, and body-cropped segmenters.
     segmenters: dict[str, SegmenterSettings] = Field(default_factory=dict)

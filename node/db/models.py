@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -313,6 +314,25 @@ class Notification(Base):
     # The webhooks that answered success (each is sent the message once).
     sent_to: Mapped[list[str]] = mapped_column(JSON, default=list)
     done: Mapped[bool] = mapped_column(default=False, index=True)
+
+
+class Pull(Base):
+    """A study an admin asked the node to fetch from a source (a PACS) and segment: PENDING, then
+    RUNNING, then DONE (its instances arrived and go through as received ones) or FAILED with why.
+    One per source and study: asking again is answered with this one (again once it failed)."""
+
+    __tablename__ = "pulls"
+    __table_args__ = (UniqueConstraint("source", "study_instance_uid", name="uq_pulls_source_study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    requested_by: Mapped[str] = mapped_column(String(80))
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    message: Mapped[str] = mapped_column(Text, default="")
 
 
 # The tables themselves, for the few statements written in SQLAlchemy Core on the C-STORE path.

@@ -1,0 +1,179 @@
+"""Pull jobs: an admin asks the node to segment a study that is already in a PACS. The node asks a
+DICOM source to C-MOVE it to the node's own AE title (its instances then arrive through the
+listener like any sent study), or fetches it from a DICOMweb source by QIDO-RS and WADO-RS and
+stores each instance as the listener would; either way routing and completion take it from there.
+One pull per source and study, so asking twice makes one job."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from io import BytesIO
+
+import requests
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.core.config import DicomDestination, DicomWebDestination, Settings
+from node.core.dicom import rejection_reason
+from node.core.dicomweb import dicomweb_client
+from node.core.outages import run_passes
+from node.core.tls import TlsFileError, client_context
+from node.db.engine import session_scope
+from node.db.models import Pull, utcnow
+from node.receive.listener import instance_facts
+from node.receive.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, DONE, FAILED = "PENDING", "RUNNING", "DONE", "FAILED"
+MOVE_WAIT_S = 600.0  # the longest a source may go without a word while it moves a study
+
+
+class PullError(RuntimeError):
+    """The source would not give the study; the message says why, for the admin."""
+
+
+def request_pull(session: Session, source: str, study: str, who: str) -> tuple[Pull, bool]:
+    """The pull of ``study`` from ``source``: a new one, the one already asked for (False), or a
+    failed one asked for again."""
+    existing = session.scalar(select(Pull).where(Pull.source == source, Pull.study_instance_uid == study))
+    if existing is not None:
+        if existing.state != FAILED:
+            return existing, False
+        existing.state, existing.requested_by, existing.requested_at = PENDING, who, utcnow()
+        existing.finished_at, existing.message, existing.instances = None, "", 0
+        return existing, True
+    pull = Pull(source=source, study_instance_uid=study, state=PENDING, requested_by=who, message="")
+    try:
+        with session.begin_nested():
+            session.add(pull)
+    except IntegrityError:  # asked at the same moment elsewhere: that one it is
+        return session.scalars(
+            select(Pull).where(Pull.source == source, Pull.study_instance_uid == study)
+        ).one(), False
+    return pull, True
+
+
+class Puller:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], storage: Storage) -> None:
+        self.settings, self.sessions, self.storage = settings, sessions, storage
+
+    def tick(self) -> None:
+        """Run every pending pull, one at a time."""
+        while (claimed := self._claim()) is not None:
+            pull_id, source_name, study = claimed
+            try:
+                count, message = self.fetch(source_name, study)
+                state = DONE
+            except PullError as err:
+                count, message, state = 0, str(err), FAILED
+            except Exception as err:  # said on the pull; the admin may ask again
+                log.exception("pull %d: failed", pull_id)
+                count, message, state = 0, f"internal error: {type(err).__name__}: {err}", FAILED
+            with session_scope(self.sessions) as session:
+                pull = session.get_one(Pull, pull_id)
+                pull.state, pull.instances, pull.message, pull.finished_at = state, count, message, utcnow()
+            log.info("pull %d of a study from %s: %s (%s)", pull_id, source_name, state, message)
+
+    def _claim(self) -> tuple[int, str, str] | None:
+        with session_scope(self.sessions) as session:
+            found = session.execute(
+                select(Pull.id, Pull.source, Pull.study_instance_uid)
+                .where(Pull.state == PENDING)
+                .order_by(Pull.id)
+                .limit(1)
+            ).first()
+            if found is None:
+                return None
+            taken = session.execute(
+                update(Pull).where(Pull.id == found.id, Pull.state == PENDING).values(state=RUNNING)
+            )
+            return (found.id, found.source, found.study_instance_uid) if taken.rowcount == 1 else None  # type: ignore[attr-defined]
+
+    def fetch(self, source_name: str, study: str) -> tuple[int, str]:
+        """Fetch ``study``: (instances, what happened)."""
+        source = self.settings.sources.get(source_name)
+        if source is None:
+            raise PullError(f"source {source_name!r} is not configured (sources: in the configuration)")
+        if isinstance(source, DicomWebDestination):
+            return self._by_wado(source, study)
+        return self._by_move(source, study)
+
+    def _by_move(self, source: DicomDestination, study: str) -> tuple[int, str]:
+        where = source.address
+        try:
+            context = client_context(source.tls, where) if source.tls is not None else None
+        except TlsFileError as err:
+            raise PullError(str(err)) from err
+        ae = AE(ae_title=self.settings.scp.ae_title)
+        timeout = self.settings.worker.delivery_timeout_s
+        ae.connection_timeout = ae.acse_timeout = ae.network_timeout = timeout
+        ae.dimse_timeout = MOVE_WAIT_S
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        tls_args = (context, source.host) if context is not None else None
+        assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, tls_args=tls_args)
+        if not assoc.is_established:
+            if assoc.is_rejected and assoc.acceptor.primitive is not None:
+                answer = assoc.acceptor.primitive
+                why = rejection_reason(answer.result_source, answer.diagnostic)
+                raise PullError(f"{where} rejected the association: {why}")
+            raise PullError(f"{where}: no answer (connection refused or timed out)")
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+        final: Dataset | None = None
+        try:
+            for status, _ in assoc.send_c_move(
+                query, self.settings.scp.ae_title, StudyRootQueryRetrieveInformationModelMove
+            ):
+                if "Status" not in status:
+                    raise PullError(f"{where}: no C-MOVE response within {MOVE_WAIT_S:g} s")
+                final = status
+        finally:
+            assoc.release()
+        assert final is not None
+        code = int(final.Status)
+        done = int(final.get("NumberOfCompletedSuboperations", 0) or 0)
+        failed = int(final.get("NumberOfFailedSuboperations", 0) or 0)
+        if code == 0xA801:
+            raise PullError(
+                f"{where} does not know where {self.settings.scp.ae_title} is: add the node to its "
+                "DICOM peers (AE title, host, DICOM port)"
+            )
+        if code not in (0x0000, 0xB000) or (done == 0 and failed == 0):
+            raise PullError(
+                f"{where}: C-MOVE status 0x{code:04X}, {done} sent, {failed} failed (is the study there?)"
+            )
+        return done, f"{where} sent {done} instance(s) by C-MOVE" + (f", {failed} failed" if failed else "")
+
+    def _by_wado(self, source: DicomWebDestination, study: str) -> tuple[int, str]:
+        client = dicomweb_client(source, self.settings.worker.delivery_timeout_s)
+        try:
+            series = [s["0020000E"]["Value"][0] for s in client.search_for_series(study)]
+        except requests.HTTPError as err:
+            status = err.response.status_code if err.response is not None else 0
+            raise PullError(f"{source.url}: QIDO-RS answered HTTP {status}") from err
+        except (requests.ConnectionError, requests.Timeout) as err:
+            raise PullError(f"{source.url}: no answer ({type(err).__name__})") from err
+        if not series:
+            raise PullError(f"{source.url} holds no series of that study")
+        stored = 0
+        for uid in series:
+            datasets = client.retrieve_series(study, uid, media_types=(("application/dicom", "*"),))
+            for ds in datasets:
+                buffer = BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                self.storage.store(
+                    [buffer.getvalue()], instance_facts(ds, str(ds.file_meta.TransferSyntaxUID)), "PULL"
+                )
+                stored += 1
+            self.storage.mark_released({uid})  # the whole series is here: complete it now
+        return stored, f"{source.url} gave {stored} instance(s) of {len(series)} series by WADO-RS"
+
+    def run(self, stop: threading.Event, every_s: float = 1.0) -> None:
+        run_passes(stop, self.tick, every_s, log, "the puller")

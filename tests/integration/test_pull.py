@@ -1,0 +1,103 @@
+"""Pull jobs against Orthanc as the PACS: a study already in it fetched by C-MOVE (the command
+line) and by QIDO-RS/WADO-RS (the API), segmented, its SEG back in Orthanc; asking twice makes one
+job; a study the PACS does not hold fails with a reason."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from node.db.models import JobState
+from tests import dicom_factory as factory
+from tests import peers
+from tests.node_process import SegnodeProcesses
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "a long enough password"  # noqa: S105 - the test user's
+
+
+def _in_orthanc(orthanc: peers.Orthanc, folder: Path) -> str:
+    paths = factory.make_ct_series(folder, n_slices=6)
+    for path in paths:
+        orthanc.upload(path)
+    return str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+
+
+def _api(node: SegnodeProcesses, method: str, path: str, token: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.values['api']['port']}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def test_a_study_in_the_pacs_is_pulled_segmented_and_sent_back_once(
+    segnode_factory: Callable[..., SegnodeProcesses],
+    orthanc_factory: Callable[..., peers.Orthanc],
+    fresh_pg_url: str,
+    tmp_path: Path,
+) -> None:
+    port = peers.free_port()
+    orthanc = orthanc_factory(modalities={"SEGNODE": ["SEGNODE", "127.0.0.1", port]})
+    node = segnode_factory(
+        database_url=fresh_pg_url,
+        scp={"port": port},
+        api={"enabled": True},
+        sources={
+            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "archive": {"kind": "dicomweb", "url": f"{orthanc.http}/dicom-web"},
+        },
+        destinations={"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
+    )
+    node.serve()
+
+    # By C-MOVE, from the command line; asked again, the same pull and no second job.
+    first = _in_orthanc(orthanc, tmp_path / "first")
+    pulled = node.cli("pull", first, "--source", "pacs", "--wait", timeout=300)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert "DONE" in pulled.stdout and "sent 6 instance(s) by C-MOVE" in pulled.stdout
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
+    assert job.instance_count == 6
+    segs = [i for i in orthanc.instances() if orthanc.instance_tags(i).get("Modality") == "SEG"]
+    assert len(segs) == 1
+    again = node.cli("pull", first, "--source", "pacs")
+    assert "asked for already (DONE)" in again.stdout, again.stdout + again.stderr
+    assert len(node.jobs()) == 1
+
+    # By QIDO-RS and WADO-RS, through the API; twice is one pull.
+    added = node.cli("users", "add", "ada", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    token = node.cli("users", "token", "ada").stdout.strip()
+    assert eventually(lambda: peers.port_open(node.values["api"]["port"]), timeout=60), "no API"
+    second = _in_orthanc(orthanc, tmp_path / "second")
+    asked = _api(node, "POST", "/api/pulls", token, {"source": "archive", "study_instance_uid": second})
+    assert asked["created"] and asked["state"] == "PENDING"
+    twice = _api(node, "POST", "/api/pulls", token, {"source": "archive", "study_instance_uid": second})
+    assert not twice["created"] and twice["id"] == asked["id"]
+
+    def pull_state(pull_id: int) -> dict[str, Any]:
+        (found,) = [p for p in _api(node, "GET", "/api/pulls", token) if p["id"] == pull_id]
+        return dict(found)
+
+    assert eventually(lambda: pull_state(asked["id"])["state"] == "DONE", timeout=180), pull_state(
+        asked["id"]
+    )
+    assert "gave 6 instance(s) of 1 series by WADO-RS" in pull_state(asked["id"])["message"]
+    node.wait_for_state(JobState.DELIVERED, count=2, timeout=180)
+    assert len(node.jobs()) == 2
+
+    # A study the PACS does not hold: the pull fails and says so.
+    missing = node.cli("pull", "1.2.3.4.5.6", "--source", "pacs", "--wait", timeout=300)
+    assert missing.returncode == 1 and "FAILED" in missing.stdout and "is the study there?" in missing.stdout

@@ -1,17 +1,8 @@
-"""STOW-RS ingest (issue 16): the same 300 CT slices as one multipart/related POST to segnode's
-``/dicomweb/studies``, against C-STORE to segnode by storescu and against Orthanc's own STOW-RS.
+"""STOW-RS ingest (issue 16): the same 300 CT slices as one streamed multipart/related POST to
+segnode's /dicomweb/studies, against C-STORE to segnode by storescu and against Orthanc's own STOW-RS,
+alternating in one run, each turn a fresh copy of the series and checked for every instance stored.
 
     .venv/bin/python -m benchmarks.stow [--slices 300] [--size 512] [--repeats 3] [--settle 2]
-
-One ``segnode serve --no-workers`` (embedded SQLite and broker, API on, no rules: every instance
-stored and recorded, each series then a REJECTED job) and one Orthanc with Debian's DICOMweb
-plugin serve every round; the conditions alternate (rotated each round), each sends a fresh copy
-of the series (new study, series and SOP instance UIDs), after ``sync``. STOW-RS is sent by
-Python's http.client from one keep-alive connection opened before the clock starts: the body
-streamed from the files, part by part, with its Content-Length (no chunked encoding); the time
-runs from the first byte sent to the answer read whole (segnode answers after every file and row
-is synced). Every turn is checked: 300 instances in the node's database, in each STOW-RS answer's
-ReferencedSOPSequence (no FailedSOPSequence), and in Orthanc's /statistics.
 """
 
 from __future__ import annotations
@@ -95,6 +86,10 @@ def body(paths: list[Path]) -> Iterator[bytes]:
 
 
 # --- STOW-RS by http.client ----------------------------------------------------------------------
+# The client costs next to nothing: the stdlib's http.client on a connection opened before the clock
+# starts, the body streamed from the files a part at a time with its Content-Length (not chunked),
+# nothing decoded (dicomweb-client would parse every file with pydicom). The clock runs from the
+# first byte sent to the answer read whole; segnode answers after every file and row is synced.
 
 
 def stow(port: int, path: str, paths: list[Path], token: str | None) -> tuple[float, dict[str, Any]]:
@@ -165,7 +160,9 @@ def measured(pgid: int, send_once: Callable[[], float]) -> Turn:
 
 
 class Receivers:
-    """The node (API on, no workers, no rules) with a sender's token, and Orthanc with DICOMweb."""
+    """The node (API on, no workers, no rules: every instance stored and recorded, each series then
+    a REJECTED job) with a sender's token, and Orthanc with its DICOMweb plugin; both serve every
+    round, so that each turn's series must be new to them."""
 
     def __init__(self, root: Path) -> None:
         self.node = SegnodeProcesses(

@@ -293,10 +293,10 @@ def jobs_retry(ctx: click.Context, job_id: int) -> None:
     sessions = _sessions(ctx)
     try:
         with session_scope(sessions) as session:
-            retry(session, job_id, who="the command line")
+            segmenter = retry(session, job_id, who="the command line").segmenter
     except (JobNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
-    JobQueue(make_celery(settings)).process(job_id)
+    JobQueue(make_celery(settings), settings).process(job_id, segmenter)
     click.echo(f"job {job_id} queued again")
 
 

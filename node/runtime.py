@@ -31,7 +31,7 @@ class Node:
         self.storage = Storage(settings.storage_dir, self.engine, settings.scp.min_free_bytes)
         celery = make_celery(settings)
         declare_queue(celery)
-        self.queue = JobQueue(celery)
+        self.queue = JobQueue(celery, settings)
         self.scheduler = Scheduler(settings, self.sessions, self.queue)
         self.notifier = Notifier(settings.notifications, self.sessions)
         self.puller = Puller(settings, self.sessions, self.storage)

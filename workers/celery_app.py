@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from node.core.config import Settings
-from node.core.queue import JobQueue, declare_queue, make_celery
+from node.core.queue import QUEUES, JobQueue, declare_queue, make_celery
 from node.db.engine import check_schema, make_engine, make_sessionmaker
 from segmenters.ct_series import allow_decoder_processes, start_decoder_server
 from workers.heartbeat import Heartbeat
@@ -26,7 +27,7 @@ def create_worker_app(settings: Settings) -> Celery:
     check_schema(engine)
     app = make_celery(settings)
     declare_queue(app)
-    ctx = WorkerContext(settings=settings, sessions=make_sessionmaker(engine), queue=JobQueue(app))
+    ctx = WorkerContext(settings=settings, sessions=make_sessionmaker(engine), queue=JobQueue(app, settings))
     register_tasks(app, ctx)
 
     def _after_fork(**_: Any) -> None:
@@ -61,13 +62,14 @@ def create_worker_app(settings: Settings) -> Celery:
     return app
 
 
-def run_worker(settings: Settings, name: str, loglevel: str = "INFO") -> None:
-    """Run a worker in the foreground (``segnode worker``)."""
+def run_worker(settings: Settings, name: str, queues: Sequence[str] = QUEUES, loglevel: str = "INFO") -> None:
+    """Run a worker in the foreground (``segnode worker``), taking the work of ``queues``."""
     app = create_worker_app(settings)
     app.worker_main(
         [
             "worker",
             f"--loglevel={loglevel}",
+            f"--queues={','.join(queues)}",
             f"--concurrency={settings.worker.concurrency}",
             "--pool=prefork",
             f"--hostname={name}",

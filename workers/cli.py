@@ -11,6 +11,7 @@ import click
 
 from node.core.commands import settings_of
 from node.core.config import Output
+from node.core.queue import QUEUES
 from node.db.engine import SchemaOutOfDateError
 from segmenters.cli import DATA_OPTION, EVAL_SEED, SHAPE_OPTION, load_data
 from segmenters.datasets import DATA_HELP
@@ -20,13 +21,23 @@ OUTPUTS: tuple[str, ...] = get_args(Output)
 
 @click.command("worker")
 @click.option("--name", default="segnode@%h", show_default=True, help="Celery node name of this worker.")
+@click.option(
+    "--queues",
+    default=",".join(QUEUES),
+    show_default=True,
+    help="The kinds of work it takes: segment-gpu (networks), segment-cpu (the rest), deliver.",
+)
 @click.pass_context
-def worker_command(ctx: click.Context, name: str) -> None:
+def worker_command(ctx: click.Context, name: str, queues: str) -> None:
     """Run a worker alone (production: one per GPU, Redis broker, PostgreSQL database)."""
     from workers.celery_app import run_worker  # Celery and torch load only when a worker runs
 
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(wanted) - set(QUEUES))
+    if unknown or not wanted:
+        raise click.BadParameter(f"{', '.join(unknown) or 'none'}: the queues are {', '.join(QUEUES)}")
     try:
-        run_worker(settings_of(ctx), name)
+        run_worker(settings_of(ctx), name, wanted)
     except SchemaOutOfDateError as err:
         raise click.ClickException(str(err)) from err
 

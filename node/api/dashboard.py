@@ -63,7 +63,7 @@ def mount(app: FastAPI) -> None:
             "_workers.html",
             user,
             workers=views.workers(db, settings, utcnow()),
-            queues=views.queues(db, request.app.state.queue.app),
+            queues=views.queues(db, settings, request.app.state.queue.app),
         )
 
     @app.get("/ui/destinations", include_in_schema=False)

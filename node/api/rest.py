@@ -176,13 +176,13 @@ def act(request: Request, action: Callable[[Session], Job], send: bool = False) 
     try:
         with session_scope(request.app.state.sessions) as s:
             job = action(s)
-            job_id, state = job.id, job.state.value
+            job_id, state, segmenter = job.id, job.state.value, job.segmenter
     except JobNotFoundError as err:
         raise HTTPException(404, str(err)) from err
     except ValueError as err:
         raise HTTPException(409, str(err)) from err
     if send:
-        queue_of(request).process(job_id)
+        queue_of(request).process(job_id, segmenter)
     return {"id": job_id, "state": state}
 
 
@@ -254,9 +254,9 @@ def queue_overview(user: Viewer, db: Db, settings: Config) -> dict[str, Any]:
 
 
 @router.get("/queues", tags=["queue"])
-def queue_depths(user: Viewer, db: Db, request: Request) -> list[dict[str, Any]]:
+def queue_depths(user: Viewer, db: Db, settings: Config, request: Request) -> list[dict[str, Any]]:
     """Each queue's depth, as the database counts it and as the broker holds it."""
-    return views.queues(db, queue_of(request).app)
+    return views.queues(db, settings, queue_of(request).app)
 
 
 @router.get("/workers", tags=["queue"])
@@ -281,10 +281,12 @@ def suspend_processing(user: Admin, db: Db) -> dict[str, Any]:
 def resume_processing(user: Admin, request: Request, db: Db) -> dict[str, Any]:
     """Processing again: jobs that waited go to the workers, oldest first."""
     changed = resume(db, PROCESSING)
-    queued = db.scalars(select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id)).all()
+    queued = db.execute(
+        select(Job.id, Job.segmenter).where(Job.state == JobState.QUEUED).order_by(Job.id)
+    ).all()
     db.commit()
-    for job_id in queued:  # their messages were taken while suspended; the claim is idempotent
-        queue_of(request).process(job_id)
+    for job_id, segmenter in queued:  # their messages were taken while suspended; the claim is idempotent
+        queue_of(request).process(job_id, segmenter)
     return {"suspended": False, "changed": changed}
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from node.core.config import DicomDestination, Settings
 from node.core.identifiers import read_identifiers
-from node.core.queue import QUEUE, broker_depth
+from node.core.queue import DELIVER, QUEUES, broker_depth, segment_queue
 from node.db.models import (
     TERMINAL_STATES,
     Delivery,
@@ -235,25 +235,36 @@ def _destination_state(suspended: bool, last: DestinationStatus | None) -> str:
     return "up" if last.ok else "down"
 
 
-def queues(session: Session, celery: Celery) -> list[dict[str, Any]]:
-    """Each queue's depth as the database counts it (the truth) and as the broker holds it."""
-    counts = state_counts(session)
-    deliveries_due = session.scalar(
+def queues(session: Session, settings: Settings, celery: Celery) -> list[dict[str, Any]]:
+    """Each queue's depth as the database counts it (the truth) and as the broker holds it: jobs
+    waiting for a worker (received or queued) and running, by the queue of their segmenter;
+    deliveries pending on the delivery queue."""
+    by_queue = {name: Counter[str]() for name in QUEUES}
+    for segmenter, state, count in session.execute(
+        select(Job.segmenter, Job.state, func.count(Job.id))
+        .where(Job.state.in_((*WAITING, JobState.RUNNING)))
+        .group_by(Job.segmenter, Job.state)
+    ):
+        by_queue[segment_queue(settings, segmenter)][state.value] += count
+    deliveries = session.scalar(
         select(func.count(Delivery.id))
         .join(Job, Job.id == Delivery.job_id)
         .where(Job.state == JobState.SEGMENTED, Delivery.state == DeliveryState.PENDING)
     )
-    return [
-        {
-            "name": QUEUE,
-            "waiting_jobs": counts[JobState.RECEIVED.value] + counts[JobState.QUEUED.value],
-            "received": counts[JobState.RECEIVED.value],
-            "queued": counts[JobState.QUEUED.value],
-            "running": counts[JobState.RUNNING.value],
-            "deliveries_pending": int(deliveries_due or 0),
-            "broker_messages": broker_depth(celery),
-        }
-    ]
+    at_broker = broker_depth(celery)
+    found = []
+    for name in QUEUES:
+        counted = by_queue[name]
+        found.append(
+            {
+                "name": name,
+                "waiting_jobs": counted[JobState.RECEIVED.value] + counted[JobState.QUEUED.value],
+                "running": counted[JobState.RUNNING.value],
+                "deliveries_pending": int(deliveries or 0) if name == DELIVER else 0,
+                "broker_messages": at_broker[name],
+            }
+        )
+    return found
 
 
 def series_detail(session: Session, settings: Settings, uid: str) -> dict[str, Any] | None:

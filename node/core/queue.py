@@ -7,6 +7,7 @@ build their app from the same function and register the task bodies on it.
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,16 @@ from sqlalchemy.exc import DatabaseError
 from node.core.config import Settings
 from node.core.outages import summary
 
+log = logging.getLogger(__name__)
+
 PROCESS_JOB = "segnode.process_job"
 DELIVER_JOB = "segnode.deliver_job"
-QUEUE = "segnode"
+# One queue per kind of work, so that each kind of worker takes only its own: GPU workers the
+# networks, CPU workers the rest, and any worker the deliveries (`segnode worker --queues`).
+SEGMENT_GPU = "segment-gpu"
+SEGMENT_CPU = "segment-cpu"
+DELIVER = "deliver"
+QUEUES = (SEGMENT_GPU, SEGMENT_CPU, DELIVER)
 DECLARE_ATTEMPTS = 3
 
 
@@ -53,7 +61,7 @@ def make_celery(settings: Settings) -> Celery:
         # A task whose worker process dies (SIGKILL, out of memory) goes back on the queue.
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=QUEUE,
+        task_default_queue=SEGMENT_CPU,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
@@ -67,28 +75,41 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def declare_queue(app: Celery) -> None:
-    """Create the job queue on the broker, where each process starts: processes creating the
+    """Create the job queues on the broker, where each process starts: processes creating the
     embedded broker's tables and queue row at once fail all but one (a worker's consumer died of
     it); a later try finds what the other made."""
     for attempt in range(1, DECLARE_ATTEMPTS + 1):
         try:
             with app.connection_for_write() as connection:
-                Queue(QUEUE).bind(connection.default_channel).declare()
+                for name in QUEUES:
+                    Queue(name).bind(connection.default_channel).declare()
             return
         except DatabaseError:
             if attempt == DECLARE_ATTEMPTS:
                 raise
 
 
-def broker_depth(app: Celery, timeout_s: float = 2.0) -> int | None:
-    """Messages waiting on the job queue at the broker; None when the broker cannot be asked."""
+def broker_depth(app: Celery, timeout_s: float = 2.0) -> dict[str, int | None]:
+    """Messages waiting on each queue at the broker; None where the broker cannot be asked."""
+    found: dict[str, int | None] = dict.fromkeys(QUEUES)
     try:
         with app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout_s)
-            declared = connection.default_channel.queue_declare(queue=QUEUE, passive=True)
-            return int(declared.message_count)
-    except Exception:  # noqa: BLE001 - an unreachable broker or a queue not yet declared: no figure
-        return None
+            channel = connection.default_channel
+            for name in QUEUES:
+                found[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+    except Exception as err:  # noqa: BLE001 - an unreachable broker or a queue not yet declared: no figure
+        log.debug("broker depth unknown (%s)", type(err).__name__)
+    return found
+
+
+def segment_queue(settings: Settings, segmenter: str | None) -> str:
+    """Where a job of ``segmenter`` waits: a declared network (or TotalSegmentator) not pinned to
+    the CPU goes to the GPU workers; everything else to the CPU workers."""
+    declared = settings.segmenters.get(segmenter or "")
+    if declared is None or declared.device == "cpu":
+        return SEGMENT_CPU
+    return SEGMENT_GPU if declared.network is not None or declared.totalsegmentator else SEGMENT_CPU
 
 
 def broker_fault_now(app: Celery, broker_url: str, timeout_s: float = 2.0) -> str | None:
@@ -103,16 +124,17 @@ def broker_fault_now(app: Celery, broker_url: str, timeout_s: float = 2.0) -> st
 
 
 class JobQueue:
-    """Sends job tasks to the workers."""
+    """Sends job tasks to the workers, each to the queue of its kind of work."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
+        self.settings = settings
 
-    def process(self, job_id: int) -> None:
-        self.app.send_task(PROCESS_JOB, args=[job_id], queue=QUEUE)
+    def process(self, job_id: int, segmenter: str | None) -> None:
+        self.app.send_task(PROCESS_JOB, args=[job_id], queue=segment_queue(self.settings, segmenter))
 
     def deliver(self, job_id: int) -> None:
-        self.app.send_task(DELIVER_JOB, args=[job_id], queue=QUEUE)
+        self.app.send_task(DELIVER_JOB, args=[job_id], queue=DELIVER)
 
 
 def broker_fault(err: BaseException, broker_url: str) -> str:

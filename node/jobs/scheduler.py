@@ -67,12 +67,12 @@ class Scheduler:
                 note_waiting(session, f"processing suspended by {suspension.by} since {since}")
                 return
         with self.sessions() as session:
-            waiting = session.scalars(
-                select(Job.id).where(Job.state == JobState.RECEIVED).order_by(Job.id)
+            waiting = session.execute(
+                select(Job.id, Job.segmenter).where(Job.state == JobState.RECEIVED).order_by(Job.id)
             ).all()
-        for job_id in waiting:
+        for job_id, segmenter in waiting:
             try:
-                self.queue.process(job_id)
+                self.queue.process(job_id, segmenter)
             except Exception as err:  # noqa: BLE001 - broker away: the job stays RECEIVED and is sent later
                 why = broker_fault(err, self.settings.effective_broker_url)
                 self._broker.failed(err, f"{why}; {len(waiting)} job(s) wait and go once it works")
@@ -94,9 +94,9 @@ class Scheduler:
                     f"worker {job.worker or '(unknown)'} stopped renewing its lease "
                     "(it died, hangs or lost the database); queued again",
                 )
-            taken_back = [job.id for job in lapsed]
-        for job_id in taken_back:
-            self.queue.process(job_id)
+            taken_back = [(job.id, job.segmenter) for job in lapsed]
+        for job_id, segmenter in taken_back:
+            self.queue.process(job_id, segmenter)
             log.warning("job %d: its worker's lease lapsed; queued again", job_id)
 
     def send_due_deliveries(self) -> None:
@@ -120,7 +120,7 @@ class Scheduler:
         with session_scope(self.sessions) as session:
             for job in stale_jobs(session, older_than):
                 requeue(session, job, f"no progress for {self.settings.worker.stale_job_s:g} s; sent again")
-                self.queue.process(job.id)
+                self.queue.process(job.id, job.segmenter)
                 log.warning("job %d: stale in %s; sent again", job.id, job.state)
 
     def run(self, stop: threading.Event) -> None:

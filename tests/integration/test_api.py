@@ -183,8 +183,9 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     (worker,) = api.call("GET", "/api/workers", token)[1]
     assert worker["online"] and worker["jobs_done"] == 1 and worker["current_jobs"] == []
     assert worker["gpu"] is None  # this machine has none
-    (queue,) = api.call("GET", "/api/queues", token)[1]
-    assert queue["waiting_jobs"] == 0 and queue["broker_messages"] == 0
+    queues = {q["name"]: q for q in api.call("GET", "/api/queues", token)[1]}
+    assert sorted(queues) == ["deliver", "segment-cpu", "segment-gpu"]
+    assert all(q["waiting_jobs"] == 0 and q["broker_messages"] == 0 for q in queues.values()), queues
     (pacs,) = api.call("GET", "/api/destinations", token)[1]
     assert pacs["state"] == "up" and pacs["last_answer"].endswith("answered 0x0000"), pacs
     shown = api.call("GET", f"/api/series/{series_uid}", token)[1]

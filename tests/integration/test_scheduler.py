@@ -10,7 +10,7 @@ import redis
 from sqlalchemy import select
 
 from node.core.config import load_settings
-from node.core.queue import QUEUE, JobQueue, make_celery
+from node.core.queue import SEGMENT_CPU, JobQueue, make_celery
 from node.db import engine as db
 from node.db.models import Job, JobEvent, JobState, utcnow
 from node.jobs.scheduler import Scheduler
@@ -41,13 +41,13 @@ def test_job_waits_for_an_unreachable_broker_then_is_queued_once(tmp_path: Path,
     dead_app.conf.broker_connection_timeout = 1
     dead_app.conf.broker_transport_options = {"max_retries": 1}
     time.sleep(5 * down.quiet_period_s)  # the series is quiet, however fast the lines above ran
-    Scheduler(down, sessions, JobQueue(dead_app)).tick()
+    Scheduler(down, sessions, JobQueue(dead_app, down)).tick()
     with sessions() as session:
         (job,) = session.scalars(select(Job)).all()
         assert job.state == JobState.RECEIVED
 
     up = down.model_copy(update={"worker": down.worker.model_copy(update={"broker_url": redis_url})})
-    scheduler = Scheduler(up, sessions, JobQueue(make_celery(up)))
+    scheduler = Scheduler(up, sessions, JobQueue(make_celery(up), up))
     scheduler.tick()
     scheduler.tick()
     with sessions() as session:
@@ -56,5 +56,5 @@ def test_job_waits_for_an_unreachable_broker_then_is_queued_once(tmp_path: Path,
         events = [e.event for e in session.scalars(select(JobEvent).order_by(JobEvent.id))]
         assert events == ["created", "queued"]
         assert utcnow() - job.created_at < timedelta(minutes=1)
-    assert redis.Redis.from_url(redis_url).llen(QUEUE) == 1
+    assert redis.Redis.from_url(redis_url).llen(SEGMENT_CPU) == 1
     engine.dispose()

@@ -11,7 +11,17 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from node.core.config import Settings, WorkerSettings
-from node.core.queue import QUEUE, EmbeddedBrokerTransport, JobQueue, broker_fault, declare_queue, make_celery
+from node.core.queue import (
+    QUEUES,
+    SEGMENT_CPU,
+    SEGMENT_GPU,
+    EmbeddedBrokerTransport,
+    JobQueue,
+    broker_fault,
+    declare_queue,
+    make_celery,
+    segment_queue,
+)
 from tests import peers
 
 
@@ -50,15 +60,15 @@ def test_processes_declaring_the_embedded_queue_at_once_all_succeed(tmp_path: Pa
     assert [p.exitcode for p in processes] == [0, 0, 0, 0]
     engine = create_engine(f"sqlite:///{tmp_path / 'broker.sqlite'}")
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT name FROM kombu_queue")).scalars().all() == [QUEUE]
+        assert sorted(conn.execute(text("SELECT name FROM kombu_queue")).scalars().all()) == sorted(QUEUES)
     engine.dispose()
 
 
 def test_a_broker_that_refuses_connections_is_named_without_its_password(tmp_path: Path) -> None:
     url = f"redis://:secret@127.0.0.1:{peers.free_port()}/0"  # nothing listens there
-    app = make_celery(Settings(data_dir=tmp_path, worker=WorkerSettings(broker_url=url)))
+    settings = Settings(data_dir=tmp_path, worker=WorkerSettings(broker_url=url))
     with pytest.raises(Exception) as raised:
-        JobQueue(app).process(1)
+        JobQueue(make_celery(settings), settings).process(1, "classical")
     why = broker_fault(raised.value, url)
     assert why.startswith("the broker at redis://:**@127.0.0.1:") and why.endswith(
         "refuses connections: is it running?"
@@ -67,10 +77,24 @@ def test_a_broker_that_refuses_connections_is_named_without_its_password(tmp_pat
 
 def test_an_embedded_broker_in_a_missing_folder_is_named(tmp_path: Path) -> None:
     url = f"sqla+sqlite:///{tmp_path / 'gone' / 'broker.sqlite'}"
-    app = make_celery(Settings(data_dir=tmp_path, worker=WorkerSettings(broker_url=url)))
+    settings = Settings(data_dir=tmp_path, worker=WorkerSettings(broker_url=url))
     with pytest.raises(Exception) as raised:
-        JobQueue(app).process(1)
+        JobQueue(make_celery(settings), settings).process(1, "classical")
     assert broker_fault(raised.value, url) == (
         f"the embedded broker's file {tmp_path / 'gone' / 'broker.sqlite'} cannot be opened or created "
         "(is its folder there and writable?)"
     )
+
+
+def test_networks_go_to_the_gpu_queue_and_everything_else_to_the_cpu_queue() -> None:
+    settings = Settings(
+        segmenters={
+            "unet": {"checkpoint": "model.pt"},
+            "unet-on-cpu": {"checkpoint": "model.pt", "device": "cpu"},
+            "total": {"totalsegmentator": "total"},
+            "cropped-demo": {"base": "demo-thorax-unet", "crop_to_body": True},
+        }
+    )
+    assert segment_queue(settings, "unet") == segment_queue(settings, "total") == SEGMENT_GPU
+    for name in ("unet-on-cpu", "cropped-demo", "classical", None):
+        assert segment_queue(settings, name) == SEGMENT_CPU

@@ -21,7 +21,9 @@ from workers.warm_up import warm_up
 
 def context(tmp_path: Path, **config: object) -> WorkerContext:
     settings: Settings = load_settings(None, data_dir=tmp_path, **config)
-    return WorkerContext(settings=settings, sessions=sessionmaker(), queue=JobQueue(make_celery(settings)))
+    return WorkerContext(
+        settings=settings, sessions=sessionmaker(), queue=JobQueue(make_celery(settings), settings)
+    )
 
 
 def test_worker_builds_a_cropped_installed_network_once(tmp_path: Path) -> None:

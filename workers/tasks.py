@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from workers.errors import (
 from workers.inputs import job_inputs
 from workers.lease import lease_kept
 from workers.pipeline import segment_series
+from workers.remote import NodeClient, NodeUnreachableError
 from workers.segmenter_factory import build_segmenter
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,10 @@ class WorkerContext:
             self.segmenters[name] = build_segmenter(name, self.settings)
         return self.segmenters[name]
 
+    def node(self) -> NodeClient | None:
+        """The node's API, for a worker on another machine (worker.node_url); None with shared storage."""
+        return NodeClient(self.settings) if self.settings.worker.node_url else None
+
     def runs(self, worker: str) -> JobRuns:
         return JobRuns(self.sessions, worker, self.settings.worker.lease_s)
 
@@ -78,10 +84,12 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
         return False
     log.info("job %d series %s: running %s", job_id, job.series_uid, job.segmenter)
     folder = ctx.settings.output_dir / f"job-{job_id}"
+    cache = ctx.settings.data_dir / "cache" / f"job-{job_id}"
+    node = ctx.node()
     every_s = ctx.settings.worker.lease_s / RENEWALS_PER_LEASE
     try:
         with lease_kept(runs, job_id, every_s):
-            paths = job_inputs(job, ctx.settings)
+            paths = job_inputs(job, ctx.settings, node, cache)
             result = segment_series(
                 paths,
                 ctx.segmenter(job.segmenter),
@@ -91,6 +99,7 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
                 decode_workers=ctx.settings.worker.cpu_threads or None,
                 fast_overlap=ctx.settings.worker.seg_fast_overlap,
             )
+            kept = node.upload(job_id, folder) if node is not None else folder
     except SeriesRejectedError as err:
         runs.ended(job_id, JobState.REJECTED, str(err), len(job.inputs))
         log.info("job %d series %s: rejected: %s", job_id, job.series_uid, err)
@@ -99,8 +108,8 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
         runs.ended(job_id, JobState.FAILED, str(err), len(job.inputs))
         log.warning("job %d series %s: failed: %s", job_id, job.series_uid, err)
         return False
-    except OperationalError:
-        raise  # the database: Celery retries the task, which this worker claims again
+    except (OperationalError, NodeUnreachableError):
+        raise  # the database or the node away: Celery retries the task, which this worker claims again
     except Exception as err:
         log.exception("job %d series %s: internal error", job_id, job.series_uid)
         runs.ended(
@@ -110,11 +119,13 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
             len(job.inputs),
         )
         return False
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # the series fetched from the node, if it was
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
     timing += f" ({len(paths)} slices decoded by {result.decode_processes} process(es))"
     message = f"{result.segments} segments; {', '.join(result.outputs)} written; {timing}"
-    if not runs.segmented(job_id, folder, result.outputs, result.seg_uid, message, len(job.inputs)):
+    if not runs.segmented(job_id, kept, result.outputs, result.seg_uid, message, len(job.inputs)):
         log.info("job %d series %s: segmented (%s); nothing to send now", job_id, job.series_uid, timing)
         return False
     log.info("job %d series %s: segmented (%s)", job_id, job.series_uid, timing)
@@ -135,6 +146,10 @@ def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> None:
     if due is None:
         return
     folder, claimed = due
+    node = ctx.node()
+    if node is not None and claimed:  # the node keeps the results; this machine may not have them
+        folder = settings.output_dir / f"job-{job_id}"
+        node.download(job_id, sorted({d.output for d in claimed}), folder)
     by_destination: dict[str, list[DueDelivery]] = {}
     for delivery in claimed:
         by_destination.setdefault(delivery.destination, []).append(delivery)
@@ -175,7 +190,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     @app.task(
         name=PROCESS_JOB,
         bind=True,
-        autoretry_for=(OperationalError,),
+        autoretry_for=(OperationalError, NodeUnreachableError),
         retry_backoff=True,
         max_retries=10,
     )
@@ -189,7 +204,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     @app.task(
         name=DELIVER_JOB,
         bind=True,
-        autoretry_for=(OperationalError,),
+        autoretry_for=(OperationalError, NodeUnreachableError),
         retry_backoff=True,
         max_retries=10,
     )

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.api import dashboard, health, rest
+from node.api import dashboard, health, rest, results
 from node.api.auth import LoginThrottle
 from node.api.dicomweb import retrieve, stow
 from node.api.metrics import registry
@@ -46,6 +46,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.state.queue = JobQueue(make_celery(settings), settings)
     app.include_router(health.router)
     app.include_router(rest.router)
+    app.include_router(results.router)
     if settings.dicomweb.enabled:
         app.include_router(stow.router)
         app.include_router(retrieve.router)

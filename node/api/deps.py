@@ -110,6 +110,15 @@ def stower(request: Request, db: Db, credentials: Credentials, basic: BasicCrede
 Stower = Annotated[User, Depends(stower)]
 
 
+def remote_worker(user: Viewer) -> User:
+    if user.role not in (Role.WORKER, Role.ADMIN):
+        raise HTTPException(403, f"{user.name} is a {user.role.value}; this needs the worker or admin role")
+    return user
+
+
+RemoteWorker = Annotated[User, Depends(remote_worker)]
+
+
 def admin(user: Viewer) -> User:
     if user.role != Role.ADMIN:
         raise HTTPException(403, f"{user.name} is a viewer; this needs the admin role")

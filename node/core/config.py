@@ -317,6 +317,11 @@ class WorkerSettings(BaseModel):
     # that lapsed goes to another worker. Clocks of node and workers must agree to well within it.
     lease_s: float = Field(60.0, ge=1)
     seg_transfer_syntax: Literal["explicit", "jpeg2000"] = "explicit"
+    # A worker on another machine (no shared storage): the node's API address and a token of a user
+    # with the worker role. Its series come over WADO-RS and its results go back over the API;
+    # unset: the worker reads and writes the node's data folder.
+    node_url: str | None = Field(None, pattern=r"^https?://")
+    node_token: str | None = None
     # How often a worker says it lives; /readyz and the dashboard take one silent for three times
     # this as gone.
     heartbeat_s: float = Field(10.0, gt=0)

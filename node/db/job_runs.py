@@ -24,6 +24,7 @@ class InputRow:
     path: str  # relative to the storage folder
     sop_class_uid: str
     image_type: str
+    sop_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ClaimedJob:
     destinations: list[str]
     outputs: list[str]
     inputs: list[InputRow]
+    study_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class JobRuns:
                 )
             )
             rows = session.execute(
-                select(Instance.path, Instance.sop_class_uid, Instance.image_type)
+                select(Instance.path, Instance.sop_class_uid, Instance.image_type, Instance.sop_instance_uid)
                 .where(Instance.series_id == job.series_id)
                 .order_by(Instance.id)
                 .limit(job.instance_count)
@@ -117,7 +119,8 @@ class JobRuns:
                 segmenter=job.segmenter or "",
                 destinations=list(job.destinations),
                 outputs=list(job.outputs),
-                inputs=[InputRow(r.path, r.sop_class_uid, r.image_type) for r in rows],
+                inputs=[InputRow(r.path, r.sop_class_uid, r.image_type, r.sop_instance_uid) for r in rows],
+                study_uid=job.series.study.study_instance_uid,
             )
 
     def renew(self, job_id: int) -> bool:

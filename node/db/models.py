@@ -217,6 +217,7 @@ class Role(enum.StrEnum):
     VIEWER = "viewer"  # reads everything the API shows (and reads instances over DICOMweb)
     ADMIN = "admin"  # and acts: retry, cancel, ...
     SENDER = "sender"  # a DICOMweb client that stores instances (STOW-RS) and nothing else
+    WORKER = "worker"  # a worker on another machine: reads series, hands results back
 
 
 class User(Base):

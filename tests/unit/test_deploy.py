@@ -32,10 +32,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from node.api.health import router as health_router
 from node.cli import main
 from node.core.config import Settings, load_settings
+from node.core.queue import QUEUES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -55,8 +57,9 @@ def parse_cli(args: list[str]) -> click.Context:
     ctx = main.make_context("segnode", list(args))
     command: click.Command = main
     while isinstance(command, click.Group):
-        # click >= 8.2 keeps the subcommand's name apart from its arguments.
-        rest = [*ctx._protected_args, *ctx.args]
+        # The subcommand's name, kept apart from its arguments (privately since click 8.2).
+        protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+        rest = [*protected, *ctx.args]
         name, sub, rest = command.resolve_command(ctx, rest)
         assert name is not None and sub is not None, f"segnode {shlex.join(args)}: no command"
         ctx = sub.make_context(name, rest, parent=ctx)
@@ -92,12 +95,39 @@ def pairs(lines: list[str]) -> dict[str, str]:
     return {name: value for name, _, value in (line.partition("=") for line in lines)}
 
 
+def is_setting(variable: str) -> bool:
+    """Whether SEGNODE_A__B names a field of the settings (a misspelt one would be ignored)."""
+    if not variable.startswith("SEGNODE_"):
+        return False
+    model: Any = Settings
+    for part in variable.removeprefix("SEGNODE_").lower().split("__"):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False
+        model = model.model_fields[part].annotation
+    return True
+
+
+def test_the_setting_name_check_refuses_a_misspelt_one() -> None:
+    assert is_setting("SEGNODE_SCP__HOST") and is_setting("SEGNODE_WORKER__BROKER_URL")
+    assert not is_setting("SEGNODE_SCP__HOSTS") and not is_setting("SEGNODE_SCPP__HOST")
+    assert not is_setting("SEGNODE_API_HOST") and not is_setting("CUDA_VISIBLE_DEVICES")
+
+
+def worker_queues(kind: str, params: dict[str, Any]) -> set[str]:
+    """The queues a worker of this kind (gpu, cpu) takes, checked against what it is for."""
+    queues = {q.strip() for q in params["queues"].split(",")}
+    assert queues == {f"segment-{kind}", "deliver"}, (kind, queues)
+    return queues
+
+
 def settings_with(environment: dict[str, str], config: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """The settings a process gets from this file and this environment (and no other SEGNODE_*)."""
     for name in list(os.environ):
         if name.startswith("SEGNODE_"):
             monkeypatch.delenv(name)
     for name, value in environment.items():
+        assert name.startswith(("SEGNODE_", "CUDA_")), name
+        assert is_setting(name) or not name.startswith("SEGNODE_"), f"{name} is no setting"
         monkeypatch.setenv(name, value)
     return load_settings(config)
 
@@ -270,6 +300,7 @@ def test_compose_segnode_services_run_cli_commands(compose_project: dict[str, An
     services = compose_project["services"]
     images = {services[name]["image"] for name in SEGNODE_SERVICES}
     assert len(images) == 1, images  # one image, as deploy/Dockerfile builds it
+    taken: set[str] = set()
     for name, command in SEGNODE_SERVICES.items():
         service = services[name]
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -277,6 +308,9 @@ def test_compose_segnode_services_run_cli_commands(compose_project: dict[str, An
         assert (config, path) == (CONFIG_IN_PLACE, command), name
         if name == "node":
             assert params["workers"] is False and params["api"] is False
+        if name.startswith("worker-"):
+            taken |= worker_queues(name.removeprefix("worker-"), params)
+    assert taken == set(QUEUES)  # no kind of work left without a worker
     # Migrations once, before every other segnode service.
     assert services["migrate"]["restart"] == "no"
     assert services["migrate"]["depends_on"]["db"]["condition"] == "service_healthy"
@@ -345,6 +379,7 @@ UNITS = {
     "segnode-node.service": "serve",
     "segnode-api.service": "api",
     "segnode-worker@.service": "worker",
+    "segnode-worker-cpu.service": "worker",
 }
 
 
@@ -414,10 +449,20 @@ def test_systemd_command_lines_are_cli_commands(unit: str) -> None:
         # systemd's specifiers: %i the instance, %% a literal %.
         argv = shlex.split(line.replace("%i", "0").replace("%%", "%"))
         assert argv[0] == INSTALLED_SEGNODE
-        config, command, _ = config_and_command(argv[1:])
+        config, command, params = config_and_command(argv[1:])
         assert config == CONFIG_IN_PLACE
         if line in unit_values(path, "ExecStart") and unit in UNITS:
             assert command == UNITS[unit]
+        if command == "worker":
+            worker_queues("gpu" if "@" in unit else "cpu", params)
+
+
+def test_systemd_workers_take_every_queue() -> None:
+    taken: set[str] = set()
+    for unit in ("segnode-worker@.service", "segnode-worker-cpu.service"):
+        (line,) = unit_values(SYSTEMD / unit, "ExecStart")
+        taken |= set(config_and_command(shlex.split(line.replace("%%", "%"))[1:])[2]["queues"].split(","))
+    assert taken == set(QUEUES)
 
 
 @pytest.mark.parametrize("unit", sorted(UNITS))
@@ -438,10 +483,13 @@ def test_systemd_units_are_hardened_and_configured(unit: str) -> None:
         assert values["Restart"] == "on-failure"
         assert "segnode-migrate.service" in values["Requires"].split()
         assert "segnode-migrate.service" in values["After"].split()
+    assert all(is_setting(name) for name in environment if name.startswith("SEGNODE_"))
     if unit == "segnode-worker@.service":
         assert environment["CUDA_VISIBLE_DEVICES"] == "%i"
         assert environment["SEGNODE_WORKER__CONCURRENCY"] == "1"
         assert "PrivateDevices" not in values  # CUDA needs /dev/nvidia*
+    if unit == "segnode-worker-cpu.service":
+        assert environment["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_systemd_environment_example_gives_production_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -613,6 +661,7 @@ def test_kubernetes_pods_run_cli_commands_as_the_image_user() -> None:
     uid, gid = image_user()
     (image,) = kustomization(KUBERNETES / "base")["images"]
     assert set(K8S_COMMANDS) == {name for name, _ in pods(objects)}
+    taken: set[str] = set()
     for name, template in pods(objects):
         security = template["spec"]["securityContext"]
         assert (security["runAsNonRoot"], security["runAsUser"], security["runAsGroup"]) == (True, uid, gid)
@@ -623,7 +672,10 @@ def test_kubernetes_pods_run_cli_commands_as_the_image_user() -> None:
         assert (config, command) == (CONFIG_IN_PLACE, K8S_COMMANDS[name]), name
         if name == "segnode-node":
             assert params["workers"] is False and params["api"] is False
+        if name.startswith("segnode-worker-"):
+            taken |= worker_queues(name.removeprefix("segnode-worker-"), params)
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert taken == set(QUEUES)  # no kind of work left without a worker
 
 
 def test_kubernetes_storage_is_shared() -> None:

@@ -3,6 +3,7 @@ part spooled as it arrives and stored as a C-STORE'd instance is (file and row s
 answer), then routed and completed alike. Every part gets its own verdict in the answer."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 PROCESSING_FAILURE = 0x0110
+STORING_AT_ONCE = 4  # parts stored on threads while the next are read
 PREAMBLE = 132  # 128 bytes and "DICM"
 GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL in explicit VR: tag, VR, length, value
 ACCEPTED = frozenset(str(uid) for uid in ACCEPTED_TRANSFER_SYNTAXES)
@@ -179,10 +181,16 @@ async def _receive(request: Request, settings: Config, user: User, study: str | 
     except MultipartError as err:
         raise HTTPException(400, str(err)) from err
     storage, who = _storage(request), user.name[:16]
-    verdicts: list[Verdict] = []
+    # Each part is stored on a thread while the next one is read (no per-instance answer makes
+    # the sender wait, as C-STORE's does); a few at a time, verdicts kept in the parts' order.
+    storing: list[asyncio.Future[Verdict]] = []
     spool: Spool | None = None
     refused_part: str | None = None
     received = 0
+
+    async def stored_so_far() -> int:
+        return sum(v.failure is None for v in await asyncio.gather(*storing))
+
     try:
         async for chunk in request.stream():
             received += len(chunk)
@@ -190,7 +198,7 @@ async def _receive(request: Request, settings: Config, user: User, study: str | 
                 raise HTTPException(
                     413,
                     f"the request is larger than the {limit} bytes the node takes; "
-                    f"{sum(v.failure is None for v in verdicts)} instance(s) before the limit are stored",
+                    f"{await stored_so_far()} instance(s) before the limit are stored",
                 )
             for event in reader.feed(chunk):
                 if isinstance(event, PartStart):
@@ -205,28 +213,37 @@ async def _receive(request: Request, settings: Config, user: User, study: str | 
                 elif isinstance(event, PartEnd):
                     if spool is not None:
                         done, spool = spool, None
-                        verdicts.append(await run_in_threadpool(store_part, storage, done, who, study))
+                        storing.append(
+                            asyncio.ensure_future(run_in_threadpool(store_part, storage, done, who, study))
+                        )
+                        if len(storing) > STORING_AT_ONCE:
+                            await storing[-STORING_AT_ONCE - 1]
                     else:
                         code = (
                             OUT_OF_RESOURCES
                             if refused_part == "the node's storage is full"
                             else DOES_NOT_MATCH
                         )
-                        verdicts.append(Verdict("", "", failure=code, reason=refused_part or ""))
+                        storing.append(_settled(Verdict("", "", failure=code, reason=refused_part or "")))
         reader.close()
     except MultipartError as err:
-        raise HTTPException(
-            400, f"{err}; {sum(v.failure is None for v in verdicts)} instance(s) before it are stored"
-        ) from err
+        raise HTTPException(400, f"{err}; {await stored_so_far()} instance(s) before it are stored") from err
     finally:
         if spool is not None:
             spool.discard()
+        verdicts = list(await asyncio.gather(*storing))  # every part started is stored before any answer
         stored = {v.series_uid for v in verdicts if v.failure is None}
         if stored:  # like an association's release: the sender says these series are sent
             await run_in_threadpool(storage.mark_released, stored)
     if not verdicts:
         raise HTTPException(400, "the body holds no part")
     return _answer(request, settings, verdicts, study)
+
+
+def _settled(verdict: Verdict) -> asyncio.Future[Verdict]:
+    future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+    future.set_result(verdict)
+    return future
 
 
 def _refused_part(headers: dict[str, str]) -> str | None:

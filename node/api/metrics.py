@@ -51,6 +51,10 @@ class NodeCollector(Collector):
         yield CounterMetricFamily(
             "segnode_series_received", "Series with at least one instance stored", value=series
         )
+        completed = session.scalar(select(func.count(Series.id)).where(Series.assembled_count > 0)) or 0
+        yield CounterMetricFamily(
+            "segnode_series_completed", "Series taken as complete (a job made for them)", value=completed
+        )
 
     def _jobs(self, session: Session) -> Iterator[Metric]:
         by_state = dict(

@@ -121,6 +121,14 @@ class DicomDestination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+class DicomSource(DicomDestination):
+    """A DICOM peer studies are pulled from: by C-MOVE to the node's own AE title (the peer must
+    know the node), or by C-GET on the node's own association (nothing to set up at the peer's end
+    but permission)."""
+
+    retrieve: Literal["move", "get"] = "move"
+
+
 class DicomWebDestination(BaseModel):
     """A DICOMweb archive that receives results by STOW-RS (Orthanc's plugin, dcm4chee, a cloud
     healthcare API). Credentials: a bearer token or a name and password, never both."""
@@ -155,6 +163,10 @@ def _destination_kind(value: Any) -> str:
 
 Destination = Annotated[
     Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
+Source = Annotated[
+    Annotated[DicomSource, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
     Discriminator(_destination_kind),
 ]
 
@@ -407,8 +419,8 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     # Where studies can be pulled from (`segnode pull`): a DICOM peer by C-MOVE to this node's AE
-    # title (the peer must know it), or a DICOMweb archive by QIDO-RS and WADO-RS.
-    sources: dict[str, Destination] = Field(default_factory=dict)
+    # title (the peer must know it) or by C-GET, or a DICOMweb archive by QIDO-RS and WADO-RS.
+    sources: dict[str, Source] = Field(default_factory=dict)
     # Segmenters by the name rules use, beside the installed ones ("classical", "demo-thorax-unet",
     # entry points), which need no entry: trained checkpoints, and body-cropped segmenters.
     segmenters: dict[str, SegmenterSettings] = Field(default_factory=dict)

@@ -2,36 +2,51 @@
 DICOM source to C-MOVE it to the node's own AE title (its instances then arrive through the
 listener like any sent study), or fetches it from a DICOMweb source by QIDO-RS and WADO-RS and
 stores each instance as the listener would; either way routing and completion take it from there.
-One pull per source and study, so asking twice makes one job."""
+A source without C-MOVE set up for the node can send the study by C-GET on the node's own
+association instead. One pull per source and study, so asking twice makes one job."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from io import BytesIO
+from typing import Any
 
 import requests
 from pydicom import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.core.config import DicomDestination, DicomWebDestination, Settings
-from node.core.dicom import rejection_reason
+from node.core.config import DicomSource, DicomWebDestination, Settings
+from node.core.dicom import CT_IMAGE_CLASSES, rejection_reason
 from node.core.dicomweb import dicomweb_client
 from node.core.outages import run_passes
 from node.core.tls import TlsFileError, client_context
 from node.db.engine import session_scope
 from node.db.models import Pull, utcnow
-from node.receive.listener import instance_facts
+from node.receive.listener import ACCEPTED_TRANSFER_SYNTAXES, instance_facts
 from node.receive.storage import Storage
 
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, FAILED = "PENDING", "RUNNING", "DONE", "FAILED"
-MOVE_WAIT_S = 600.0  # the longest a source may go without a word while it moves a study
+MOVE_WAIT_S = 600.0
+# What a C-GET takes: CT images (and what a study of them carries that routing records).
+RETRIEVED_CLASSES = (
+    *sorted(CT_IMAGE_CLASSES),
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+)  # the longest a source may go without a word while it moves a study
 
 
 class PullError(RuntimeError):
@@ -102,54 +117,87 @@ class Puller:
             raise PullError(f"source {source_name!r} is not configured (sources: in the configuration)")
         if isinstance(source, DicomWebDestination):
             return self._by_wado(source, study)
+        if source.retrieve == "get":
+            return self._by_get(source, study)
         return self._by_move(source, study)
 
-    def _by_move(self, source: DicomDestination, study: str) -> tuple[int, str]:
+    def _associate(self, source: DicomSource, ae: AE, handlers: list[Any] | None = None) -> Association:
         where = source.address
         try:
             context = client_context(source.tls, where) if source.tls is not None else None
         except TlsFileError as err:
             raise PullError(str(err)) from err
-        ae = AE(ae_title=self.settings.scp.ae_title)
         timeout = self.settings.worker.delivery_timeout_s
         ae.connection_timeout = ae.acse_timeout = ae.network_timeout = timeout
         ae.dimse_timeout = MOVE_WAIT_S
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         tls_args = (context, source.host) if context is not None else None
-        assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, tls_args=tls_args)
+        roles: list[Any] = [build_role(c, scp_role=True) for c in RETRIEVED_CLASSES] if handlers else []
+        assoc = ae.associate(
+            source.host,
+            source.port,
+            ae_title=source.ae_title,
+            tls_args=tls_args,
+            ext_neg=roles,
+            evt_handlers=handlers,
+        )
         if not assoc.is_established:
             if assoc.is_rejected and assoc.acceptor.primitive is not None:
                 answer = assoc.acceptor.primitive
                 why = rejection_reason(answer.result_source, answer.diagnostic)
                 raise PullError(f"{where} rejected the association: {why}")
             raise PullError(f"{where}: no answer (connection refused or timed out)")
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = study
-        final: Dataset | None = None
+        return assoc
+
+    def _by_move(self, source: DicomSource, study: str) -> tuple[int, str]:
+        where = source.address
+        ae = AE(ae_title=self.settings.scp.ae_title)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = self._associate(source, ae)
         try:
-            for status, _ in assoc.send_c_move(
-                query, self.settings.scp.ae_title, StudyRootQueryRetrieveInformationModelMove
-            ):
-                if "Status" not in status:
-                    raise PullError(f"{where}: no C-MOVE response within {MOVE_WAIT_S:g} s")
-                final = status
+            return _outcome(
+                where,
+                "C-MOVE",
+                assoc.send_c_move(
+                    _study(study), self.settings.scp.ae_title, StudyRootQueryRetrieveInformationModelMove
+                ),
+                self.settings.scp.ae_title,
+            )
         finally:
             assoc.release()
-        assert final is not None
-        code = int(final.Status)
-        done = int(final.get("NumberOfCompletedSuboperations", 0) or 0)
-        failed = int(final.get("NumberOfFailedSuboperations", 0) or 0)
-        if code == 0xA801:
-            raise PullError(
-                f"{where} does not know where {self.settings.scp.ae_title} is: add the node to its "
-                "DICOM peers (AE title, host, DICOM port)"
+
+    def _by_get(self, source: DicomSource, study: str) -> tuple[int, str]:
+        """C-GET: the source sends the study on the node's own association; each instance is
+        stored as the listener stores one, and each series taken as complete when the GET ends."""
+        where = source.address
+        ae = AE(ae_title=self.settings.scp.ae_title)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        for sop_class in RETRIEVED_CLASSES:
+            ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+        series: set[str] = set()
+
+        def store(event: Any) -> int:
+            syntax = str(event.context.transfer_syntax)
+            facts = instance_facts(event.dataset, syntax)
+            try:
+                self.storage.store([event.encoded_dataset()], facts, "PULL")
+            except Exception as err:  # noqa: BLE001 - answered to the source, which counts it failed
+                log.warning("pull from %s: an instance not stored (%s)", where, type(err).__name__)
+                return 0xA700
+            series.add(facts.series_uid)
+            return 0x0000
+
+        assoc = self._associate(source, ae, [(evt.EVT_C_STORE, store)])
+        try:
+            return _outcome(
+                where,
+                "C-GET",
+                assoc.send_c_get(_study(study), StudyRootQueryRetrieveInformationModelGet),
+                self.settings.scp.ae_title,
             )
-        if code not in (0x0000, 0xB000) or (done == 0 and failed == 0):
-            raise PullError(
-                f"{where}: C-MOVE status 0x{code:04X}, {done} sent, {failed} failed (is the study there?)"
-            )
-        return done, f"{where} sent {done} instance(s) by C-MOVE" + (f", {failed} failed" if failed else "")
+        finally:
+            assoc.release()
+            if series:  # what arrived is complete now, whatever the source says of the rest
+                self.storage.mark_released(series)
 
     def _by_wado(self, source: DicomWebDestination, study: str) -> tuple[int, str]:
         client = dicomweb_client(source, self.settings.worker.delivery_timeout_s)
@@ -177,3 +225,34 @@ class Puller:
 
     def run(self, stop: threading.Event, every_s: float = 1.0) -> None:
         run_passes(stop, self.tick, every_s, log, "the puller")
+
+
+def _study(uid: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = uid
+    return query
+
+
+def _outcome(where: str, how: str, responses: Iterable[tuple[Dataset, Any]], node_ae: str) -> tuple[int, str]:
+    """(instances sent, what happened) from a C-MOVE's or C-GET's responses; PullError if it failed."""
+    final: Dataset | None = None
+    for status, _ in responses:
+        if "Status" not in status:
+            raise PullError(f"{where}: no {how} response within {MOVE_WAIT_S:g} s")
+        final = status
+    if final is None:
+        raise PullError(f"{where}: no {how} response")
+    code = int(final.Status)
+    done = int(final.get("NumberOfCompletedSuboperations", 0) or 0)
+    failed = int(final.get("NumberOfFailedSuboperations", 0) or 0)
+    if code == 0xA801:
+        raise PullError(
+            f"{where} does not know where {node_ae} is: add the node to its DICOM peers (AE title, host, "
+            "DICOM port), or pull with retrieve: get"
+        )
+    if code not in (0x0000, 0xB000) or (done == 0 and failed == 0):
+        raise PullError(
+            f"{where}: {how} status 0x{code:04X}, {done} sent, {failed} failed (is the study there?)"
+        )
+    return done, f"{where} sent {done} instance(s) by {how}" + (f", {failed} failed" if failed else "")

@@ -145,6 +145,7 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     }
     assert found["segnode_instances_received_total", ()] == 4
     assert found["segnode_series_received_total", ()] == 1
+    assert found["segnode_series_completed_total", ()] == 1
     assert found["segnode_jobs", (("state", "DELIVERED"),)] == 1 and found["segnode_queue_depth", ()] == 0
     assert found["segnode_delivery_attempts_total", (("destination", "pacs"),)] >= 1
     assert found["segnode_deliveries_failed_total", (("destination", "pacs"),)] == 0

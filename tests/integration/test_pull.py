@@ -1,5 +1,5 @@
-"""Pull jobs against Orthanc as the PACS: a study already in it fetched by C-MOVE (the command
-line) and by QIDO-RS/WADO-RS (the API), segmented, its SEG back in Orthanc; asking twice makes one
+"""Pull jobs against Orthanc as the PACS: a study already in it fetched by C-MOVE and C-GET (the
+command line) and by QIDO-RS/WADO-RS (the API), segmented, its SEG back in Orthanc; asking twice makes one
 job; a study the PACS does not hold fails with a reason."""
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def test_a_study_in_the_pacs_is_pulled_segmented_and_sent_back_once(
         api={"enabled": True},
         sources={
             "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "pacs-get": {
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "retrieve": "get",
+            },
             "archive": {"kind": "dicomweb", "url": f"{orthanc.http}/dicom-web"},
         },
         destinations={"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
@@ -97,6 +103,12 @@ def test_a_study_in_the_pacs_is_pulled_segmented_and_sent_back_once(
     assert "gave 6 instance(s) of 1 series by WADO-RS" in pull_state(asked["id"])["message"]
     node.wait_for_state(JobState.DELIVERED, count=2, timeout=180)
     assert len(node.jobs()) == 2
+
+    # By C-GET, on the node's own association.
+    third = _in_orthanc(orthanc, tmp_path / "third")
+    got = node.cli("pull", third, "--source", "pacs-get", "--wait", timeout=300)
+    assert got.returncode == 0 and "sent 6 instance(s) by C-GET" in got.stdout, got.stdout + got.stderr
+    node.wait_for_state(JobState.DELIVERED, count=3, timeout=180)
 
     # A study the PACS does not hold: the pull fails and says so.
     missing = node.cli("pull", "1.2.3.4.5.6", "--source", "pacs", "--wait", timeout=300)

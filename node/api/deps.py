@@ -29,7 +29,8 @@ def session(request: Request) -> Iterator[Session]:
         yield s
 
 
-Db = Annotated[Session, Depends(session)]
+# Committed when the route returns, before the answer goes out: what a client is told is done is done.
+Db = Annotated[Session, Depends(session, scope="function")]
 Config = Annotated[Settings, Depends(settings)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 BasicCredentials = Annotated[HTTPBasicCredentials | None, Depends(basic_auth)]
@@ -73,19 +74,41 @@ def current_user(request: Request, db: Db, credentials: Credentials) -> User:
 
 
 def viewer(user: Annotated[User, Depends(current_user)]) -> User:
-    if user.role == Role.SENDER:
-        raise HTTPException(
-            403, f"{user.name} is a sender: it may store instances (STOW-RS) and nothing else"
-        )
+    """People (and monitoring): viewers and admins; a sender's or a worker's token opens nothing here."""
+    if user.role not in (Role.VIEWER, Role.ADMIN):
+        raise HTTPException(403, f"{user.name} is a {user.role.value}: this needs the viewer or admin role")
     return user
 
 
 Viewer = Annotated[User, Depends(viewer)]
 
 
-def stower(request: Request, db: Db, credentials: Credentials, basic: BasicCredentials) -> User:
+def reader(user: Annotated[User, Depends(current_user)]) -> User:
+    """Who reads instances over QIDO-RS and WADO-RS: viewers, admins, and workers on other machines."""
+    if user.role not in (Role.VIEWER, Role.ADMIN, Role.WORKER):
+        raise HTTPException(403, f"{user.name} is a {user.role.value}: reading instances needs another role")
+    return user
+
+
+Reader = Annotated[User, Depends(reader)]
+
+
+def stower(request: Request, credentials: Credentials, basic: BasicCredentials) -> User:
     """Who stores instances over STOW-RS: a bearer token, or a name and password (HTTP Basic,
-    throttled like a login; over HTTPS only, in front of the node); a sender or an admin."""
+    throttled like a login; over HTTPS only, in front of the node); a sender or an admin. Its own
+    short session: an upload may last minutes."""
+    with session_scope(request.app.state.sessions) as db:
+        user = _stower(request, db, credentials, basic)
+        db.expunge(user)
+    return user
+
+
+def _stower(
+    request: Request,
+    db: Session,
+    credentials: HTTPAuthorizationCredentials | None,
+    basic: HTTPBasicCredentials | None,
+) -> User:
     if basic is not None and credentials is None:
         throttle: LoginThrottle = request.app.state.throttle
         address = request.client.host if request.client else "unknown"
@@ -110,7 +133,7 @@ def stower(request: Request, db: Db, credentials: Credentials, basic: BasicCrede
 Stower = Annotated[User, Depends(stower)]
 
 
-def remote_worker(user: Viewer) -> User:
+def remote_worker(user: Annotated[User, Depends(current_user)]) -> User:
     if user.role not in (Role.WORKER, Role.ADMIN):
         raise HTTPException(403, f"{user.name} is a {user.role.value}; this needs the worker or admin role")
     return user

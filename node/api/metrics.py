@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import func, select
+from sqlalchemy import Subquery, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import AssociationCount, Delivery, DeliveryState, Instance, Job, JobState, Series
@@ -75,11 +75,14 @@ class NodeCollector(Collector):
                 Delivery.destination, Delivery.state, func.count(Delivery.id), func.sum(Delivery.attempts)
             ).group_by(Delivery.destination, Delivery.state)
         ).all()
-        failed = CounterMetricFamily(
+        # Gauges: a retry or a resend starts a delivery's count again, so they can go down.
+        failed = GaugeMetricFamily(
             "segnode_deliveries_failed", "Deliveries given up, by destination", labels=["destination"]
         )
-        attempts = CounterMetricFamily(
-            "segnode_delivery_attempts", "Attempts to send a result, by destination", labels=["destination"]
+        attempts = GaugeMetricFamily(
+            "segnode_delivery_attempts",
+            "Attempts made by the deliveries the node holds, by destination",
+            labels=["destination"],
         )
         totals: dict[str, tuple[int, int]] = {}
         for destination, state, count, tried in rows:
@@ -96,12 +99,7 @@ class NodeCollector(Collector):
 
     def _latency(self, session: Session) -> Metric:
         """A histogram over every delivered job: last instance received to last delivery made."""
-        delivered = (
-            select(Delivery.job_id, func.max(Delivery.delivered_at).label("at"))
-            .where(Delivery.state == DeliveryState.DELIVERED)
-            .group_by(Delivery.job_id)
-            .subquery()
-        )
+        delivered = _last_delivery()
         rows = session.execute(
             select(delivered.c.at, Series.last_received_at)
             .join(Job, Job.id == delivered.c.job_id)
@@ -121,12 +119,7 @@ class NodeCollector(Collector):
         """Where the wait goes, per finished job: completion (last instance to job), queue (job
         to a worker starting it), processing (start to results written), delivery (results to
         the last destination's success)."""
-        delivered = (
-            select(Delivery.job_id, func.max(Delivery.delivered_at).label("at"))
-            .where(Delivery.state == DeliveryState.DELIVERED)
-            .group_by(Delivery.job_id)
-            .subquery()
-        )
+        delivered = _last_delivery()
         rows = session.execute(
             select(Series.last_received_at, Job.created_at, Job.started_at, Job.segmented_at, delivered.c.at)
             .join(Job, Job.series_id == Series.id)
@@ -156,6 +149,16 @@ class NodeCollector(Collector):
         for result, count in session.execute(select(AssociationCount.result, AssociationCount.count)):
             counted.add_metric([result], count)
         return counted
+
+
+def _last_delivery() -> Subquery:
+    """Each delivered job's id and when its last delivery was made (``at``)."""
+    return (
+        select(Delivery.job_id, func.max(Delivery.delivered_at).label("at"))
+        .where(Delivery.state == DeliveryState.DELIVERED)
+        .group_by(Delivery.job_id)
+        .subquery()
+    )
 
 
 def _buckets(values: list[float], bounds: tuple[float, ...]) -> tuple[list[tuple[str, float]], float]:

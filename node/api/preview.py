@@ -5,6 +5,7 @@ kept beside the job's results."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import highdicom as hd
@@ -59,7 +60,9 @@ def preview_png(session: Session, settings: Settings, job: Job) -> bytes | None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     png = buffer.getvalue()
-    cached.write_bytes(png)
+    partial = cached.with_name(f".{PREVIEW}.{os.getpid()}.part")
+    partial.write_bytes(png)
+    partial.replace(cached)  # whole or not there: a crash leaves no half picture behind
     return png
 
 

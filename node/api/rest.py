@@ -3,7 +3,7 @@ history under the user's name."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -137,14 +137,19 @@ def list_jobs(
         key = search_key(node_key(settings.data_dir), q)
         query = query.where((Series.patient_key == key) | (Series.accession_key == key))
     if created_after:
-        query = query.where(Job.created_at >= created_after)
+        query = query.where(Job.created_at >= _utc(created_after))
     if created_before:
-        query = query.where(Job.created_at < created_before)
+        query = query.where(Job.created_at < _utc(created_before))
     if cursor is not None:
         query = query.where(Job.id < cursor)
     rows = db.execute(query.order_by(Job.id.desc()).limit(limit + 1)).all()
     items = [views.job_row(row) for row in rows[:limit]]
     return {"items": items, "next_cursor": items[-1]["id"] if len(rows) > limit else None}
+
+
+def _utc(moment: datetime) -> datetime:
+    """A time without a zone is read as UTC, as every time the node shows is."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @router.get("/jobs/{job_id}", tags=["jobs"])

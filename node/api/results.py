@@ -9,42 +9,55 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from node.api.deps import Config, RemoteWorker
+from node.api.deps import Config, Db, RemoteWorker
 from node.core.config import Settings
+from node.db.models import Job, JobState
 from node.receive.spool_files import fsync_dir
 
 router = APIRouter(prefix="/api/jobs", tags=["workers"])
 # What a job writes (node.core.outputs): these names and no others, so no path leaves its folder.
-RESULT_NAME = re.compile(r"^(seg|rtstruct|sr)\.dcm$|^overlay/[0-9.]{1,64}\.dcm$")
-MAX_RESULT_BYTES = 2 * 1024**3
+RESULT_NAME = re.compile(r"(seg|rtstruct|sr)\.dcm|overlay/[0-9.]{1,64}\.dcm")
+MAX_RESULT_BYTES = 512 * 1024**2
 
 
 def _path(settings: Settings, job_id: int, name: str) -> Path:
-    if not RESULT_NAME.match(name):
+    if not RESULT_NAME.fullmatch(name):
         raise HTTPException(422, f"{name!r} is not a result a job writes")
     return settings.output_dir / f"job-{job_id}" / name
 
 
 @router.put("/{job_id}/results/{name:path}")
 async def put_result(
-    job_id: int, name: str, request: Request, user: RemoteWorker, settings: Config
+    job_id: int, name: str, request: Request, user: RemoteWorker, settings: Config, db: Db
 ) -> dict[str, Any]:
-    """Keep one result file of the job, durably (written, synced, renamed into place)."""
+    """Keep one result file of a running job, durably (written, synced, renamed into place)."""
     target = _path(settings, job_id, name)
+    job = db.get(Job, job_id)
+    if job is None or job.state != JobState.RUNNING:
+        raise HTTPException(409, f"job {job_id} is not running: results are handed back while it runs")
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        raise HTTPException(411, "a result is sent with its Content-Length")
+    if int(declared) > MAX_RESULT_BYTES:
+        raise HTTPException(413, f"a result of {declared} bytes; at most {MAX_RESULT_BYTES}")
     body = await request.body()
-    if len(body) > MAX_RESULT_BYTES:
-        raise HTTPException(413, f"a result of {len(body)} bytes; at most {MAX_RESULT_BYTES}")
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{uuid.uuid4().hex}.part")
-    with temporary.open("wb") as out:
+    await run_in_threadpool(_write, temporary, body)
+    temporary.replace(target)
+    await run_in_threadpool(fsync_dir, target.parent)
+    return {"folder": str(target.parent.parent if "/" in name else target.parent), "bytes": len(body)}
+
+
+def _write(path: Path, body: bytes) -> None:
+    """``body`` into ``path``, synced (on a thread, off the event loop)."""
+    with path.open("wb") as out:
         out.write(body)
         out.flush()
         os.fsync(out.fileno())
-    temporary.replace(target)
-    fsync_dir(target.parent)
-    return {"folder": str(target.parent.parent if "/" in name else target.parent), "bytes": len(body)}
 
 
 @router.get("/{job_id}/results")
@@ -54,7 +67,7 @@ def list_results(job_id: int, user: RemoteWorker, settings: Config) -> list[str]
     found = (
         [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*.dcm"))] if folder.is_dir() else []
     )
-    return [name for name in found if RESULT_NAME.match(name)]
+    return [name for name in found if RESULT_NAME.fullmatch(name)]
 
 
 @router.get("/{job_id}/results/{name:path}")

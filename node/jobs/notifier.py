@@ -10,6 +10,7 @@ import threading
 import urllib.error
 import urllib.request
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -68,7 +69,7 @@ class Notifier:
                 if error is None:
                     sent_to.append(webhook.url)
                 else:
-                    errors.append(f"{webhook.url}: {error}")
+                    errors.append(f"{_where(webhook.url)}: {error}")
             message.sent_to = sent_to
             message.attempts += 1
             if not errors:
@@ -87,6 +88,12 @@ class Notifier:
 
     def run(self, stop: threading.Event, every_s: float = 1.0) -> None:
         run_passes(stop, self.tick, every_s, log, "the webhook notifier")
+
+
+def _where(url: str) -> str:
+    """A webhook as logs name it: scheme and host (the path of many webhooks is their secret)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 def post(webhook: Webhook, payload: dict[str, object]) -> str | None:

@@ -224,6 +224,8 @@ class Puller:
         return stored, f"{source.url} gave {stored} instance(s) of {len(series)} series by WADO-RS"
 
     def run(self, stop: threading.Event, every_s: float = 1.0) -> None:
+        with session_scope(self.sessions) as session:  # pulls a stopped or crashed node left running
+            session.execute(update(Pull).where(Pull.state == RUNNING).values(state=PENDING))
         run_passes(stop, self.tick, every_s, log, "the puller")
 
 

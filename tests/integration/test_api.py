@@ -147,8 +147,8 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     assert found["segnode_series_received_total", ()] == 1
     assert found["segnode_series_completed_total", ()] == 1
     assert found["segnode_jobs", (("state", "DELIVERED"),)] == 1 and found["segnode_queue_depth", ()] == 0
-    assert found["segnode_delivery_attempts_total", (("destination", "pacs"),)] >= 1
-    assert found["segnode_deliveries_failed_total", (("destination", "pacs"),)] == 0
+    assert found["segnode_delivery_attempts", (("destination", "pacs"),)] >= 1
+    assert found["segnode_deliveries_failed", (("destination", "pacs"),)] == 0
     assert found["segnode_last_instance_to_delivered_seconds_count", ()] == 1
     assert found["segnode_last_instance_to_delivered_seconds_bucket", (("le", "+Inf"),)] == 1
     assert found["segnode_storage_free_bytes", ()] > 0
@@ -164,6 +164,8 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     status, shown = api.call("GET", f"/api/jobs/{job.id}", token)
     assert shown["state"] == "DELIVERED" and shown["events"][0]["event"] == "created"
     assert api.call("GET", "/api/jobs/999999", token)[0] == 404
+    naive = api.call("GET", "/api/jobs?created_after=2020-01-01T00:00", token)  # read as UTC
+    assert naive[0] == 200 and [j["id"] for j in naive[1]["items"]] == [job.id]
     assert api.text(f"/api/jobs/{job.id}/preview.png", token, raw=True)[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Patient identifiers: shown to a logged-in user, searched by an admin, never in the database.

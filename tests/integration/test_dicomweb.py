@@ -134,6 +134,7 @@ def test_bad_stow_requests_are_answered_by_name_and_leave_nothing_behind(
         content_type=f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
     )
     assert status == 415
+    assert _post(f"{url}/not..a..uid", _multipart([("application/dicom", b"x")]), token)[0] == 400
     status, body, _ = _post(url, _multipart([("application/dicom", good.read_bytes())], close=False), token)
     assert status == 400 and "closing boundary" in body["detail"]
 
@@ -202,6 +203,12 @@ def test_qido_and_wado_show_what_the_node_received_and_what_it_produced(
     reader = DICOMwebClient(url=base, headers={"Authorization": f"Bearer {_token(node, 'vic')}"})
 
     (found,) = reader.search_for_studies(search_filters={"StudyInstanceUID": study})
+    (by_patient,) = reader.search_for_studies(search_filters={"PatientID": str(first.PatientID)})
+    assert by_patient["0020000D"]["Value"] == [study]
+    assert reader.search_for_studies(search_filters={"PatientID": "nobody"}) == []
+    with pytest.raises(HTTPError) as unmatched:
+        reader.search_for_studies(search_filters={"PatientName": "Doe^John"})
+    assert unmatched.value.response is not None and unmatched.value.response.status_code == 400
     assert found["0020000D"]["Value"] == [study]
     assert found["00080061"]["Value"] == ["CT", "SEG"]
     assert found["00201208"]["Value"] == [len(sent) + 1]

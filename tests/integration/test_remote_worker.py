@@ -5,6 +5,8 @@ retry that finds no results on its machine fetches them from the node (PostgreSQ
 from __future__ import annotations
 
 import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +45,10 @@ def test_a_worker_without_the_node_folder_segments_and_delivers(
     token = node.cli("users", "token", "gpu-box").stdout.strip()
     api = f"http://127.0.0.1:{node.values['api']['port']}"
     assert eventually(lambda: peers.port_open(node.values["api"]["port"]), timeout=60), "no API"
+    request = urllib.request.Request(f"{api}/api/jobs", headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a worker's token opens no page of people's
+        urllib.request.urlopen(request, timeout=30)  # noqa: S310 - our own node
+    assert refused.value.code == 403
 
     remote = segnode_factory(
         database_url=fresh_pg_url,

@@ -16,11 +16,11 @@ from pydicom.dataelem import DataElement
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
-from node.api.deps import Config, Db, Viewer
+from node.api.deps import Config, Db, Reader
 from node.api.dicomweb.held import Held, held, produced
 from node.api.dicomweb.multipart import parse_content_type
 from node.api.dicomweb.stow import DICOM, DICOM_JSON, public_base
-from node.core.identifiers import read_identifiers
+from node.core.identifiers import node_key, read_identifiers, search_key
 from node.db.models import Instance, Series, Study
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -28,6 +28,9 @@ BOUNDARY = "segnode-wado-boundary"
 CHUNK = 1 << 20
 BULK_THRESHOLD = 1024  # larger binary elements are named by URI in metadata, not inlined
 MAX_LIMIT = 1000
+QIDO_MATCHING = frozenset({"StudyInstanceUID", "PatientID", "AccessionNumber"})
+# Keys that ask for no matching: paging, and attributes or fuzziness the answer may ignore.
+QIDO_KEYS = QIDO_MATCHING | {"limit", "offset", "includefield", "fuzzymatching"}
 
 
 def _attr(vr: str, *values: Any) -> dict[str, Any]:
@@ -41,17 +44,31 @@ def _attr(vr: str, *values: Any) -> dict[str, Any]:
 @router.get("/studies")
 def search_studies(
     request: Request,
-    user: Viewer,
+    user: Reader,
     db: Db,
     settings: Config,
     study: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
+    patient_id: Annotated[str | None, Query(alias="PatientID")] = None,
+    accession: Annotated[str | None, Query(alias="AccessionNumber")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JSONResponse:
-    """Studies, newest first; patient and study attributes as their first instance names them."""
+    """Studies, newest first; patient and study attributes as their first instance names them.
+    Matching: StudyInstanceUID, and PatientID or AccessionNumber exactly (the database keeps only
+    keyed hashes of those); any other key is refused rather than silently ignored."""
+    unsupported = sorted(set(request.query_params) - QIDO_KEYS)
+    if unsupported:
+        raise HTTPException(
+            400,
+            f"the node matches on {', '.join(sorted(QIDO_MATCHING))} only, not on {', '.join(unsupported)}",
+        )
     query = select(Study).order_by(Study.id.desc()).limit(limit).offset(offset)
     if study:
         query = query.where(Study.study_instance_uid == study)
+    for value, column in ((patient_id, Series.patient_key), (accession, Series.accession_key)):
+        if value:
+            key = search_key(node_key(settings.data_dir), value)
+            query = query.where(Study.id.in_(select(Series.study_id).where(column == key)))
     base = public_base(request, settings) + "/dicomweb/studies"
     found = []
     for row in db.scalars(query):
@@ -87,7 +104,7 @@ def search_studies(
 
 
 @router.get("/studies/{study}/series")
-def search_series(study: str, request: Request, user: Viewer, db: Db, settings: Config) -> JSONResponse:
+def search_series(study: str, request: Request, user: Reader, db: Db, settings: Config) -> JSONResponse:
     """The study's series: received ones and those the node wrote (SEG, RTSTRUCT, SR, overlays)."""
     by_series: dict[str, list[Held]] = defaultdict(list)
     for item in held(db, settings, study):
@@ -113,7 +130,7 @@ def search_series(study: str, request: Request, user: Viewer, db: Db, settings: 
 
 @router.get("/studies/{study}/series/{series}/instances")
 def search_instances(
-    study: str, series: str, request: Request, user: Viewer, db: Db, settings: Config
+    study: str, series: str, request: Request, user: Reader, db: Db, settings: Config
 ) -> JSONResponse:
     items = held(db, settings, study, series)
     if not items:
@@ -191,20 +208,20 @@ def _retrieve(request: Request, items: list[Held], what: str) -> StreamingRespon
 
 
 @router.get("/studies/{study}")
-def retrieve_study(study: str, request: Request, user: Viewer, db: Db, settings: Config) -> StreamingResponse:
+def retrieve_study(study: str, request: Request, user: Reader, db: Db, settings: Config) -> StreamingResponse:
     return _retrieve(request, held(db, settings, study), f"study {study}")
 
 
 @router.get("/studies/{study}/series/{series}")
 def retrieve_series(
-    study: str, series: str, request: Request, user: Viewer, db: Db, settings: Config
+    study: str, series: str, request: Request, user: Reader, db: Db, settings: Config
 ) -> StreamingResponse:
     return _retrieve(request, held(db, settings, study, series), f"series {series}")
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}")
 def retrieve_instance(
-    study: str, series: str, sop: str, request: Request, user: Viewer, db: Db, settings: Config
+    study: str, series: str, sop: str, request: Request, user: Reader, db: Db, settings: Config
 ) -> StreamingResponse:
     return _retrieve(request, held(db, settings, study, series, sop), f"instance {sop}")
 
@@ -226,19 +243,19 @@ def _metadata(request: Request, settings: Config, items: list[Held], what: str) 
 
 
 @router.get("/studies/{study}/metadata")
-def study_metadata(study: str, request: Request, user: Viewer, db: Db, settings: Config) -> JSONResponse:
+def study_metadata(study: str, request: Request, user: Reader, db: Db, settings: Config) -> JSONResponse:
     return _metadata(request, settings, held(db, settings, study), f"study {study}")
 
 
 @router.get("/studies/{study}/series/{series}/metadata")
 def series_metadata(
-    study: str, series: str, request: Request, user: Viewer, db: Db, settings: Config
+    study: str, series: str, request: Request, user: Reader, db: Db, settings: Config
 ) -> JSONResponse:
     return _metadata(request, settings, held(db, settings, study, series), f"series {series}")
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
 def instance_metadata(
-    study: str, series: str, sop: str, request: Request, user: Viewer, db: Db, settings: Config
+    study: str, series: str, sop: str, request: Request, user: Reader, db: Db, settings: Config
 ) -> JSONResponse:
     return _metadata(request, settings, held(db, settings, study, series, sop), f"instance {sop}")

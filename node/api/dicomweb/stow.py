@@ -45,6 +45,7 @@ DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 PROCESSING_FAILURE = 0x0110
+TRANSIENT = frozenset({OUT_OF_RESOURCES, PROCESSING_FAILURE})
 STORING_AT_ONCE = 4  # parts stored on threads while the next are read
 PREAMBLE = 132  # 128 bytes and "DICM"
 GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL in explicit VR: tag, VR, length, value
@@ -180,7 +181,10 @@ async def _receive(request: Request, settings: Config, user: User, study: str | 
         reader = MultipartReader(content_type.params.get("boundary", ""))
     except MultipartError as err:
         raise HTTPException(400, str(err)) from err
+    if study is not None and not is_valid_uid(study):
+        raise HTTPException(400, "the study in the URL is not a valid DICOM UID")
     storage, who = _storage(request), user.name[:16]
+    whole = False  # the body came to its closing boundary
     # Each part is stored on a thread while the next one is read (no per-instance answer makes
     # the sender wait, as C-STORE's does); a few at a time, verdicts kept in the parts' order.
     storing: list[asyncio.Future[Verdict]] = []
@@ -226,6 +230,7 @@ async def _receive(request: Request, settings: Config, user: User, study: str | 
                         )
                         storing.append(_settled(Verdict("", "", failure=code, reason=refused_part or "")))
         reader.close()
+        whole = True
     except MultipartError as err:
         raise HTTPException(400, f"{err}; {await stored_so_far()} instance(s) before it are stored") from err
     finally:
@@ -233,7 +238,9 @@ async def _receive(request: Request, settings: Config, user: User, study: str | 
             spool.discard()
         verdicts = list(await asyncio.gather(*storing))  # every part started is stored before any answer
         stored = {v.series_uid for v in verdicts if v.failure is None}
-        if stored:  # like an association's release: the sender says these series are sent
+        # Like an association's release, only for a whole request that lost nothing: a sender told
+        # of a refusal sends again, and a series cut short waits out its quiet period.
+        if stored and whole and all(v.failure is None for v in verdicts):
             await run_in_threadpool(storage.mark_released, stored)
     if not verdicts:
         raise HTTPException(400, "the body holds no part")
@@ -295,6 +302,9 @@ def _answer(request: Request, settings: Settings, verdicts: list[Verdict], study
         body["00081198"] = {"vr": "SQ", "Value": [_failed_item(v) for v in failed]}
     status = 200 if not failed else (202 if stored else 409)
     headers = {}
+    if not stored and all(v.failure in TRANSIENT for v in failed):
+        status = 503  # nothing stored, and only for reasons that pass: the sender should try again
+        headers["Retry-After"] = "60"
     if failed:  # the reasons in words (the standard's codes say less), without patient identifiers
         headers["Warning"] = ", ".join(f'299 segnode "{_quoted(v)}"' for v in failed[:20])
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)

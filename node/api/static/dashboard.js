@@ -82,8 +82,9 @@ async function login(event) {
     }),
   });
   if (response.ok) {
-    const next = new URLSearchParams(window.location.search).get("next");
-    window.location = next && next.startsWith("/") && !next.startsWith("//") ? next : "/";
+    // Only a page of this node: "next" comes from the address bar, which anyone can write.
+    const next = new URL(new URLSearchParams(window.location.search).get("next") || "/", window.location.origin);
+    window.location = next.origin === window.location.origin ? next.pathname + next.search : "/";
     return;
   }
   const answer = await response.json().catch(() => ({}));

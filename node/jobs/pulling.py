@@ -15,8 +15,7 @@ from typing import Any
 
 import requests
 from pydicom import Dataset
-from pynetdicom import AE, build_role, evt
-from pynetdicom.association import Association
+from pynetdicom import AE, Association, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,

@@ -42,7 +42,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.throttle = LoginThrottle(settings.api.login_attempts, settings.api.login_window_s)
-    app.state.metrics = registry(sessions, settings.storage_dir)
+    app.state.metrics = registry(sessions, settings)
     app.state.queue = JobQueue(make_celery(settings), settings)
     app.include_router(health.router)
     app.include_router(rest.router)

@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import Subquery, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.api.views import database_depths
+from node.core.config import Settings
 from node.db.models import AssociationCount, Delivery, DeliveryState, Instance, Job, JobState, Series
 
 # Seconds from a series' last instance to its SEG delivered: the wait a technologist feels.
@@ -24,8 +26,8 @@ STAGE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
 class NodeCollector(Collector):
-    def __init__(self, sessions: sessionmaker[Session], storage_dir: Path) -> None:
-        self.sessions, self.storage_dir = sessions, storage_dir
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings) -> None:
+        self.sessions, self.settings = sessions, settings
 
     def collect(self) -> Iterator[Metric]:
         with self.sessions() as session:
@@ -38,7 +40,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "segnode_storage_free_bytes",
             "Free space where received instances are stored",
-            value=free_bytes(self.storage_dir),
+            value=free_bytes(self.settings.storage_dir),
         )
 
     def _received(self, session: Session) -> Iterator[Metric]:
@@ -57,17 +59,19 @@ class NodeCollector(Collector):
         )
 
     def _jobs(self, session: Session) -> Iterator[Metric]:
-        by_state = dict(
-            session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).tuples().all()
-        )
+        by_state = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
         jobs = GaugeMetricFamily("segnode_jobs", "Jobs by state", labels=["state"])
         for state in JobState:
             jobs.add_metric([state.value], by_state.get(state, 0))
         yield jobs
-        waiting = by_state.get(JobState.RECEIVED, 0) + by_state.get(JobState.QUEUED, 0)
-        yield GaugeMetricFamily(
-            "segnode_queue_depth", "Jobs waiting for a worker (RECEIVED or QUEUED)", value=waiting
+        # By queue, so that GPU workers scale on their own queue: jobs waiting for a worker
+        # (RECEIVED or QUEUED) on the segment queues, deliveries pending on the delivery queue.
+        depth = GaugeMetricFamily(
+            "segnode_queue_depth", "Work waiting for a worker, by queue", labels=["queue"]
         )
+        for name, counted in database_depths(session, self.settings).items():
+            depth.add_metric([name], counted["waiting_jobs"] + counted["deliveries_pending"])
+        yield depth
 
     def _deliveries(self, session: Session) -> Iterator[Metric]:
         rows = session.execute(
@@ -173,10 +177,10 @@ def _buckets(values: list[float], bounds: tuple[float, ...]) -> tuple[list[tuple
     return buckets, sum(waits)
 
 
-def registry(sessions: sessionmaker[Session], storage_dir: Path) -> CollectorRegistry:
+def registry(sessions: sessionmaker[Session], settings: Settings) -> CollectorRegistry:
     """A registry of the node's metrics alone (no process metrics of whichever API process answers)."""
     found = CollectorRegistry(auto_describe=False)
-    found.register(NodeCollector(sessions, storage_dir))
+    found.register(NodeCollector(sessions, settings))
     return found
 
 

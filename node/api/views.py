@@ -235,10 +235,10 @@ def _destination_state(suspended: bool, last: DestinationStatus | None) -> str:
     return "up" if last.ok else "down"
 
 
-def queues(session: Session, settings: Settings, celery: Celery) -> list[dict[str, Any]]:
-    """Each queue's depth as the database counts it (the truth) and as the broker holds it: jobs
-    waiting for a worker (received or queued) and running, by the queue of their segmenter;
-    deliveries pending on the delivery queue."""
+def database_depths(session: Session, settings: Settings) -> dict[str, dict[str, int]]:
+    """Each queue's work as the database counts it (the truth): jobs waiting for a worker
+    (received or queued) and running, by the queue of their segmenter; deliveries pending on the
+    delivery queue."""
     by_queue = {name: Counter[str]() for name in QUEUES}
     for segmenter, state, count in session.execute(
         select(Job.segmenter, Job.state, func.count(Job.id))
@@ -251,20 +251,23 @@ def queues(session: Session, settings: Settings, celery: Celery) -> list[dict[st
         .join(Job, Job.id == Delivery.job_id)
         .where(Job.state == JobState.SEGMENTED, Delivery.state == DeliveryState.PENDING)
     )
+    return {
+        name: {
+            "waiting_jobs": counted[JobState.RECEIVED.value] + counted[JobState.QUEUED.value],
+            "running": counted[JobState.RUNNING.value],
+            "deliveries_pending": int(deliveries or 0) if name == DELIVER else 0,
+        }
+        for name, counted in by_queue.items()
+    }
+
+
+def queues(session: Session, settings: Settings, celery: Celery) -> list[dict[str, Any]]:
+    """Each queue's depth as the database counts it and as the broker holds it."""
     at_broker = broker_depth(celery)
-    found = []
-    for name in QUEUES:
-        counted = by_queue[name]
-        found.append(
-            {
-                "name": name,
-                "waiting_jobs": counted[JobState.RECEIVED.value] + counted[JobState.QUEUED.value],
-                "running": counted[JobState.RUNNING.value],
-                "deliveries_pending": int(deliveries or 0) if name == DELIVER else 0,
-                "broker_messages": at_broker[name],
-            }
-        )
-    return found
+    return [
+        {"name": name, **counted, "broker_messages": at_broker[name]}
+        for name, counted in database_depths(session, settings).items()
+    ]
 
 
 def series_detail(session: Session, settings: Settings, uid: str) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from node.db.models import DestinationStatus, Notification, Suspension, WorkerBeat, utcnow
@@ -18,12 +19,20 @@ def delivery_target(destination: str) -> str:
     return f"delivery:{destination}"
 
 
+def _add_unless_present(session: Session, model: Any, key: str, **values: Any) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING on ``key``: two callers adding the same row at once (two
+    workers, two admins) both go on, where a plain INSERT fails one of them; True if this one added it."""
+    dialect = session.get_bind().dialect.name
+    insert: Any = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
+    table = model.__table__
+    statement = insert(table).values(**values).on_conflict_do_nothing(index_elements=[table.c[key]])
+    # RETURNING tells whether the row went in: rowcount is -1 on some drivers.
+    return session.execute(statement.returning(table.c[key])).first() is not None
+
+
 def suspend(session: Session, target: str, who: str) -> bool:
     """Suspend ``target`` (PROCESSING or a delivery_target); False if it already was."""
-    if session.get(Suspension, target) is not None:
-        return False
-    session.add(Suspension(target=target, by=who, since=utcnow()))
-    return True
+    return _add_unless_present(session, Suspension, "target", target=target, by=who, since=utcnow())
 
 
 def resume(session: Session, target: str) -> bool:
@@ -86,10 +95,10 @@ def destination_answered(session: Session, name: str, ok: bool, answer: str) -> 
     """Record a destination's answer (a delivery attempt or a C-ECHO). Coming back after a down
     that was notified queues a ``destination_up`` message."""
     now = utcnow()
-    row = session.get(DestinationStatus, name)
-    if row is None:
-        row = DestinationStatus(name=name, down_notified=False)
-        session.add(row)
+    _add_unless_present(session, DestinationStatus, "name", name=name, down_notified=False)
+    # Locked until commit, so that two answers at once do not both report the destination back up.
+    row = session.get(DestinationStatus, name, with_for_update=True, populate_existing=True)
+    assert row is not None
     row.checked_at, row.ok, row.answer = now, ok, answer
     if not ok:
         row.down_since = row.down_since or now

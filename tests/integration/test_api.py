@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
+from node.core.queue import QUEUES
 from node.db.models import Base, JobState
 from tests import dicom_factory as factory
 from tests import peers
@@ -146,7 +147,10 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     assert found["segnode_instances_received_total", ()] == 4
     assert found["segnode_series_received_total", ()] == 1
     assert found["segnode_series_completed_total", ()] == 1
-    assert found["segnode_jobs", (("state", "DELIVERED"),)] == 1 and found["segnode_queue_depth", ()] == 0
+    assert found["segnode_jobs", (("state", "DELIVERED"),)] == 1
+    assert {queue: found["segnode_queue_depth", (("queue", queue),)] for queue in QUEUES} == dict.fromkeys(
+        QUEUES, 0
+    )
     assert found["segnode_delivery_attempts", (("destination", "pacs"),)] >= 1
     assert found["segnode_deliveries_failed", (("destination", "pacs"),)] == 0
     assert found["segnode_last_instance_to_delivered_seconds_count", ()] == 1

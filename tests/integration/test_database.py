@@ -17,7 +17,18 @@ from node.core.config import Settings, load_settings
 from node.db import engine as db
 from node.db.job_runs import DeliveryOutcome, JobRuns
 from node.db.jobs import cancel, expired_leases, jobs_with_due_deliveries, mark_queued, retry, stale_jobs
-from node.db.models import Instance, Job, JobEvent, JobState, Series, utcnow
+from node.db.models import (
+    DestinationStatus,
+    Instance,
+    Job,
+    JobEvent,
+    JobState,
+    Notification,
+    Series,
+    Suspension,
+    utcnow,
+)
+from node.db.operations import PROCESSING, destination_answered, suspend
 from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
 from node.receive.spool_files import StorageFullError
@@ -571,3 +582,49 @@ def test_a_study_released_whole_runs_its_jobs_at_once_held_until_the_last_grace_
         assert len(jobs) == 2
         assert {job.hold_until for job in jobs} == {released + timedelta(seconds=2)}
         assert all("every series of its study is complete" in job.events[0].message for job in jobs)
+
+
+def test_answers_of_a_new_destination_at_once_keep_one_row_and_report_it_back_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Workers delivering to a destination nobody has heard from yet all record their answer, and of
+    several answers that bring it back up together, one queues the webhook message."""
+    start = threading.Barrier(6)
+
+    def answer(ok: bool) -> None:
+        with sessions() as session:
+            start.wait()
+            destination_answered(session, "pacs", ok, "PACS@10.0.0.1:104: no answer" if not ok else "0x0000")
+            session.commit()
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(answer, [False] * 6))
+    with sessions() as session:
+        row = session.scalars(select(DestinationStatus)).one()
+        assert (row.name, row.ok, row.down_since is not None) == ("pacs", False, True)
+        row.down_notified = True
+        session.commit()
+    start.reset()
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(answer, [True] * 6))
+    with sessions() as session:
+        messages = session.scalars(select(Notification.event)).all()
+        assert messages == ["destination_up"]
+        assert session.scalars(select(DestinationStatus.ok)).one() is True
+
+
+def test_two_admins_suspending_at_once_both_get_an_answer(sessions: sessionmaker[Session]) -> None:
+    start = threading.Barrier(4)
+
+    def click(who: str) -> bool:
+        with sessions() as session:
+            start.wait()
+            added = suspend(session, PROCESSING, who)
+            session.commit()
+            return added
+
+    with ThreadPoolExecutor(4) as pool:
+        added = list(pool.map(click, ["ada", "bob", "cy", "dee"]))
+    assert sorted(added) == [False, False, False, True]
+    with sessions() as session:
+        assert session.scalars(select(Suspension.by)).one() == ["ada", "bob", "cy", "dee"][added.index(True)]

@@ -4,14 +4,17 @@ known times."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.api import views
+from node.api import metrics, views
 from node.core.config import Settings
 from node.db import engine as db
-from node.db.models import Job, JobState, Series, Study, utcnow
+from node.db.models import Delivery, DeliveryState, Job, JobState, Series, Study, utcnow
 
 
 def test_charts_count_finished_jobs_by_hour_and_day_with_the_median_wait(
@@ -70,3 +73,29 @@ def test_the_queue_puts_failures_first_and_the_oldest_waiting_first(sessions: se
     assert [j["id"] for j in queue["finished"]] == [4]
     assert queue["counts"]["FAILED"] == 2 and queue["counts"]["RUNNING"] == 0
     assert queue["processing"] == {"suspended": False, "by": None, "since": None}
+
+
+def test_the_queue_depth_metric_counts_each_queue_apart(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """GPU workers scale on their own queue: waiting jobs by their segmenter's queue, running ones
+    not at all, pending deliveries of segmented jobs on the delivery queue."""
+    settings = Settings(data_dir=tmp_path, segmenters={"unet": {"checkpoint": "model.pt"}})
+    waiting = [("unet", JobState.RECEIVED), ("unet", JobState.QUEUED), ("unet", JobState.RUNNING)]
+    waiting += [("classical", JobState.QUEUED), ("classical", JobState.SEGMENTED)]
+    with db.session_scope(sessions) as session:
+        study = Study(study_instance_uid="1.2.3")
+        for i, (segmenter, state) in enumerate(waiting):
+            series = Series(study=study, series_instance_uid=f"1.2.3.{i}", last_received_at=utcnow())
+            job = Job(series=series, state=state, segmenter=segmenter)
+            session.add(job)
+            if state == JobState.SEGMENTED:
+                session.add(Delivery(job=job, output="seg", destination="pacs", state=DeliveryState.PENDING))
+    text = generate_latest(metrics.registry(sessions, settings)).decode()
+    depth = {
+        sample.labels["queue"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "segnode_queue_depth"
+        for sample in family.samples
+    }
+    assert depth == {"segment-gpu": 2, "segment-cpu": 1, "deliver": 1}

@@ -74,6 +74,16 @@ def pg_url() -> Iterator[str]:
     peers.drop_pg_database(url)
 
 
+@pytest.fixture(scope="session")
+def migrated_pg_template() -> Iterator[str]:
+    """A PostgreSQL database migrated to the head once, for tests to copy (CREATE DATABASE ...
+    TEMPLATE) instead of migrating their own; nothing stays connected to it."""
+    url = peers.create_pg_database("segnode_template")
+    db.upgrade(url)
+    yield url
+    peers.drop_pg_database(url)
+
+
 @pytest.fixture
 def fresh_pg_url() -> Iterator[str]:
     url = peers.create_pg_database()

@@ -257,6 +257,8 @@ def transcode(paths: Sequence[Path], syntax: str, out_folder: Path | None = None
         if out_folder is not None:
             out_folder.mkdir(parents=True, exist_ok=True)
         if syntax in _DCMTK:
+            if shutil.which(_DCMTK[syntax][0]) is None:
+                raise RuntimeError(f"{_DCMTK[syntax][0]} is not installed: ./dev setup --test installs DCMTK")
             tmp = dst.with_suffix(".tmp")
             subprocess.run([*_DCMTK[syntax], str(src), str(tmp)], check=True, capture_output=True)
             tmp.replace(dst)
@@ -271,16 +273,6 @@ def transcode(paths: Sequence[Path], syntax: str, out_folder: Path | None = None
             raise ValueError(f"transcode does not know transfer syntax {syntax}")
         out.append(dst)
     return out
-
-
-def have_dcmtk() -> bool:
-    """True when the DCMTK tools that :func:`transcode` runs are installed."""
-    return all(shutil.which(t) for t in ("dcmconv", "dcmcjpeg", "dcmcjpls", "dcmcrle"))
-
-
-def transcode_needs_dcmtk(syntax: str) -> bool:
-    """True when :func:`transcode` uses a DCMTK tool for ``syntax`` (not pydicom)."""
-    return syntax in _DCMTK
 
 
 def modify(path: Path, **elements: Any) -> Path:

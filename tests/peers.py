@@ -514,11 +514,15 @@ def _wait_for_orthanc(orthanc: Orthanc, timeout: float) -> bool:
 # --- PostgreSQL and Redis -----------------------------------------------------------------------------
 
 
-def create_pg_database(prefix: str = "segnode_test") -> str:
-    """CREATE a uniquely named database; its SQLAlchemy URL (postgresql+psycopg://...)."""
+def create_pg_database(prefix: str = "segnode_test", template: str | None = None) -> str:
+    """CREATE a uniquely named database (a copy of the database of URL ``template``, which nobody
+    may be connected to); its SQLAlchemy URL (postgresql+psycopg://...)."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template.rsplit("/", 1)[1]))
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(create)
     return f"postgresql+psycopg://postgres@{LOCALHOST}:5432/{name}"
 
 

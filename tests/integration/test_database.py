@@ -39,7 +39,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'segnode.sqlite'}"
     else:
@@ -48,13 +48,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         peers.drop_pg_database(url)
 
 
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    db.upgrade(db_url)
-    engine = db.make_engine(db_url)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """The schema at its head: migrated on SQLite, a copy of the migrated template on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+        db.upgrade(url)
+    else:
+        url = peers.create_pg_database(template=request.getfixturevalue("migrated_pg_template"))
+    engine = db.make_engine(url)
     db.check_schema(engine)
     yield db.make_sessionmaker(engine)
     engine.dispose()
+    if request.param == "postgresql":
+        peers.drop_pg_database(url)
 
 
 def facts(series: str = "1.2.3.4", n: int = 1, **kw: str | float) -> InstanceFacts:
@@ -101,7 +108,8 @@ def _row(series_id: int, n: int, **values: object) -> dict[str, object]:
     }
 
 
-def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
+def test_migrations_upgrade_and_downgrade(empty_db_url: str) -> None:
+    db_url = empty_db_url
     engine = db.make_engine(db_url)
     with pytest.raises(db.SchemaOutOfDateError, match="segnode db upgrade"):
         db.check_schema(engine)

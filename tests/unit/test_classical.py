@@ -150,6 +150,7 @@ def test_is_a_segmenter_with_coded_structures(segmenter: ClassicalSegmenter) -> 
 # --- a whole thorax with clinical contours --------------------------------------------------------
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_thorax_label_map_matches_the_volume(
     thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]],
 ) -> None:
@@ -159,6 +160,7 @@ def test_thorax_label_map_matches_the_volume(
     assert set(np.unique(labels)) == {0, BODY, RIGHT_LUNG, LEFT_LUNG, AIRWAYS}
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 @pytest.mark.parametrize(("roi", "label"), [("Lung-Right", RIGHT_LUNG), ("Lung-Left", LEFT_LUNG)])
 def test_thorax_lungs_match_the_clinical_contours(
     thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]], roi: str, label: int
@@ -170,6 +172,7 @@ def test_thorax_lungs_match_the_clinical_contours(
     assert hd95 <= MAX_HD95_MM
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_thorax_right_lung_is_on_the_patients_right(
     thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]],
 ) -> None:
@@ -182,6 +185,7 @@ def test_thorax_right_lung_is_on_the_patients_right(
     assert right_column < left_column
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_thorax_airways_are_the_trachea_and_main_bronchi(
     thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]],
 ) -> None:
@@ -202,6 +206,7 @@ def test_thorax_airways_are_the_trachea_and_main_bronchi(
     assert np.count_nonzero(inside_lung) < 0.1 * np.count_nonzero(airways)
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_thorax_body_holds_the_organs_and_not_the_room_or_table(
     thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]],
 ) -> None:

@@ -99,6 +99,7 @@ def test_labels_inside_the_body_are_the_segmenters_and_outside_are_cleared(wide:
     assert inner.seen[-1] == (32, 100, 142)  # it ran on the box only
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_demo_network_cropped_agrees_with_it_inside_the_body(demo: Segmenter) -> None:
     # The field the demo network was trained on (384 mm), so the bare network is at its best here.
     # A network sees where its image ends, so the agreement is close, not exact (0.99 measured).
@@ -110,6 +111,7 @@ def test_demo_network_cropped_agrees_with_it_inside_the_body(demo: Segmenter) ->
     assert not labels[~body].any()
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_demo_network_labels_in_the_air_are_removed(wide: Phantom, demo: Segmenter) -> None:
     # On a field wider than it was trained on the bare demo network labels air as lung.
     volume = wide.volume()

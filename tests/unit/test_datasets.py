@@ -94,6 +94,7 @@ class _Recording:
         return self.inner.predict(volume)
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_a_network_is_served_exactly_the_volume_it_was_trained_on(tmp_path: Path) -> None:
     # Training reads the thorax with its contours; the worker's pipeline serves the same files.
     (case,) = read_rtstruct_folder(THORAX)
@@ -142,6 +143,7 @@ def test_a_structure_set_finds_its_ct_among_the_series_of_a_study_export(tmp_pat
         read_rtstruct_folder(empty)
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_a_tumour_excluded_from_the_lungs_is_scored_in_neither_reference_nor_prediction() -> None:
     from segmenters.evaluation import score
 

@@ -321,7 +321,7 @@ def test_series_description_fits_lo() -> None:
 # --- the real series --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (shared_data.THORAX / "ct").is_dir(), reason="shared test data not present")
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_real_thorax_classical_overlay(tmp_path: Path, strict_reading: None) -> None:
     # A real de-identified thorax through the classical segmenter: a valid image per slice, each
     # with the colours of the structures found on it.

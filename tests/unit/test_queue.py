@@ -47,6 +47,7 @@ def _declare(data_dir: str, barrier: Barrier) -> None:
     declare_queue(app)
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_processes_declaring_the_embedded_queue_at_once_all_succeed(tmp_path: Path) -> None:
     # The node and its worker start together: kombu's SQL transport let one of them fail on
     # the queue row the other had just created.

@@ -422,7 +422,6 @@ def test_series_description_fits_lo() -> None:
 
 
 @pytest.mark.slow  # ~15 s on a 2-core machine: the independent reader fills ~1,500 contours
-@pytest.mark.skipif(not (THORAX / "ct").is_dir(), reason="shared test data not present")
 def test_real_thorax_classical_rtstruct(tmp_path: Path, strict_reading: None) -> None:
     # The de-identified planning CT through the classical segmenter: body, lungs, airways, every
     # one read back by dicompyler-core to the label map (the body as every labelled voxel).

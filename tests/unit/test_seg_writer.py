@@ -459,7 +459,7 @@ def test_write_seg_leaves_nothing_on_failure(tmp_path: Path) -> None:
 # --- the real series --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_J2K.is_dir(), reason="shared test data not present")
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_real_series_seg(tmp_path: Path, strict_reading: None) -> None:
     paths = f.copy_with_series_uids(sorted(REAL_J2K.iterdir()), tmp_path / "ct")
     series = load_series(paths)
@@ -475,7 +475,7 @@ def test_real_series_seg(tmp_path: Path, strict_reading: None) -> None:
     check_roundtrip(path, series, labels, [HEART, BONE])
 
 
-@pytest.mark.skipif(not REAL_THORAX.is_dir(), reason="shared test data not present")
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_real_thorax_classical_seg(tmp_path: Path, strict_reading: None) -> None:
     # A real de-identified thorax (Patient Identity Removed YES, no method given) through the
     # classical segmenter: a valid SEG whose Body is the patient's whole outline.

@@ -263,7 +263,7 @@ def test_series_description_fits_lo() -> None:
 # --- the real series --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_THORAX.is_dir(), reason="shared test data not present")
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_real_thorax_classical_sr(tmp_path: Path, strict_reading: None) -> None:
     # A real de-identified thorax through the classical segmenter: a valid SR whose volumes and
     # means are those of the label map over the real grid.

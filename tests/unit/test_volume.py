@@ -18,9 +18,6 @@ from tests import dicom_factory as f
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 REAL_J2K = SHARED_DATA / "ct-abdomen-j2k"
 
-needs_dcmtk = pytest.mark.skipif(not f.have_dcmtk(), reason="DCMTK command-line tools not installed")
-needs_real = pytest.mark.skipif(not REAL_J2K.is_dir(), reason="shared test data not present")
-
 
 def _rejected(paths: list[Path], phrase: str, *, decode_workers: int | None = None) -> str:
     with pytest.raises(UnsuitableSeriesError) as info:
@@ -106,10 +103,7 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _syntaxes(syntaxes: tuple[pydicom.uid.UID, ...]) -> list[object]:
-    return [
-        pytest.param(s, id=s.name, marks=[needs_dcmtk] if f.transcode_needs_dcmtk(s) else [])
-        for s in syntaxes
-    ]
+    return [pytest.param(s, id=s.name) for s in syntaxes]
 
 
 @pytest.mark.parametrize("syntax", _syntaxes(f.LOSSLESS_SYNTAXES))
@@ -304,7 +298,6 @@ def test_same_instance_twice(tmp_path: Path) -> None:
 # --- the factory and the real series ----------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed")
 def test_factory_writes_valid_ct_images(tmp_path: Path) -> None:
     path = f.make_ct_series(tmp_path, n_slices=3)[0]
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
@@ -313,14 +306,12 @@ def test_factory_writes_valid_ct_images(tmp_path: Path) -> None:
     assert not [line for line in report.splitlines() if "Error" in line], report
 
 
-@needs_real
 def test_real_series_as_shared_lacks_series_uids() -> None:
     # The anonymiser emptied StudyInstanceUID / SeriesInstanceUID (type 1): no PACS stores that.
     with pytest.raises(UnsuitableSeriesError, match="has no StudyInstanceUID"):
         load_series(sorted(REAL_J2K.iterdir()))
 
 
-@needs_real
 def test_real_jpeg2000_series_loads(tmp_path: Path) -> None:
     paths = f.copy_with_series_uids(sorted(REAL_J2K.iterdir()), tmp_path)
     random.Random(1).shuffle(paths)

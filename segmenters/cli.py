@@ -16,48 +16,10 @@ import click
 import torch
 
 from segmenters import datasets, evaluation, synthetic, training
+from segmenters.data_options import DATA_OPTION, SHAPE_OPTION, load_data, parse_shape
 from segmenters.datasets import DATA_HELP
 from segmenters.networks import ARCHITECTURES
 from segmenters.served.export import FORMATS, export
-
-EVAL_SEED = 10_000  # synthetic evaluation phantoms start here, far from the training seeds
-
-
-def _shape(text: str, option: str | None = None) -> tuple[int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise click.BadParameter(
-            f"expected SLICESxROWSxCOLUMNS such as 32x128x128; got {text!r}", param_hint=option
-        )
-    return int(parts[0]), int(parts[1]), int(parts[2])
-
-
-def load_data(
-    data: str,
-    seed: int,
-    synthetic_shape: str,
-    roi_table: datasets.RoiTable | None = None,
-    exclusions: dict[str, list[str]] | None = None,
-) -> list[datasets.Case]:
-    """The cases of ``--data``, a bad spec reported as that option's error."""
-    try:
-        return datasets.load_cases(
-            data,
-            default_seed=seed,
-            synthetic_shape=_shape(synthetic_shape),
-            roi_table=roi_table,
-            exclusions=exclusions,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise click.BadParameter(str(error), param_hint="--data") from error
-
-
-DATA_OPTION = click.option(
-    "--data", required=True, help="synthetic:N[@SEED] | nifti:FOLDER | dicom-rtstruct:FOLDER"
-)
-SHAPE_OPTION = click.option(
-    "--synthetic-shape", default="32x128x128", show_default=True, help="phantom grid for synthetic:N"
-)
 
 
 @click.command(
@@ -161,7 +123,7 @@ def train_command(
             learning_rate=lr,
             patience=patience,
             context_slices=context,
-            patch_size=_shape(patch, "--patch"),
+            patch_size=parse_shape(patch, "--patch"),
             pixel_spacing_mm=pixel_spacing,
             crop_size=crop,
             flip_lr=flip_lr,

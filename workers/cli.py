@@ -13,7 +13,7 @@ from node.core.commands import settings_of
 from node.core.config import Output
 from node.core.queue import QUEUES
 from node.db.engine import SchemaOutOfDateError
-from segmenters.cli import DATA_OPTION, EVAL_SEED, SHAPE_OPTION, load_data
+from segmenters.data_options import DATA_OPTION, EVAL_SEED, SHAPE_OPTION, load_data
 from segmenters.datasets import DATA_HELP
 
 OUTPUTS: tuple[str, ...] = get_args(Output)

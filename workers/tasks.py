@@ -115,7 +115,8 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
         runs.ended(
             job_id,
             JobState.FAILED,
-            f"internal error in the worker: {type(err).__name__}: {err}",
+            # The exception's own words may quote the data; the worker's log has them in full.
+            f"internal error in the worker ({type(err).__name__}); the worker's log has the details",
             len(job.inputs),
         )
         return False

@@ -88,7 +88,11 @@ class Puller:
                 count, message, state = 0, str(err), FAILED
             except Exception as err:  # said on the pull; the admin may ask again
                 log.exception("pull %d: failed", pull_id)
-                count, message, state = 0, f"internal error: {type(err).__name__}: {err}", FAILED
+                count, message, state = (
+                    0,
+                    f"internal error ({type(err).__name__}); the node's log has the details",
+                    FAILED,
+                )
             with session_scope(self.sessions) as session:
                 pull = session.get_one(Pull, pull_id)
                 pull.state, pull.instances, pull.message, pull.finished_at = state, count, message, utcnow()

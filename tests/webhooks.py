@@ -15,6 +15,9 @@ class Receiver:
         self.received: list[tuple[str, dict[str, Any]]] = []
         self.authorizations: list[str | None] = []
         self.statuses: dict[str, list[int]] = {}
+        self.redirects: dict[str, str] = {}  # path -> where a 302 sends the caller
+        self.garbage: set[str] = set()  # paths that answer bytes that are no HTTP
+        self.gets: list[str] = []  # paths asked for with GET (a redirect followed)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -22,8 +25,21 @@ class Receiver:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 receiver.received.append((self.path, body))
                 receiver.authorizations.append(self.headers.get("Authorization"))
+                if self.path in receiver.garbage:
+                    self.wfile.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+                    return
+                if self.path in receiver.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", receiver.redirects[self.path])
+                    self.end_headers()
+                    return
                 queued = receiver.statuses.get(self.path, [])
                 self.send_response(queued.pop(0) if queued else 200)
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                receiver.gets.append(self.path)
+                self.send_response(200)
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:

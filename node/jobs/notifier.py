@@ -96,8 +96,20 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would turn the POST into a GET without its body, and carry the webhook's headers
+    (its secret) to another host: it is an answer like any other non-2xx."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def post(webhook: Webhook, payload: dict[str, object]) -> str | None:
-    """POST ``payload``; None when the webhook answered 2xx, else what went wrong."""
+    """POST ``payload``; None when the webhook answered 2xx, else what went wrong (never raises:
+    one webhook's bad answer must not stop the messages behind it)."""
     request = urllib.request.Request(  # noqa: S310 - the scheme is checked by the settings (http/https)
         webhook.url,
         data=json.dumps(payload).encode(),
@@ -105,10 +117,12 @@ def post(webhook: Webhook, payload: dict[str, object]) -> str | None:
         method="POST",
     )
     try:
-        with urllib.request.urlopen(request, timeout=webhook.timeout_s) as response:  # noqa: S310
+        with _OPENER.open(request, timeout=webhook.timeout_s) as response:
             return None if 200 <= response.status < 300 else f"HTTP {response.status}"
     except urllib.error.HTTPError as err:
-        return f"HTTP {err.code}"
+        return f"HTTP {err.code}" + (" (a redirect, not followed)" if 300 <= err.code < 400 else "")
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         return f"unreachable: {reason}"
+    except Exception as err:  # noqa: BLE001 - an answer that is no HTTP (http.client's own errors)
+        return f"no valid HTTP answer ({type(err).__name__})"

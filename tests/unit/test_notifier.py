@@ -114,6 +114,37 @@ def test_a_webhook_that_never_answers_is_given_up_after_its_attempts(
         assert message.done and message.sent_at is None and message.last_error.endswith("HTTP 500")
 
 
+def test_a_webhook_answering_no_http_or_a_redirect_fails_alone_and_keeps_its_secret(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    """An answer that is no HTTP is that webhook's failure, not the notifier's: the others still
+    get the message. A redirect is not followed (it would GET another URL with the webhook's
+    Authorization header and without the message)."""
+    receiver.garbage.add("/ssh")
+    receiver.redirects["/moved"] = receiver.url("/elsewhere")
+    settings = NotificationSettings(
+        webhooks=[
+            Webhook(url=receiver.url("/ssh")),
+            Webhook(url=receiver.url("/moved"), headers={"Authorization": "Bearer webhook-secret"}),
+            Webhook(url=receiver.url("/ok")),
+        ],
+        max_attempts=2,
+    )
+    _failed_job(sessions)
+    notifier = Notifier(settings, sessions)
+    for _ in range(3):
+        _all_due(sessions)
+        notifier.tick()
+    assert receiver.events("/ok") == ["job_failed"]  # once: sent on the first pass
+    assert receiver.events("/ssh") == receiver.events("/moved") == ["job_failed"] * 2
+    assert receiver.gets == []
+    with sessions() as session:
+        message = session.scalars(select(Notification)).one()
+        assert message.done and message.sent_at is None
+        assert "no valid HTTP answer (BadStatusLine)" in message.last_error
+        assert "HTTP 302 (a redirect, not followed)" in message.last_error
+
+
 def test_a_destination_down_for_long_enough_is_reported_once_and_again_when_back(
     sessions: sessionmaker[Session], receiver: Receiver
 ) -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.api import dashboard, health, rest, results
 from node.api.auth import LoginThrottle
+from node.api.deps import Viewer
 from node.api.dicomweb import retrieve, stow
 from node.api.metrics import registry
 from node.core.config import Settings
@@ -35,8 +39,14 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
         yield
         storage.close()
 
+    # The OpenAPI description and its try-it page need a user like every other route.
     app = FastAPI(
-        title="segnode", summary="The queue of a DICOM segmentation node", docs_url="/docs", lifespan=lifespan
+        title="segnode",
+        summary="The queue of a DICOM segmentation node",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
     )
     app.state.storage = storage
     app.state.settings = settings
@@ -51,4 +61,15 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
         app.include_router(stow.router)
         app.include_router(retrieve.router)
     dashboard.mount(app)
+    _serve_docs(app)
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(user: Viewer) -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(user: Viewer) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="segnode API")

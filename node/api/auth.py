@@ -119,6 +119,9 @@ class LoginThrottle:
                     continue
                 while failures and failures[0] <= now - self.window_s:
                     failures.popleft()
+                if not failures:
+                    del self._failures[key]  # a name tried once must not stay in memory for ever
+                    continue
                 if len(failures) >= self.attempts:
                     wait = max(wait, failures[0] + self.window_s - now)
         return wait

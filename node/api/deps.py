@@ -4,6 +4,7 @@ request, from a bearer token (programs) or the dashboard's session cookie (peopl
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations.
 from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
@@ -50,9 +51,19 @@ def token_of(request: Request, credentials: HTTPAuthorizationCredentials | None)
         return None
     if request.method not in ("GET", "HEAD"):
         origin = request.headers.get("origin")
-        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+        if origin is not None and origin.split("://", 1)[-1] not in _own_hosts(request):
             raise HTTPException(403, "a request from another site may not act with the session cookie")
     return cookie
+
+
+def _own_hosts(request: Request) -> set[str | None]:
+    """The node's own host (and port) as pages reach it: the request's Host, and api.public_url's
+    (a proxy may pass its own upstream address as Host)."""
+    hosts = {request.headers.get("host")}
+    public_url = request.app.state.settings.api.public_url
+    if public_url:
+        hosts.add(urlsplit(public_url).netloc)
+    return hosts
 
 
 def current_user(request: Request, db: Db, credentials: Credentials) -> User:
@@ -71,6 +82,9 @@ def current_user(request: Request, db: Db, credentials: Credentials) -> User:
             headers={"WWW-Authenticate": "Bearer"},
         )
     return user
+
+
+AnyUser = Annotated[User, Depends(current_user)]
 
 
 def viewer(user: Annotated[User, Depends(current_user)]) -> User:

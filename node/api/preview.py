@@ -20,7 +20,6 @@ from node.core.config import Settings
 from node.core.outputs import result_files
 from node.db.models import Instance, Job
 
-PREVIEW = "preview.png"
 TILE = 320  # pixels per slice shown
 QUANTILES = (0.3, 0.5, 0.7)
 FILL_ALPHA = 0.4
@@ -34,7 +33,8 @@ def preview_png(session: Session, settings: Settings, job: Job) -> bytes | None:
     if not job.output_path or not job.output_sop_instance_uid or "seg" not in job.outputs:
         return None
     folder = Path(job.output_path)
-    cached = folder / PREVIEW
+    # Named for the SEG it shows: a job run again writes a new SEG into the same folder.
+    cached = folder / f"preview-{job.output_sop_instance_uid}.png"
     if cached.is_file():
         return cached.read_bytes()
     (seg_path,) = result_files(folder, "seg")
@@ -60,9 +60,12 @@ def preview_png(session: Session, settings: Settings, job: Job) -> bytes | None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     png = buffer.getvalue()
-    partial = cached.with_name(f".{PREVIEW}.{os.getpid()}.part")
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}.part")
     partial.write_bytes(png)
     partial.replace(cached)  # whole or not there: a crash leaves no half picture behind
+    for older in folder.glob("preview-*.png"):
+        if older != cached:
+            older.unlink(missing_ok=True)
     return png
 
 

@@ -8,13 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.api import views
 from node.api.auth import LoginThrottle, check_password, issue_token, revoke_token
-from node.api.deps import COOKIE, Admin, Config, Credentials, Db, Viewer, token_of
+from node.api.deps import COOKIE, Admin, AnyUser, Config, Credentials, Db, Viewer, token_of
 from node.api.echo import test_destination
 from node.api.preview import preview_png
 from node.config_report import report
@@ -37,8 +37,8 @@ router = APIRouter(prefix="/api")
 
 
 class Login(BaseModel):
-    name: str
-    password: str
+    name: str = Field(max_length=64)  # as long as a user's name may be (the throttle keeps it)
+    password: str = Field(max_length=1024)
     # The dashboard's login: the token also comes back as an HttpOnly, SameSite=Strict cookie.
     cookie: bool = False
 
@@ -83,13 +83,14 @@ def login(body: Login, request: Request, db: Db, settings: Config) -> JSONRespon
             max_age=int(lifetime.total_seconds()),
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            # Behind a proxy that ends TLS the request itself looks like http.
+            secure=request.url.scheme == "https" or (settings.api.public_url or "").startswith("https://"),
         )
     return answer
 
 
 @router.post("/logout", tags=["auth"])
-def logout(user: Viewer, request: Request, credentials: Credentials, db: Db) -> JSONResponse:
+def logout(user: AnyUser, request: Request, credentials: Credentials, db: Db) -> JSONResponse:
     token = token_of(request, credentials)
     revoked = token is not None and revoke_token(db, token)
     db.commit()  # before the answer: the token must be dead when the client hears so
@@ -266,7 +267,7 @@ def queue_depths(user: Viewer, db: Db, settings: Config, request: Request) -> li
 
 @router.get("/workers", tags=["queue"])
 def list_workers(user: Viewer, db: Db, settings: Config) -> list[dict[str, Any]]:
-    """Workers heard from in the last day: online or not, GPU, current job, jobs done."""
+    """Workers heard from in the last day: online or not, GPU, current job, jobs done in the last day."""
     return views.workers(db, settings, utcnow())
 
 

@@ -20,6 +20,8 @@ def make_server(settings: Settings) -> uvicorn.Server:
         port=settings.api.port,
         log_config=None,  # the process's own logging, configured where it starts
         access_log=False,  # request lines would carry tokens' users and job ids, nothing a log needs
+        proxy_headers=True,
+        forwarded_allow_ips=settings.api.forwarded_allow_ips,
     )
     return uvicorn.Server(config)
 
@@ -35,7 +37,7 @@ class ApiThread:
 
     def start(self) -> None:
         self.thread.start()
-        log.info("API on %s (OpenAPI at /docs)", self.where)
+        log.info("API on %s (OpenAPI at /docs, for a logged-in user)", self.where)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.server.should_exit = True

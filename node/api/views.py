@@ -154,18 +154,28 @@ def queue_overview(session: Session, settings: Settings, now: datetime, limit: i
 
 
 def workers(session: Session, settings: Settings, now: datetime) -> list[dict[str, Any]]:
-    """Workers seen in the last day: live or gone, what each runs now, how many jobs it finished."""
+    """Workers seen in the last day: live or gone, what each runs now, how many jobs it finished in
+    the last day."""
     live_after = now - timedelta(seconds=MISSED_BEATS * settings.worker.heartbeat_s)
     rows = session.scalars(
         select(WorkerBeat).where(WorkerBeat.last_seen_at >= now - timedelta(days=1)).order_by(WorkerBeat.name)
     ).all()
+    # Two queries whatever the number of workers, each on an index (state, finished_at): a job's
+    # worker is "NAME/PID", so both are grouped by name here.
+    day_ago = now - timedelta(days=1)
+    running: dict[str, list[int]] = {}
+    for job_id, worker in session.execute(select(Job.id, Job.worker).where(Job.state == JobState.RUNNING)):
+        running.setdefault(worker.rpartition("/")[0], []).append(job_id)
+    done: Counter[str] = Counter()
+    for worker, count in session.execute(
+        select(Job.worker, func.count(Job.id))
+        .where((Job.finished_at >= day_ago) | (Job.state == JobState.SEGMENTED), Job.worker != "")
+        .group_by(Job.worker)
+    ):
+        done[worker.rpartition("/")[0]] += count
     found = []
     for beat in rows:
-        mine = Job.worker.like(beat.name.replace("%", r"\%").replace("_", r"\_") + "/%", escape="\\")
-        current = session.scalars(select(Job.id).where(mine, Job.state == JobState.RUNNING)).all()
-        done = session.scalar(
-            select(func.count(Job.id)).where(mine, Job.state.in_(TERMINAL_STATES | {JobState.SEGMENTED}))
-        )
+        current, jobs_done = sorted(running.get(beat.name, [])), done[beat.name]
         live = beat.stopped_at is None and beat.last_seen_at >= live_after
         found.append(
             {
@@ -178,8 +188,8 @@ def workers(session: Session, settings: Settings, now: datetime) -> list[dict[st
                 "state": "online" if live else ("stopped" if beat.stopped_at else "silent"),
                 "started_at": iso(beat.started_at),
                 "last_seen_at": iso(beat.last_seen_at),
-                "current_jobs": list(current),
-                "jobs_done": int(done or 0),
+                "current_jobs": current,
+                "jobs_done_24h": jobs_done,
             }
         )
     return found

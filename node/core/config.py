@@ -353,6 +353,9 @@ class ApiSettings(BaseModel):
     # The address clients reach the node by (https://segnode.example.org behind a proxy): the
     # base of the URLs DICOMweb answers carry; unset, each request's own Host.
     public_url: str | None = Field(None, pattern=r"^https?://")
+    # Proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (addresses or networks, or
+    # "*"): the login throttle then counts each client, not the proxy, and the scheme is the client's.
+    forwarded_allow_ips: list[str] = ["127.0.0.1", "::1"]
     session_hours: float = Field(12.0, gt=0)  # a login's token expires after this long
     # Failed logins allowed per user name and per address within the window, then a wait.
     login_attempts: int = Field(5, ge=1)

@@ -24,6 +24,18 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.slow
 
 PASSWORD = "a long enough password"  # noqa: S105 - the test users'
+PUBLIC_URL = "https://segnode.example.org"  # behind a proxy that ends TLS and passes its own Host
+
+
+def _cookie_request(api: Api, path: str, cookie: str, origin: str) -> int:
+    request = urllib.request.Request(  # noqa: S310 - our own node
+        api.base + path, data=b"", method="POST", headers={"Cookie": cookie, "Origin": origin}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def _body(content_type: str, raw: bytes) -> Any:
@@ -70,14 +82,14 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
 ) -> None:
     node = segnode_factory(
         database_url=fresh_pg_url,
-        api={"enabled": True},
+        api={"enabled": True, "public_url": PUBLIC_URL},
         destinations={"pacs": {"ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}},
         rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
     )
     node.serve()
     api = Api(node.values["api"]["port"])
     assert eventually(api.up, timeout=60), "the API never answered"
-    for name, role in (("ada", "admin"), ("vic", "viewer")):
+    for name, role in (("ada", "admin"), ("vic", "viewer"), ("sam", "sender")):
         added = node.cli("users", "add", name, "--role", role, "--password-stdin", input=PASSWORD + "\n")
         assert added.returncode == 0, added.stderr
     short = node.cli("users", "add", "eve", "--password-stdin", input="short\n")
@@ -109,6 +121,8 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
         "/api/charts",
         "/api/config",
         "/metrics",
+        "/openapi.json",
+        "/docs",
     ]
     for path in reads:
         assert api.call("GET", path)[0] == 401, path
@@ -188,7 +202,7 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
 
     # What a viewer sees of workers, queues, destinations and routing.
     (worker,) = api.call("GET", "/api/workers", token)[1]
-    assert worker["online"] and worker["jobs_done"] == 1 and worker["current_jobs"] == []
+    assert worker["online"] and worker["jobs_done_24h"] == 1 and worker["current_jobs"] == []
     assert worker["gpu"] is None  # this machine has none
     queues = {q["name"]: q for q in api.call("GET", "/api/queues", token)[1]}
     assert sorted(queues) == ["deliver", "segment-cpu", "segment-gpu"]
@@ -238,10 +252,33 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     )
     events = api.call("GET", f"/api/jobs/{job.id}", admin)[1]["events"]
     assert any(e["event"] == "requeued" and "retry requested by user ada" in e["message"] for e in events)
+    # The preview is the new SEG's, not the one drawn before the job ran again.
+    assert api.text(f"/api/jobs/{job.id}/preview.png", token, raw=True)[:8] == b"\x89PNG\r\n\x1a\n"
+    seg_uid = node.jobs()[0].output_sop_instance_uid
+    previews = sorted(p.name for p in (node.workdir / "data" / "outputs" / f"job-{job.id}").glob("preview-*"))
+    assert previews == [f"preview-{seg_uid}.png"]
 
-    # Logging out ends the session's token; failed logins are throttled.
+    # The dashboard's cookie: Secure, as the public address is https; a click from a page of that
+    # address acts, one from another site does not.
+    login = urllib.request.Request(  # noqa: S310 - our own node
+        api.base + "/api/login",
+        data=json.dumps({"name": "ada", "password": PASSWORD, "cookie": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(login, timeout=30) as response:  # noqa: S310
+        set_cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in set_cookie and "Secure" in set_cookie and "SameSite=strict" in set_cookie
+    cookie = set_cookie.split(";")[0]
+    assert _cookie_request(api, "/api/processing/suspend", cookie, "https://evil.example") == 403
+    assert _cookie_request(api, "/api/processing/suspend", cookie, PUBLIC_URL) == 200
+    assert _cookie_request(api, "/api/processing/resume", cookie, PUBLIC_URL) == 200
+
+    # Logging out ends the session's token, whatever the role; failed logins are throttled.
     assert api.call("POST", "/api/logout", admin) == (200, {"revoked": True})
     assert api.call("GET", "/api/me", admin)[0] == 401
+    sender = api.call("POST", "/api/login", body={"name": "sam", "password": PASSWORD})[1]["token"]
+    assert api.call("POST", "/api/logout", sender) == (200, {"revoked": True})
+    assert api.call("POST", "/api/login", body={"name": "x" * 65, "password": PASSWORD})[0] == 422
     for _ in range(5):
         assert api.call("POST", "/api/login", body={"name": "ada", "password": "wrong password!"})[0] == 401
     status, body = api.call("POST", "/api/login", body={"name": "ada", "password": PASSWORD})

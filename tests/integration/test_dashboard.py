@@ -226,9 +226,16 @@ def test_a_job_page_shows_the_real_thorax_with_its_segments(
         )
         assert eventually(lambda: driver.execute_script(loaded) == 3 * TILE, timeout=120), "no preview"
         _shoot(driver, tmp_path, "job.png")
-    png = Image.open(
-        io.BytesIO((node.workdir / "data" / "outputs" / f"job-{job.id}" / "preview.png").read_bytes())
-    )
+        # After a login, only a page of the node: a path such as "/.//host" would leave it.
+        driver.delete_all_cookies()
+        driver.get(f"{base}/login?next=/.//evil.example/x")
+        driver.find_element(By.ID, "name").send_keys("vic")
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        _click(driver, "#login-button")
+        assert eventually(lambda: "/login" not in driver.current_url, timeout=30)
+        assert driver.current_url.startswith(base), driver.current_url
+    (preview,) = (node.workdir / "data" / "outputs" / f"job-{job.id}").glob("preview-*.png")
+    png = Image.open(io.BytesIO(preview.read_bytes()))
     pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
     colourful = np.abs(pixels - pixels.mean(axis=1, keepdims=True)).max(axis=1) > 20
     assert colourful.mean() > 0.05  # segments are drawn in colour over the grey CT

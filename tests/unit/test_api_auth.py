@@ -89,3 +89,7 @@ def test_failed_logins_are_throttled_per_name_and_address() -> None:
     throttle.failed("name:ada")
     throttle.succeeded("name:ada")
     assert throttle.retry_after("name:ada") == 0
+    throttle.failed("name:someone-once")
+    now[0] += 61.0
+    assert throttle.retry_after("name:someone-once") == 0
+    assert throttle._failures == {}  # nothing kept of names whose failures have passed

@@ -84,7 +84,8 @@ async function login(event) {
   if (response.ok) {
     // Only a page of this node: "next" comes from the address bar, which anyone can write.
     const next = new URL(new URLSearchParams(window.location.search).get("next") || "/", window.location.origin);
-    window.location = next.origin === window.location.origin ? next.pathname + next.search : "/";
+    // The whole address: a path alone such as "//elsewhere" would leave the node.
+    window.location = next.origin === window.location.origin ? next.href : "/";
     return;
   }
   const answer = await response.json().catch(() => ({}));

@@ -38,6 +38,7 @@ INCOMING = ".incoming"
 FLUSH_THREADS = 8
 # Free space is read again after this long, or at once when it was within the margin of the
 # threshold: statvfs costs ~0.06 ms and is asked twice an instance.
+UID_LOCKS = 256  # stores of one SOP Instance UID take turns; others rarely share a lock
 FREE_SPACE_RECHECK_S = 0.1
 FREE_SPACE_MARGIN = 256 * 1024 * 1024
 
@@ -84,6 +85,7 @@ class Storage:
         self._incoming = root / INCOMING
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._record_lock = threading.Lock()
+        self._uid_locks = [threading.Lock() for _ in range(UID_LOCKS)]
         self._known_dirs: set[Path] = set()
         self._series_ids: dict[str, int] = {}
         self._rows = InstanceRows(engine)
@@ -168,22 +170,26 @@ class Storage:
         When the row cannot be committed, the placed file is removed unless a row names it.
         """
         staged = data if isinstance(data, StagedFile) else self.stage(data)
-        try:
-            relative = self.relative_path(facts)
-            target = self.root / relative
-            if target.exists() and self._already_recorded(facts.sop_instance_uid):
+        # One store of an instance at a time in this process: two copies arriving together (two
+        # associations, two parts of a STOW-RS request) would otherwise leave one's file under the
+        # other's row.
+        with self._uid_locks[hash(facts.sop_instance_uid) % len(self._uid_locks)]:
+            try:
+                relative = self.relative_path(facts)
+                target = self.root / relative
+                if target.exists() and self._already_recorded(facts.sop_instance_uid):
+                    staged.discard()
+                    return StoreOutcome.DUPLICATE
+                self._place(staged, target)
+            except BaseException:
                 staged.discard()
-                return StoreOutcome.DUPLICATE
-            self._place(staged, target)
-        except BaseException:
-            staged.discard()
-            raise
-        try:
-            return self._record(facts, relative, staged.size, calling_ae)
-        except BaseException:
-            if self._unrecorded(facts.sop_instance_uid):  # not another association's copy
-                target.unlink(missing_ok=True)
-            raise
+                raise
+            try:
+                return self._record(facts, relative, staged.size, calling_ae)
+            except BaseException:
+                if self._unrecorded(facts.sop_instance_uid):  # not another association's copy
+                    target.unlink(missing_ok=True)
+                raise
 
     def mark_released(self, series_uids: set[str]) -> None:
         """Record that an association which stored instances of these series was released."""

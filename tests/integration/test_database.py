@@ -678,3 +678,29 @@ def test_a_workers_internal_error_fails_the_job_without_the_exceptions_words(
     assert job.state == JobState.FAILED
     assert job.reason == "internal error in the worker (ValueError); the worker's log has the details"
     assert "Doe^Jane" in caplog.text  # for whoever reads the worker's log
+
+
+def test_copies_of_one_instance_stored_at_once_keep_the_first_file_with_its_row(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Two associations (or two parts of one STOW-RS request) bringing the same instance at once:
+    one is stored, the others are duplicates, and the file on disk is the one its row describes."""
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    copies = 6
+    start = threading.Barrier(copies)
+
+    def bring(copy: int, n: int) -> StoreOutcome:
+        start.wait()
+        syntax = f"1.2.840.10008.1.2.{copy + 1}"
+        return storage.store([f"copy {copy}".encode()], facts(n=n, transfer_syntax_uid=syntax), "CT01")
+
+    for n in range(10):
+        with ThreadPoolExecutor(copies) as pool:
+            outcomes = list(pool.map(bring, range(copies), [n] * copies))
+        assert outcomes.count(StoreOutcome.DUPLICATE) == copies - 1
+        with sessions() as session:
+            uid = f"1.2.3.4.{n}"
+            row = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+        kept = int(row.transfer_syntax_uid.rsplit(".", 1)[1]) - 1
+        assert (tmp_path / "store" / row.path).read_bytes() == f"copy {kept}".encode()
+    storage.close()

@@ -12,9 +12,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pydicom
 import pytest
+import sqlalchemy
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from requests import HTTPError
@@ -76,6 +78,14 @@ def node(
     return made
 
 
+def _with_unknown_meta_vr(path: Path) -> bytes:
+    """The file with an unknown VR in its File Meta Information, where pydicom raises NotImplementedError."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x02\x00\x02\x00UI")  # (0002,0002) Media Storage SOP Class UID
+    data[at + 4 : at + 6] = b"\x55\xc1"
+    return bytes(data)
+
+
 def _token(node: SegnodeProcesses, name: str) -> str:
     return node.cli("users", "token", name).stdout.strip()
 
@@ -114,8 +124,8 @@ def test_bad_stow_requests_are_answered_by_name_and_leave_nothing_behind(
 ) -> None:
     url = f"http://127.0.0.1:{node.values['api']['port']}/dicomweb/studies"
     token = _token(node, "scanner")
-    good, hostile, unknown_syntax, truncated, other_study = factory.make_ct_series(
-        tmp_path / "ct", n_slices=5
+    good, hostile, unknown_syntax, truncated, other_study, bad_meta = factory.make_ct_series(
+        tmp_path / "ct", n_slices=6
     )
     factory.set_hostile_uid(hostile, "SeriesInstanceUID", "../../../../tmp/evil")
     factory.set_transfer_syntax_uid(unknown_syntax, "1.2.3.4.5")
@@ -141,6 +151,7 @@ def test_bad_stow_requests_are_answered_by_name_and_leave_nothing_behind(
     parts = [
         ("application/dicom", good.read_bytes()),
         ("application/dicom", b"not DICOM at all"),
+        ("application/dicom", _with_unknown_meta_vr(bad_meta)),
         ("application/dicom", hostile.read_bytes()),
         ("application/dicom", unknown_syntax.read_bytes()),
         ("application/dicom", truncated.read_bytes()),
@@ -152,9 +163,10 @@ def test_bad_stow_requests_are_answered_by_name_and_leave_nothing_behind(
     (ok,) = body["00081199"]["Value"]
     assert ok["00081155"]["Value"] == [pydicom.dcmread(good).SOPInstanceUID]
     codes = [item["00081197"]["Value"][0] for item in body["00081198"]["Value"]]
-    assert codes == [0xC000, 0xC000, 0xC122, 0xC000, 0xA900, 0xA900]
+    assert codes == [0xC000, 0xC000, 0xC000, 0xC122, 0xC000, 0xA900, 0xA900]
     for words in (
         "no DICM prefix",
+        "File Meta Information cannot be read: an element has an unknown value representation",
         "SeriesInstanceUID is not a valid DICOM UID",
         "transfer syntax 1.2.3.4.5 is not one the node accepts",
         "truncated",
@@ -291,3 +303,125 @@ def test_results_go_to_a_dicomweb_archive_by_stow_rs(
     with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - our own node
         tested = json.loads(response.read())
     assert tested["ok"] and "answered a QIDO-RS search" in tested["answer"], tested
+
+
+def _get(url: str, token: str, accept: str | None = None) -> tuple[int, bytes, Any]:
+    """A GET's status, body and headers; a body cut short raises (http.client.IncompleteRead)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+    if accept is not None:
+        request.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - our own node
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers
+
+
+def _stored_file(node: SegnodeProcesses, sop: str) -> Path:
+    (path,) = (Path(node.values["data_dir"]) / "storage").rglob(f"{sop}.dcm")
+    return path
+
+
+def test_wado_frames_every_instance_and_never_answers_200_with_a_short_body(
+    node: SegnodeProcesses, tmp_path: Path
+) -> None:
+    """Series of two slices (below the rule's three: no job). An instance holding the boundary the
+    node once used still comes back whole; what the node cannot convert is a 406 and a lost file a
+    500, both before any 200; a failure after the 200 breaks the answer off."""
+    base = f"http://127.0.0.1:{node.values['api']['port']}/dicomweb"
+    plain = factory.make_ct_series(tmp_path / "le", n_slices=2)
+    tricky = pydicom.dcmread(plain[1])
+    tricky.private_block(0x0009, "SEGNODE TEST", create=True).add_new(
+        0x01, "OB", b"\r\n--segnode-wado-boundary--\r\n"
+    )
+    tricky.save_as(plain[1], enforce_file_format=True)
+    big = factory.make_ct_series(tmp_path / "be", n_slices=2, transfer_syntax="1.2.840.10008.1.2.2")
+    j2k = factory.make_ct_series(tmp_path / "j2k", n_slices=2, transfer_syntax="1.2.840.10008.1.2.4.90")
+    sender = DICOMwebClient(url=base, headers={"Authorization": f"Bearer {_token(node, 'scanner')}"})
+    sender.store_instances([pydicom.dcmread(p) for p in plain + big + j2k])
+    token = _token(node, "vic")
+    reader = DICOMwebClient(url=base, headers={"Authorization": f"Bearer {token}"})
+
+    got = reader.retrieve_series(tricky.StudyInstanceUID, tricky.SeriesInstanceUID)
+    assert sorted(ds.SOPInstanceUID for ds in got) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in plain)
+    assert all(ds.PixelData == tricky.PixelData for ds in got if ds.SOPInstanceUID == tricky.SOPInstanceUID)
+    boundaries = {
+        _get(f"{base}/studies/{tricky.StudyInstanceUID}", token)[2]["Content-Type"] for _ in range(2)
+    }
+    assert len(boundaries) == 2  # a new boundary for every answer
+
+    # Big endian: pydicom cannot write it as Explicit VR Little Endian, so only as stored.
+    first_big = pydicom.dcmread(big[0])
+    series_url = f"{base}/studies/{first_big.StudyInstanceUID}/series/{first_big.SeriesInstanceUID}"
+    status, body, _ = _get(series_url, token)
+    assert status == 406 and "cannot send as 1.2.840.10008.1.2.1" in json.loads(body)["detail"]
+    as_stored = reader.retrieve_series(
+        first_big.StudyInstanceUID, first_big.SeriesInstanceUID, media_types=(("application/dicom", "*"),)
+    )
+    assert {ds.file_meta.TransferSyntaxUID for ds in as_stored} == {"1.2.840.10008.1.2.2"}
+    assert sorted(ds.SOPInstanceUID for ds in as_stored) == sorted(
+        pydicom.dcmread(p).SOPInstanceUID for p in big
+    )
+
+    # A lost file is found before the answer starts; an undecodable one breaks the answer off.
+    _stored_file(node, pydicom.dcmread(plain[0]).SOPInstanceUID).unlink()
+    status, body, _ = _get(f"{base}/studies/{tricky.StudyInstanceUID}", token)
+    assert status == 500 and "missing" in json.loads(body)["detail"]
+    first_j2k = pydicom.dcmread(j2k[1])
+    broken = _stored_file(node, first_j2k.SOPInstanceUID)
+    data = bytearray(broken.read_bytes())
+    at = data.find(b"\xff\x4f\xff\x51")  # the codestream's SOC and SIZ markers
+    data[at + 4 : at + 40] = b"\xff" * 36
+    broken.write_bytes(bytes(data))
+    with pytest.raises(http.client.IncompleteRead):
+        _get(f"{base}/studies/{first_j2k.StudyInstanceUID}/series/{first_j2k.SeriesInstanceUID}", token)
+
+
+def test_qido_matches_uid_lists_refuses_wildcards_on_hashed_keys_and_caps_the_limit(
+    node: SegnodeProcesses, fresh_pg_url: str, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{node.values['api']['port']}/dicomweb"
+    one = factory.make_ct_series(tmp_path / "one", n_slices=2)
+    study = pydicom.dcmread(one[0]).StudyInstanceUID
+    other_series = factory.make_ct_series(tmp_path / "two", n_slices=1, study_uid=study)
+    other_study = factory.make_ct_series(tmp_path / "three", n_slices=1)
+    sender = DICOMwebClient(url=base, headers={"Authorization": f"Bearer {_token(node, 'scanner')}"})
+    sender.store_instances([pydicom.dcmread(p) for p in one + other_series + other_study])
+    token = _token(node, "vic")
+
+    def found(path: str, key: str, values: list[str]) -> set[str]:
+        status, body, _ = _get(f"{base}/{path}?{key}={quote(','.join(values))}", token)
+        assert status == 200, body
+        tag = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E"}.get(key, "00080018")
+        return {item[tag]["Value"][0] for item in json.loads(body)}
+
+    studies = [study, pydicom.dcmread(other_study[0]).StudyInstanceUID]
+    assert found("studies", "StudyInstanceUID", studies) == set(studies)
+    assert found("studies", "StudyInstanceUID", ["\\".join(studies)]) == set(studies)
+    series = [pydicom.dcmread(p).SeriesInstanceUID for p in (one[0], other_series[0])]
+    assert found(f"studies/{study}/series", "SeriesInstanceUID", series[:1]) == set(series[:1])
+    assert found(f"studies/{study}/series", "SeriesInstanceUID", series) == set(series)
+    sop = pydicom.dcmread(one[1]).SOPInstanceUID
+    assert found(f"studies/{study}/series/{series[0]}/instances", "SOPInstanceUID", [sop, "1.2.3"]) == {sop}
+
+    for query in ("PatientID=*", "PatientID=SYN%3F001", "AccessionNumber=A*"):
+        status, body, _ = _get(f"{base}/studies?{query}", token)
+        assert status == 400 and "wildcards" in json.loads(body)["detail"], query
+
+    status, body, headers = _get(f"{base}/studies?limit=5000", token)
+    assert status == 200 and len(json.loads(body)) == 2 and headers.get("Warning") is None
+    engine = sqlalchemy.create_engine(fresh_pg_url)
+    with engine.begin() as connection:  # more studies than one answer may hold
+        connection.execute(
+            sqlalchemy.text(
+                "INSERT INTO studies (study_instance_uid, created_at) "
+                "SELECT '1.2.3.' || n, now() FROM generate_series(1, 1000) AS n"
+            )
+        )
+    engine.dispose()
+    status, body, headers = _get(f"{base}/studies?limit=5000", token)
+    assert status == 200 and len(json.loads(body)) == 1000
+    assert headers["Warning"] == (
+        f'299 {base}: "The number of results exceeded the maximum supported by the server. '
+        'Additional results can be requested."'
+    )

@@ -55,6 +55,20 @@ def test_parts_come_out_whole_whatever_the_chunks(seed: int | None) -> None:
     assert all(headers == {"content-type": "application/dicom"} for headers, _ in found)
 
 
+@pytest.mark.parametrize("seed", [None, 5, 6, 7])
+def test_transport_padding_after_a_boundary_is_skipped(seed: int | None) -> None:
+    """RFC 2046 5.1.1: spaces and tabs may end a boundary line; receivers must accept them."""
+    body = (
+        f"--{BOUNDARY} \t \r\nContent-Type: application/dicom\r\n\r\nfirst\r\n"
+        f"--{BOUNDARY}\t\r\nContent-Type: application/dicom\r\n\r\nsecond\r\n"
+        f"--{BOUNDARY}--  \r\n"
+    ).encode()
+    found = _read(body, random.Random(seed) if seed is not None else None)
+    assert [data for _, data in found] == [b"first", b"second"]
+    with pytest.raises(MultipartError, match="not followed by a line break"):
+        _read(f"--{BOUNDARY} x\r\n\r\n".encode(), None)
+
+
 def test_a_broken_body_is_refused_by_name() -> None:
     with pytest.raises(MultipartError, match="before its closing boundary"):
         _read(_body([b"x"])[: -len("--\r\nan epilogue")], None)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 MAX_HEADER_BYTES = 16 * 1024
+PADDING = b" \t"  # transport padding: the white space a boundary line may end with
 
 
 class MultipartError(ValueError):
@@ -74,6 +75,12 @@ class MultipartReader:
                 if self._buffer[:2] == b"--":
                     self._state = "end"
                     return
+                self._state = "boundary-line"
+            elif self._state == "boundary-line":
+                # Transport padding (RFC 2046 5.1.1) may follow a boundary; receivers must skip it.
+                del self._buffer[: _padding(self._buffer)]
+                if len(self._buffer) < 2:
+                    return
                 if self._buffer[:2] != b"\r\n":
                     raise MultipartError("a boundary is not followed by a line break")
                 del self._buffer[:2]
@@ -114,6 +121,14 @@ class MultipartReader:
     def _keep_tail(self, length: int) -> None:
         if len(self._buffer) > length:
             del self._buffer[: len(self._buffer) - length]
+
+
+def _padding(buffer: bytearray) -> int:
+    """How many spaces and tabs the buffer starts with."""
+    count = 0
+    while count < len(buffer) and buffer[count] in PADDING:
+        count += 1
+    return count
 
 
 def _headers(raw: bytes) -> dict[str, str]:

@@ -5,6 +5,7 @@ answer), then routed and completed alike. Every part gets its own verdict in the
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
 import asyncio
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 
@@ -31,7 +32,7 @@ from node.core.uids import is_valid_uid
 from node.db.models import User
 from node.receive.listener import ACCEPTED_TRANSFER_SYNTAXES, instance_facts
 from node.receive.part10 import TruncatedDataSetError, read_header
-from node.receive.spool_files import Spool, StorageFullError
+from node.receive.spool_files import Spool, StagedFile, StorageFullError
 from node.receive.storage import InvalidUIDError, Storage
 
 log = logging.getLogger(__name__)
@@ -63,20 +64,31 @@ class Verdict:
 
 
 def store_part(storage: Storage, spool: Spool, who: str, study: str | None) -> Verdict:
-    """Store one part (a Part 10 file in ``spool``) or say why not; nothing of a refused part stays."""
+    """Store one part (a Part 10 file in ``spool``) or say why not; nothing of a refused part stays,
+    whatever goes wrong (an unforeseen fault is that part's failure, never the request's)."""
     staged = spool.finish()
+    verdict: Verdict | None = None
+    try:
+        verdict = _store_staged(storage, staged, who, study)
+    except Exception as err:  # noqa: BLE001 - answered by name; the sender may send it again
+        log.warning("STOW-RS from %s: part not stored (%s)", who, type(err).__name__)
+        verdict = Verdict("", "", failure=PROCESSING_FAILURE, reason=f"not stored: {type(err).__name__}")
+    finally:
+        if verdict is None or verdict.failure is not None:
+            staged.discard()
+    return verdict
+
+
+def _store_staged(storage: Storage, staged: StagedFile, who: str, study: str | None) -> Verdict:
     try:
         verdict, facts = _check(staged.wait(), study)
     except StorageFullError:
-        staged.discard()
         return Verdict("", "", failure=OUT_OF_RESOURCES, reason="the node's storage is full")
     except OSError as err:
-        staged.discard()
         return Verdict(
             "", "", failure=PROCESSING_FAILURE, reason=f"the part could not be written: {err.strerror}"
         )
     if facts is None:
-        staged.discard()
         return verdict
     try:
         storage.store(staged, facts, who)
@@ -87,9 +99,39 @@ def store_part(storage: Storage, spool: Spool, who: str, study: str | None) -> V
     except Exception as err:  # noqa: BLE001 - answered by name; the sender may send it again
         log.warning("STOW-RS from %s: instance not stored (%s)", who, type(err).__name__)
         verdict.failure, verdict.reason = PROCESSING_FAILURE, f"not stored: {type(err).__name__}"
-    if verdict.failure is not None:
-        staged.discard()
     return verdict
+
+
+@dataclass(frozen=True)
+class _Meta:
+    syntax: str
+    start: int  # where the data set begins
+    sop_class: str
+    sop_instance: str
+
+
+def _read_meta(path: Path) -> _Meta:
+    """The part's File Meta Information; raises whatever pydicom raises on a malformed one."""
+    meta = read_file_meta_info(path)
+    return _Meta(
+        str(meta.TransferSyntaxUID),
+        PREAMBLE + GROUP_LENGTH_ELEMENT + int(meta.FileMetaInformationGroupLength),
+        str(meta.get("MediaStorageSOPClassUID", "")),
+        str(meta.get("MediaStorageSOPInstanceUID", "")),
+    )
+
+
+def _unreadable(err: Exception) -> str:
+    """Why pydicom could not read a part, in words; its messages can quote values, so not repeated."""
+    if isinstance(err, NotImplementedError):
+        return "an element has an unknown value representation"
+    if isinstance(err, BytesLengthException):
+        return "an element's length does not fit its value representation"
+    if isinstance(err, EOFError | struct.error):
+        return "it ends inside an element"
+    if isinstance(err, AttributeError | KeyError):
+        return "a required element is missing"
+    return f"it is malformed ({type(err).__name__})"
 
 
 def _check(path: Path, study: str | None) -> tuple[Verdict, Any]:
@@ -101,40 +143,37 @@ def _check(path: Path, study: str | None) -> tuple[Verdict, Any]:
             "", "", failure=CANNOT_UNDERSTAND, reason="not a DICOM Part 10 file (no DICM prefix)"
         ), None
     try:
-        meta = read_file_meta_info(path)
-        syntax = str(meta.TransferSyntaxUID)
-        start = PREAMBLE + GROUP_LENGTH_ELEMENT + int(meta.FileMetaInformationGroupLength)
-    except (InvalidDicomError, AttributeError, ValueError, TypeError) as err:
-        return Verdict(
-            "",
-            "",
-            failure=CANNOT_UNDERSTAND,
-            reason=f"its File Meta Information cannot be read ({type(err).__name__})",
-        ), None
-    sop_class, sop_instance = (
-        str(meta.get("MediaStorageSOPClassUID", "")),
-        str(meta.get("MediaStorageSOPInstanceUID", "")),
-    )
-    verdict = Verdict(sop_class, sop_instance)
-    if syntax not in ACCEPTED:
+        meta = _read_meta(path)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds; all mean an unreadable part
+        reason = f"its File Meta Information cannot be read: {_unreadable(err)}"
+        return Verdict("", "", failure=CANNOT_UNDERSTAND, reason=reason), None
+    verdict = Verdict(meta.sop_class, meta.sop_instance)
+    if meta.syntax not in ACCEPTED:
         verdict.failure, verdict.reason = (
             TRANSFER_SYNTAX_NOT_SUPPORTED,
-            f"transfer syntax {syntax} is not one the node accepts",
+            f"transfer syntax {meta.syntax} is not one the node accepts",
         )
         return verdict, None
     try:
         with path.open("rb") as source:
-            ds, has_pixels = read_header(source, UID(syntax), start)
-        facts = instance_facts(ds, syntax)
+            ds, has_pixels = read_header(source, UID(meta.syntax), meta.start)
+        facts = instance_facts(ds, meta.syntax)
     except TruncatedDataSetError:
         verdict.failure, verdict.reason = CANNOT_UNDERSTAND, "the data set is truncated"
         return verdict, None
     except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
         verdict.failure, verdict.reason = (
             CANNOT_UNDERSTAND,
-            f"the data set cannot be parsed ({type(err).__name__})",
+            f"the data set cannot be parsed: {_unreadable(err)}",
         )
         return verdict, None
+    return _judge(verdict, facts, meta.sop_instance, has_pixels, study)
+
+
+def _judge(
+    verdict: Verdict, facts: Any, sop_instance: str, has_pixels: bool, study: str | None
+) -> tuple[Verdict, Any]:
+    """The verdict on a readable part: its data set must agree with its meta and the URL's study."""
     verdict.sop_class_uid, verdict.sop_instance_uid = facts.sop_class_uid, facts.sop_instance_uid
     verdict.study_uid, verdict.series_uid = facts.study_uid, facts.series_uid
     problem = ""

@@ -233,8 +233,10 @@ def _get(session: Session, job_id: int) -> Job:
 
 
 def stale_jobs(session: Session, older_than: datetime) -> list[Job]:
-    """Queued jobs that nobody has touched since ``older_than`` (a lost message)."""
-    return list(session.scalars(select(Job).where(Job.state == JobState.QUEUED, Job.updated_at < older_than)))
+    """Queued jobs that nobody has touched since ``older_than`` (a lost message), locked for the
+    caller's transaction: a worker claiming one meanwhile waits, then finds it sent again."""
+    query = select(Job).where(Job.state == JobState.QUEUED, Job.updated_at < older_than)
+    return list(session.scalars(query.with_for_update()))
 
 
 def jobs_with_due_deliveries(
@@ -262,6 +264,8 @@ def jobs_with_due_deliveries(
 
 
 def expired_leases(session: Session, now: datetime) -> list[Job]:
-    """RUNNING jobs whose worker stopped renewing its lease: it died, hangs, or lost the database."""
+    """RUNNING jobs whose worker stopped renewing its lease: it died, hangs, or lost the database.
+    Locked for the caller's transaction, so that a worker taking one over meanwhile is not undone
+    (PostgreSQL reads a row changed since again, and leaves it out when it no longer matches)."""
     lapsed = Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now)
-    return list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, lapsed)))
+    return list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, lapsed).with_for_update()))

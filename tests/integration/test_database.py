@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,15 @@ from node.core.config import Settings, load_settings
 from node.core.queue import JobQueue, make_celery
 from node.db import engine as db
 from node.db.job_runs import DeliveryOutcome, JobRuns
-from node.db.jobs import cancel, expired_leases, jobs_with_due_deliveries, mark_queued, retry, stale_jobs
+from node.db.jobs import (
+    cancel,
+    expired_leases,
+    jobs_with_due_deliveries,
+    mark_queued,
+    requeue,
+    retry,
+    stale_jobs,
+)
 from node.db.models import (
     DestinationStatus,
     Instance,
@@ -370,6 +379,37 @@ def test_claim_is_atomic_and_a_second_delivery_does_nothing(
         job = session.get_one(Job, job_id)
         assert (job.worker, job.attempts) == ("w@a/1", 2)
         assert "again by the same worker after an error" in job.events[-1].message
+
+
+def test_a_takeover_while_the_scheduler_takes_back_a_lapsed_job_is_not_undone(
+    migrated_pg_template: str, tmp_path: Path
+) -> None:
+    """The scheduler's pass and a worker's takeover of the same lapsed job, interleaved on
+    PostgreSQL: whichever commits first, the job ends either queued with no worker holding it or
+    running in the hands of the worker that was told it holds it, never queued while a worker runs it."""
+    url = peers.create_pg_database(template=migrated_pg_template)
+    engine = db.make_engine(url)
+    sessions = db.make_sessionmaker(engine)
+    try:
+        job_id = _queued_job(sessions, tmp_path)
+        assert JobRuns(sessions, "w@a/1", lease_s=-1).claim(job_id) is not None  # lapsed at once
+        other = JobRuns(sessions, "another@b/7", lease_s=60)
+        with ThreadPoolExecutor(1) as pool, sessions() as scheduler:
+            (lapsed,) = expired_leases(scheduler, utcnow())
+            takeover = pool.submit(other.claim, job_id)
+            with contextlib.suppress(TimeoutError):
+                takeover.result(timeout=2)  # without the scheduler's lock it is done by now
+            requeue(scheduler, lapsed, "its worker's lease lapsed")
+            scheduler.commit()
+            claimed = takeover.result()
+        job = _job(sessions, job_id)
+        if claimed is None:
+            assert (job.state, job.worker) == (JobState.QUEUED, "")
+        else:
+            assert (job.state, job.worker) == (JobState.RUNNING, "another@b/7")
+    finally:
+        engine.dispose()
+        peers.drop_pg_database(url)
 
 
 def test_a_lapsed_lease_goes_to_any_other_worker_and_the_old_one_is_ignored(

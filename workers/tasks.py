@@ -99,7 +99,7 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
                 decode_workers=ctx.settings.worker.cpu_threads or None,
                 fast_overlap=ctx.settings.worker.seg_fast_overlap,
             )
-            kept = node.upload(job_id, folder) if node is not None else folder
+            kept = node.upload(job_id, folder, worker) if node is not None else folder
     except SeriesRejectedError as err:
         runs.ended(job_id, JobState.REJECTED, str(err), len(job.inputs))
         log.info("job %d series %s: rejected: %s", job_id, job.series_uid, err)

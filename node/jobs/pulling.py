@@ -14,6 +14,7 @@ from io import BytesIO
 from typing import Any
 
 import requests
+from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pynetdicom import AE, Association, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -46,6 +47,10 @@ RETRIEVED_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
 )  # the longest a source may go without a word while it moves a study
+
+
+# A DICOMweb source that went away, before its answer or in the middle of it.
+WADO_AWAY = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 class PullError(RuntimeError):
@@ -207,29 +212,41 @@ class Puller:
         try:
             series = [s["0020000E"]["Value"][0] for s in client.search_for_series(study)]
         except requests.HTTPError as err:
-            status = err.response.status_code if err.response is not None else 0
-            raise PullError(f"{source.url}: QIDO-RS answered HTTP {status}") from err
-        except (requests.ConnectionError, requests.Timeout) as err:
+            raise PullError(f"{source.url}: QIDO-RS answered HTTP {_status(err)}") from err
+        except WADO_AWAY as err:
             raise PullError(f"{source.url}: no answer ({type(err).__name__})") from err
         if not series:
             raise PullError(f"{source.url} holds no series of that study")
+        stored = sum(self._store_series(client, source, study, uid) for uid in series)
+        return stored, f"{source.url} gave {stored} instance(s) of {len(series)} series by WADO-RS"
+
+    def _store_series(self, client: DICOMwebClient, source: DicomWebDestination, study: str, uid: str) -> int:
+        """Store each instance of the series as it arrives (iter_series streams the answer: a long
+        series is never in memory whole), then complete the series; the instances stored."""
         stored = 0
-        for uid in series:
-            datasets = client.retrieve_series(study, uid, media_types=(("application/dicom", "*"),))
-            for ds in datasets:
+        try:
+            for ds in client.iter_series(study, uid, media_types=(("application/dicom", "*"),)):
                 buffer = BytesIO()
                 ds.save_as(buffer, enforce_file_format=True)
-                self.storage.store(
-                    [buffer.getvalue()], instance_facts(ds, str(ds.file_meta.TransferSyntaxUID)), "PULL"
-                )
+                facts = instance_facts(ds, str(ds.file_meta.TransferSyntaxUID))
+                del ds  # only the encoded copy is kept while it is stored
+                self.storage.store([buffer.getbuffer()], facts, "PULL")
                 stored += 1
-            self.storage.mark_released({uid})  # the whole series is here: complete it now
-        return stored, f"{source.url} gave {stored} instance(s) of {len(series)} series by WADO-RS"
+        except requests.HTTPError as err:
+            raise PullError(f"{source.url}: WADO-RS answered HTTP {_status(err)}") from err
+        except WADO_AWAY as err:
+            raise PullError(f"{source.url}: the answer stopped ({type(err).__name__})") from err
+        self.storage.mark_released({uid})  # the whole series is here: complete it now
+        return stored
 
     def run(self, stop: threading.Event, every_s: float = 1.0) -> None:
         with session_scope(self.sessions) as session:  # pulls a stopped or crashed node left running
             session.execute(update(Pull).where(Pull.state == RUNNING).values(state=PENDING))
         run_passes(stop, self.tick, every_s, log, "the puller")
+
+
+def _status(err: requests.HTTPError) -> int:
+    return err.response.status_code if err.response is not None else 0
 
 
 def _study(uid: str) -> Dataset:

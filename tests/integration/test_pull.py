@@ -1,6 +1,7 @@
 """Pull jobs against Orthanc as the PACS: a study already in it fetched by C-MOVE and C-GET (the
 command line) and by QIDO-RS/WADO-RS (the API), segmented, its SEG back in Orthanc; asking twice makes one
-job; a study the PACS does not hold fails with a reason."""
+job; a study the PACS does not hold fails with a reason; a DICOMweb pull stores each instance as it
+arrives."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from typing import Any
 
 import pydicom
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from node.db.models import JobState
+from node.db import engine as db
+from node.db.models import Instance, JobState
 from tests import dicom_factory as factory
 from tests import peers
+from tests.dicomweb_source import GatedSource
 from tests.node_process import SegnodeProcesses
 from tests.waiting import eventually
 
@@ -113,3 +118,34 @@ def test_a_study_in_the_pacs_is_pulled_segmented_and_sent_back_once(
     # A study the PACS does not hold: the pull fails and says so.
     missing = node.cli("pull", "1.2.3.4.5.6", "--source", "pacs", "--wait", timeout=300)
     assert missing.returncode == 1 and "FAILED" in missing.stdout and "is the study there?" in missing.stdout
+
+
+def test_a_dicomweb_pull_stores_each_instance_as_it_arrives(
+    segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
+) -> None:
+    """The node stores the first instance of a series while the source still sends the rest: it
+    never holds a whole series (gigabytes for a long CT) in memory."""
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
+    first = pydicom.dcmread(paths[0])
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    port = peers.free_port()
+    node = segnode_factory(
+        sources={"archive": {"kind": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web"}},
+        rules=[{"name": "ct", "min_slices": 3}],
+    )
+    database = db.make_engine(node.database_url)
+
+    def stored() -> bool:
+        with Session(database) as session:
+            found = select(Instance.id).where(Instance.sop_instance_uid == str(first.SOPInstanceUID))
+            return session.scalar(found) is not None
+
+    try:
+        with GatedSource(port, study, series, [path.read_bytes() for path in paths], stored) as source:
+            node.serve(workers=False)
+            pulled = node.cli("pull", study, "--source", "archive", "--wait", timeout=120)
+    finally:
+        database.dispose()
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr + node.logs()
+    assert "gave 4 instance(s) of 1 series by WADO-RS" in pulled.stdout
+    assert source.stored_early, "the node stored nothing before the source had sent the whole series"

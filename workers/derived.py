@@ -19,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, TM
 
+from node.core.files import fsync_dir
 from node.core.uids import derive_uid
 from segmenters.base import AlgorithmInfo, Structure
 from segmenters.ct_series import SeriesVolume
@@ -125,11 +126,7 @@ def write_dataset(ds: Dataset, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def check_label_map(

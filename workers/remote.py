@@ -12,8 +12,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from node.core.config import Settings
+from node.core.files import fsync_dir
 from node.core.outputs import OVERLAY_FOLDER, RESULT_FILES, result_files
-from node.receive.spool_files import fsync_dir
 from workers.errors import ProcessingFailedError, TransientError
 
 # The worker's name on an upload, as the job records it (node.api.results reads this header).

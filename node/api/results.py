@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.api.deps import Config, Credentials, RemoteWorker, current_user, remote_worker
 from node.core.config import Settings
+from node.core.files import fsync_dir
 from node.db.engine import session_scope
 from node.db.models import Job, JobState, User
-from node.receive.spool_files import fsync_dir
 
 router = APIRouter(prefix="/api/jobs", tags=["workers"])
 # What a job writes (node.core.outputs): these names and no others, so no path leaves its folder.

@@ -145,11 +145,3 @@ class Spool:
 def is_full(err: OSError) -> bool:
     """A full disk (or quota): the SCP answers out of resources instead of a processing failure."""
     return err.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

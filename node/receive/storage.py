@@ -24,10 +24,11 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from node.core.files import fsync_dir
 from node.core.uids import is_valid_uid
 from node.db.models import ASSOCIATIONS, INSTANCES, SERIES, STUDIES, utcnow
 from node.receive.instance_rows import InstanceRows
-from node.receive.spool_files import DISK_FULL, Spool, StagedFile, StorageFullError, fsync_dir, is_full
+from node.receive.spool_files import DISK_FULL, Spool, StagedFile, StorageFullError, is_full
 
 log = logging.getLogger(__name__)
 

@@ -398,7 +398,7 @@ def test_a_takeover_while_the_scheduler_takes_back_a_lapsed_job_is_not_undone(
             (lapsed,) = expired_leases(scheduler, utcnow())
             takeover = pool.submit(other.claim, job_id)
             with contextlib.suppress(TimeoutError):
-                takeover.result(timeout=2)  # without the scheduler's lock it is done by now
+                takeover.result(timeout=1)  # without the scheduler's lock it is done by now
             requeue(scheduler, lapsed, "its worker's lease lapsed")
             scheduler.commit()
             claimed = takeover.result()

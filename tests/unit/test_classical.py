@@ -352,6 +352,7 @@ def test_phantom_slices_ordered_head_to_foot(segmenter: ClassicalSegmenter) -> N
     assert np.array_equal(segmenter.predict(flipped)[::-1], segmenter.predict(volume))
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_body_mask_is_the_outline_predict_labels(
     segmenter: ClassicalSegmenter, thorax: tuple[Volume, np.ndarray, dict[str, np.ndarray]]
 ) -> None:

@@ -49,7 +49,9 @@ class Archive:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), daemon=True
+        ).start()  # quick shutdown
 
     @property
     def destination(self) -> DicomWebDestination:

@@ -284,6 +284,7 @@ def test_nifti_pair_reads_back_a_phantom(tmp_path: Path) -> None:
     assert case.spacing == phantom.spacing and case.case_id == "a"
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_rtstruct_reader_on_the_real_thorax() -> None:
     (case,) = datasets.read_rtstruct_folder(THORAX)
     n = case.hu.shape[0]

@@ -312,6 +312,7 @@ def test_real_series_as_shared_lacks_series_uids() -> None:
         load_series(sorted(REAL_J2K.iterdir()))
 
 
+@pytest.mark.slow  # real data: in CI, not in the edit loop
 def test_real_jpeg2000_series_loads(tmp_path: Path) -> None:
     paths = f.copy_with_series_uids(sorted(REAL_J2K.iterdir()), tmp_path)
     random.Random(1).shuffle(paths)

@@ -114,7 +114,7 @@ def run(name: str, paths: list[Path], work: Path, extra_args: list[str]) -> floa
     )
     try:
         node.serve()
-        node.wait_for_log("serve", " ready.")  # the worker is up before the clock runs
+        node.wait_for_log("serve", "worker warmed up")  # the worker is up before the clock runs
         known = set(orthanc.instances())
         sent = peers.storescu(paths, node.port, aet="SEGNODE", extra_args=["-R", *extra_args], timeout=900)
         if sent.returncode != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ def create_worker_app(settings: Settings) -> Celery:
     """The Celery app a worker runs: the shared queue configuration plus the task bodies."""
     engine = make_engine(settings.effective_database_url)
     check_schema(engine)
+    # Loaded once here, before the pool forks: every worker process inherits it instead of taking
+    # seconds to import it while its first job waits.
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
     app = make_celery(settings)
     declare_queue(app)
     ctx = WorkerContext(settings=settings, sessions=make_sessionmaker(engine), queue=JobQueue(app, settings))

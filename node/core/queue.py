@@ -64,11 +64,11 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=SEGMENT_CPU,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
         enable_utc=True,
     )
     if settings.effective_broker_url.startswith("redis"):
+        # Task events for Flower; the embedded broker has no broadcast to carry them.
+        app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
         # Unacknowledged tasks of a worker that vanished come back after this long.
         app.conf.broker_transport_options = {"visibility_timeout": settings.worker.stale_job_s}
     return app

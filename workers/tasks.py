@@ -7,9 +7,11 @@ atomically and ``deliver_job`` sends only what is still pending, with the same o
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,15 +112,17 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
         return False
     except (OperationalError, NodeUnreachableError):
         raise  # the database or the node away: Celery retries the task, which this worker claims again
-    except Exception as err:
-        log.exception("job %d series %s: internal error", job_id, job.series_uid)
-        runs.ended(
-            job_id,
-            JobState.FAILED,
-            # The exception's own words may quote the data; the worker's log has them in full.
-            f"internal error in the worker ({type(err).__name__}); the worker's log has the details",
-            len(job.inputs),
+    except Exception as err:  # noqa: BLE001 - the job fails with a reason; the log says where
+        # Where it happened, not the exception's words: those may quote the data (a birth date).
+        frames = "".join(traceback.format_tb(err.__traceback__))
+        log.error(
+            "job %d series %s: internal error (%s)\n%s", job_id, job.series_uid, type(err).__name__, frames
         )
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the worker's disk is full (writing the results): free space there, then retry the job"
+        else:
+            reason = f"internal error in the worker ({type(err).__name__}); the worker's log says where"
+        runs.ended(job_id, JobState.FAILED, reason, len(job.inputs))
         return False
     finally:
         shutil.rmtree(cache, ignore_errors=True)  # the series fetched from the node, if it was
@@ -183,6 +187,10 @@ def _deliver(settings: Settings, name: str, files: list[Path]) -> DeliveryOutcom
         return DeliveryOutcome(False, False, str(err))
     except DeliveryRefusedError as err:
         return DeliveryOutcome(False, True, str(err))
+    except Exception as err:  # recorded as an attempt, never a loop of unrecorded ones
+        log.warning("delivery to %s: internal error (%s)", name, type(err).__name__, exc_info=True)
+        why = f"internal error while sending ({type(err).__name__}); the worker's log has the details"
+        return DeliveryOutcome(False, True, why)
 
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:

@@ -250,6 +250,10 @@ class JobRuns:
         with session_scope(self.sessions) as session:
             delivery = session.get_one(Delivery, delivery_id)
             job = session.get_one(Job, job_id)
+            if delivery.state != DeliveryState.PENDING:
+                # Settled meanwhile (an attempt that outlasted its hold, by another worker): a late
+                # answer must not turn a delivered result into a failed one.
+                return
             delivery.attempts += 1
             delivery.last_status = outcome.answer
             if outcome.delivered:

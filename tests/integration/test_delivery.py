@@ -14,7 +14,7 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.core.config import DicomDestination
+from node.core.config import DicomDestination, Settings
 from node.core.dicom import VERIFICATION
 from node.db.models import JobState
 from tests import dicom_factory as factory
@@ -22,6 +22,7 @@ from tests import peers
 from tests.node_process import SegnodeProcesses
 from workers.destinations.dicom import send_by_c_store
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
+from workers.tasks import _deliver
 
 # Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
 pytestmark = pytest.mark.slow
@@ -176,3 +177,29 @@ def test_a_job_whose_delivery_attempts_run_out_fails_with_every_attempt_recorded
     assert "connection refused or timed out" in job.reason and "retry the job" in job.reason
     shown = node.cli("jobs", "show", str(job.id)).stdout
     assert "attempt 1: " in shown and "next attempt in" in shown and "attempt 2: " in shown
+
+
+def test_a_pacs_that_does_not_take_a_storage_class_is_a_refusal_that_says_which(
+    one_slice: list[Path], tmp_path: Path
+) -> None:
+    """A PACS that accepts the association but not the SEG's presentation context: refused at
+    once, naming the class (not an error the worker cannot record, tried again for ever); files
+    that are gone are refused too, by the worker, with a reason."""
+    ct_only = AE(ae_title="CTONLY")
+    ct_only.add_supported_context(CTImageStorage, "1.2.840.10008.1.2")  # implicit VR only
+    server = ct_only.start_server(("127.0.0.1", 0), block=False)
+    assert server is not None
+    try:
+        pacs = DicomDestination(ae_title="CTONLY", host="127.0.0.1", port=server.server_address[1])
+        with pytest.raises(
+            DeliveryRefusedError, match="does not take CT Image Storage in Explicit VR Little"
+        ):
+            send_by_c_store(pacs, one_slice, "SEGNODE", timeout_s=10)
+        settings = Settings(data_dir=tmp_path, destinations={"pacs": pacs.model_dump()})
+        outcome = _deliver(settings, "pacs", [tmp_path / "gone.dcm"])
+        assert not outcome.delivered and outcome.permanent
+        assert outcome.answer == (
+            "internal error while sending (FileNotFoundError); the worker's log has the details"
+        )
+    finally:
+        server.shutdown()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
@@ -90,6 +91,11 @@ def send_by_c_store(
     tls_args = (context, destination.host) if context is not None else None
     started = time.monotonic()
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # It answered, but took none of what is to be sent (pynetdicom then aborts).
+        _refuse_contexts(
+            where, {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.rejected_contexts}
+        )
     if not assoc.is_established:
         rejection = assoc.acceptor.primitive if assoc.is_rejected else None
         if rejection is None and context is not None:
@@ -114,6 +120,9 @@ def send_by_c_store(
             # pynetdicom leaves the connected socket with no timeout: a peer stalling inside a PDU
             # would hold the worker for good.
             sock.settimeout(timeout_s)
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+        wanted = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+        _refuse_contexts(where, wanted - accepted)
         answers = []
         for ds in datasets:
             status = assoc.send_c_store(ds)
@@ -132,3 +141,14 @@ def send_by_c_store(
     finally:
         assoc.release()
     return f"{where} answered {', '.join(answers)}"
+
+
+def _refuse_contexts(where: str, refused: set[tuple[str, str]]) -> None:
+    """A PACS that does not take a storage class (or its transfer syntax) will not take it on a
+    retry either: refused at once, naming what it lacks."""
+    if refused:
+        abstract, transfer = (UID(uid) for uid in sorted(refused)[0])
+        raise DeliveryRefusedError(
+            f"{where} does not take {abstract.name} in {transfer.name} (it answered, but not for that "
+            "presentation context): enable that storage class on it, or send it other outputs"
+        )

@@ -81,6 +81,28 @@ def _moment(date: object, time: object) -> datetime.datetime | None:
     return datetime.datetime.combine(day, clock.replace(tzinfo=None) if clock else datetime.time())
 
 
+# Dates and times the outputs copy from the CT (Patient and General Study modules), all Type 2.
+COPIED_MOMENTS = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM, "PatientBirthTime": TM}
+
+
+def blank_invalid_moments(datasets: Sequence[Dataset]) -> list[str]:
+    """Empty the copied dates and times a CT wrote against the standard (1961-07-04 for 19610704):
+    the writers would refuse them and fail the job. Returns the names emptied, never their values
+    (a birth date identifies a patient)."""
+    emptied: set[str] = set()
+    for ds in datasets:
+        for keyword, kind in COPIED_MOMENTS.items():
+            value = ds.get(keyword)
+            if value in (None, ""):
+                continue
+            try:
+                kind(str(value))
+            except ValueError:
+                setattr(ds, keyword, "")
+                emptied.add(keyword)
+    return sorted(emptied)
+
+
 def copy_deidentification(derived: Dataset, source: Dataset) -> None:
     """An object derived from a de-identified series says so, and how, as its source does.
 

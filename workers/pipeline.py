@@ -17,7 +17,7 @@ from node.core.outputs import OVERLAY_FOLDER, RESULT_FILES
 from segmenters.base import Segmenter
 from segmenters.ct_series import DecodeFailedError, UnsuitableSeriesError, load_series
 from segmenters.volume_files import write_label_nifti
-from workers.derived import write_dataset
+from workers.derived import blank_invalid_moments, write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
 from workers.overlay_writer import build_overlay, write_overlay
 from workers.rtstruct_writer import build_rtstruct
@@ -69,6 +69,9 @@ def segment_series(
     timings["segment"] = time.perf_counter() - start
 
     folder.mkdir(parents=True, exist_ok=True)
+    emptied = blank_invalid_moments(series.datasets)
+    if emptied:
+        log.warning("invalid %s in the CT's headers: left empty in the outputs", ", ".join(emptied))
     algorithm, structures = segmenter.algorithm, list(segmenter.structures)
     start = time.perf_counter()
     seg = build_seg(

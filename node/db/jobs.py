@@ -119,13 +119,14 @@ def note_waiting(session: Session, why: str) -> None:
     session.execute(update(Job).where(Job.state == JobState.RECEIVED, Job.reason != why).values(reason=why))
 
 
-def requeue(session: Session, job: Job, why: str) -> None:
-    """Put a job back to QUEUED (a retry by an admin, or a job whose worker's lease expired)."""
+def requeue(session: Session, job: Job, why: str, state: JobState = JobState.QUEUED) -> None:
+    """Put a job back to QUEUED (a retry by an admin, sent to the broker by the caller), or to
+    RECEIVED (the scheduler's own, sent on its next pass however long the broker is away)."""
     job.worker = ""
     job.reason = ""
     job.finished_at = None
     job.lease_expires_at = None
-    transition(session, job, JobState.QUEUED, "requeued", why)
+    transition(session, job, state, "requeued", why)
 
 
 def retry(session: Session, job_id: int, who: str) -> Job:
@@ -135,8 +136,27 @@ def retry(session: Session, job_id: int, who: str) -> Job:
         raise ValueError(
             f"job {job_id} was not routed to a segmenter ({job.reason}); there is nothing to retry"
         )
+    if job.state == JobState.RUNNING:
+        raise ValueError(f"job {job_id} is running on {job.worker}; cancel it first, or wait for it")
+    _check_latest(session, job, "retry")
     requeue(session, job, f"retry requested by {who}")
     return job
+
+
+def _check_latest(session: Session, job: Job, action: str) -> None:
+    """A job made before its series grew covers part of it: only the series' latest job can run or
+    send again (an older one would wait for ever behind the newer instances)."""
+    latest = session.scalar(select(func.max(Job.id)).where(Job.series_id == job.series_id))
+    if latest != job.id:
+        raise ValueError(
+            f"job {job.id} ran before its series grew; job {latest} covers the series as it is now: "
+            f"{action} that one"
+        )
+    if job.series.instance_count > job.instance_count:
+        raise ValueError(
+            f"the series has grown to {job.series.instance_count} instances since job {job.id} took "
+            f"{job.instance_count}; a new job runs with all of them once the series is complete"
+        )
 
 
 def cancel(session: Session, job_id: int, who: str) -> Job:
@@ -171,7 +191,7 @@ def rerun(session: Session, job_id: int, segmenter: str, who: str) -> Job:
         message=f"re-run of job {job_id} with segmenter {segmenter}, requested by {who}",
         outputs=list(job.outputs),
     )
-    new.instance_count = job.instance_count
+    new.instance_count = job.series.instance_count  # the series as it is now
     record_event(session, job, "rerun", f"re-run as job {new.id} with segmenter {segmenter} by {who}")
     return new
 
@@ -186,6 +206,7 @@ def resend(session: Session, job_id: int, who: str, destination: str | None = No
             if job.state in TERMINAL_STATES
             else f"job {job_id} is {job.state.value}: it sends its results itself"
         )
+    _check_latest(session, job, "resend")
     chosen = [d for d in job.deliveries if destination is None or d.destination == destination]
     if not chosen:
         raise ValueError(f"job {job_id} has nothing for destination {destination!r}")

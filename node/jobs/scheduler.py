@@ -52,10 +52,10 @@ class Scheduler:
         """One pass: assemble, send waiting jobs, take back lapsed leases, rescue stale jobs."""
         with session_scope(self.sessions) as session:
             assemble(session, self.settings, utcnow())
-        self.send_received()
         self.take_back_lapsed()
-        self.send_due_deliveries()
         self.rescue_stale()
+        self.send_received()
+        self.send_due_deliveries()
 
     def send_received(self) -> None:
         """Jobs waiting to be queued go to the broker, unless an admin suspended processing: then
@@ -84,20 +84,18 @@ class Scheduler:
                 mark_queued(session, job_id)
 
     def take_back_lapsed(self) -> None:
-        """RUNNING jobs whose worker stopped renewing the lease go back on the queue."""
+        """RUNNING jobs whose worker stopped renewing the lease wait to be sent again (by
+        send_received, which keeps them while the broker is away)."""
         with session_scope(self.sessions) as session:
-            lapsed = expired_leases(session, utcnow())
-            for job in lapsed:
+            for job in expired_leases(session, utcnow()):
                 requeue(
                     session,
                     job,
                     f"worker {job.worker or '(unknown)'} stopped renewing its lease "
                     "(it died, hangs or lost the database); queued again",
+                    state=JobState.RECEIVED,
                 )
-            taken_back = [(job.id, job.segmenter) for job in lapsed]
-        for job_id, segmenter in taken_back:
-            self.queue.process(job_id, segmenter)
-            log.warning("job %d: its worker's lease lapsed; queued again", job_id)
+                log.warning("job %d: its worker's lease lapsed; queued again", job.id)
 
     def send_due_deliveries(self) -> None:
         """Jobs with a delivery due go to a worker: the schedule of retries is the database's, so
@@ -119,9 +117,9 @@ class Scheduler:
         older_than = utcnow() - timedelta(seconds=self.settings.worker.stale_job_s)
         with session_scope(self.sessions) as session:
             for job in stale_jobs(session, older_than):
-                requeue(session, job, f"no progress for {self.settings.worker.stale_job_s:g} s; sent again")
-                self.queue.process(job.id, job.segmenter)
-                log.warning("job %d: stale in %s; sent again", job.id, job.state)
+                why = f"no progress for {self.settings.worker.stale_job_s:g} s; sent again"
+                requeue(session, job, why, state=JobState.RECEIVED)
+                log.warning("job %d: stale in the queue; sent again", job.id)
 
     def run(self, stop: threading.Event) -> None:
         run_passes(stop, self.tick, self.settings.assembly_poll_s, log, "the scheduler's passes")

@@ -25,6 +25,8 @@ from node.db.jobs import (
     jobs_with_due_deliveries,
     mark_queued,
     requeue,
+    rerun,
+    resend,
     retry,
     stale_jobs,
 )
@@ -691,14 +693,15 @@ class _Failing:
     algorithm = ClassicalSegmenter().algorithm
 
     def predict(self, volume: object) -> object:
-        raise ValueError("cannot handle PatientName 'Doe^Jane'")
+        name = "^".join(("Doe", "Jane"))  # as data reaches it: not in the source a traceback shows
+        raise ValueError(f"cannot handle PatientName {name!r}")
 
 
 def test_a_workers_internal_error_fails_the_job_without_the_exceptions_words(
     sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The job's reason goes to the dashboard and to webhooks; the exception's text may quote
-    patient data, so it stays in the worker's log."""
+    """The job's reason goes to the dashboard and to webhooks, the log to whoever runs the worker;
+    the exception's text may quote patient data, so neither repeats it: the log says where."""
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
     storage = Storage(settings.storage_dir, sessions.kw["bind"], min_free_bytes=0)
     for path in make_ct_series(tmp_path / "ct", n_slices=3):
@@ -716,8 +719,8 @@ def test_a_workers_internal_error_fails_the_job_without_the_exceptions_words(
     assert run_process_job(ctx, job_id, "w@a/1") is False
     job = _job(sessions, job_id)
     assert job.state == JobState.FAILED
-    assert job.reason == "internal error in the worker (ValueError); the worker's log has the details"
-    assert "Doe^Jane" in caplog.text  # for whoever reads the worker's log
+    assert job.reason == "internal error in the worker (ValueError); the worker's log says where"
+    assert "in predict" in caplog.text and "Doe^Jane" not in caplog.text  # where, not the words
 
 
 def test_copies_of_one_instance_stored_at_once_keep_the_first_file_with_its_row(
@@ -743,4 +746,42 @@ def test_copies_of_one_instance_stored_at_once_keep_the_first_file_with_its_row(
             row = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
         kept = int(row.transfer_syntax_uid.rsplit(".", 1)[1]) - 1
         assert (tmp_path / "store" / row.path).read_bytes() == f"copy {kept}".encode()
+    storage.close()
+
+
+def test_only_the_latest_job_of_a_grown_series_runs_or_sends_again(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A job made before its series grew covers part of it; run or sent again it would wait for
+    ever behind the newer instances. The admin is told which job covers the series now; a re-run
+    takes the series as it is; a running job is not run twice."""
+    settings = settings_for(
+        tmp_path,
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        rules=[{"name": "ct", "min_slices": 1, "destinations": ["pacs"]}],
+    )
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    storage.store([b"ct"], facts(n=1), "CT01")
+    with sessions.begin() as session:
+        (old,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    runs = JobRuns(sessions, "w@a/1", lease_s=60)
+    assert runs.claim(old) is not None
+    with sessions.begin() as session, pytest.raises(ValueError, match="is running on w@a/1; cancel it first"):
+        retry(session, old, who="ada")
+    assert runs.segmented(old, tmp_path, ["seg"], "1.2.3", "1 segment", 1)
+    (claimed,) = runs.claim_due_deliveries(old, hold_s=60)[1]  # type: ignore[index]
+    refused = DeliveryOutcome(delivered=False, permanent=True, answer="refused")
+    runs.attempted(old, claimed.delivery_id, refused, max_attempts=3, backoff_s=lambda attempts: 1.0)
+    assert _job(sessions, old).state == JobState.FAILED
+    storage.store([b"ct"], facts(n=2), "CT01")  # the series grows: a new job covers both
+    with sessions.begin() as session:
+        (new,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    for action in (lambda s: retry(s, old, who="ada"), lambda s: resend(s, old, who="ada")):
+        with sessions.begin() as session, pytest.raises(ValueError, match=f"job {new} covers the series"):
+            action(session)
+    with sessions.begin() as session:
+        cancel(session, new, who="ada")
+    with sessions.begin() as session:
+        again = rerun(session, old, "classical", who="ada")
+        assert again.instance_count == 2
     storage.close()

@@ -22,6 +22,7 @@ from segmenters.registry import DEMO_CHECKPOINT
 from tests import dicom_factory as f
 from workers.derived import UNRECORDED_DEIDENTIFICATION, write_dataset
 from workers.errors import ProcessingFailedError, SeriesRejectedError
+from workers.pipeline import segment_series
 from workers.seg_writer import build_seg, seg_uids, series_description
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -493,3 +494,18 @@ def test_real_thorax_classical_seg(tmp_path: Path, strict_reading: None) -> None
     assert masks["Body"][masks["Right lung"]].all() and masks["Right lung"].any()
     for structure in segmenter.structures[1:]:
         np.testing.assert_array_equal(masks[structure.name], labels == structure.label)
+
+
+def test_dates_written_against_the_standard_are_left_empty_not_a_failed_job(tmp_path: Path) -> None:
+    """A CT with its birth date as 1961-07-04 (common, not DICOM's 19610704): the SEG is written,
+    dciodvfy-clean, with that date empty."""
+    paths = f.make_ct_series(tmp_path / "ct", n_slices=4, rows=32, cols=32)
+    for path in paths:
+        f.modify(path, PatientBirthDate="1961-07-04", StudyTime="12:30")
+    results = segment_series(
+        paths, ClassicalSegmenter(), tmp_path / "out", transfer_syntax=ExplicitVRLittleEndian
+    )
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
+    assert seg.PatientBirthDate == "" and seg.StudyTime == "" and results.seg_uid == seg.SOPInstanceUID
+    checked = subprocess.run(["dciodvfy", str(tmp_path / "out" / "seg.dcm")], capture_output=True, text=True)
+    assert " Error" not in checked.stderr, checked.stderr

@@ -8,6 +8,7 @@ atomically and ``deliver_job`` sends only what is still pending, with the same o
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from workers.errors import (
     SeriesRejectedError,
 )
 from workers.inputs import job_inputs
-from workers.lease import lease_kept
+from workers.lease import lease_kept, renewed
 from workers.pipeline import segment_series
 from workers.remote import NodeClient, NodeUnreachableError
 from workers.segmenter_factory import build_segmenter
@@ -147,7 +148,8 @@ def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> None:
     again after its backoff, kept in the database: the scheduler sends the job when it is."""
     runs = ctx.runs(worker)
     settings = ctx.settings
-    due = runs.claim_due_deliveries(job_id, hold_s=ATTEMPT_HOLD_STEPS * settings.worker.delivery_timeout_s)
+    hold_s = ATTEMPT_HOLD_STEPS * settings.worker.delivery_timeout_s
+    due = runs.claim_due_deliveries(job_id, hold_s=hold_s)
     if due is None:
         return
     folder, claimed = due
@@ -160,7 +162,10 @@ def run_deliver_job(ctx: WorkerContext, job_id: int, worker: str = "") -> None:
         by_destination.setdefault(delivery.destination, []).append(delivery)
     for name, deliveries in by_destination.items():  # one association carries every output due
         files = [path for d in deliveries for path in result_files(folder, d.output)]
-        outcome = _deliver(settings, name, files)
+        # Held while it is sent, however long a slow PACS takes: no other worker sends it too.
+        hold = functools.partial(runs.hold_deliveries, [d.delivery_id for d in deliveries], hold_s)
+        with renewed(hold, hold_s / RENEWALS_PER_LEASE, f"job {job_id}'s delivery to {name}"):
+            outcome = _deliver(settings, name, files)
         for delivery in deliveries:
             runs.attempted(
                 job_id,

@@ -235,6 +235,17 @@ class JobRuns:
                     claimed.append(DueDelivery(delivery.id, delivery.destination, delivery.output))
             return Path(job.output_path), claimed
 
+    def hold_deliveries(self, delivery_ids: list[int], hold_s: float) -> bool:
+        """Keep pending deliveries held ``hold_s`` ahead while they are being sent (a slow PACS, a
+        long overlay): no other worker sends them meanwhile. False when none is pending any more."""
+        with session_scope(self.sessions) as session:
+            held = session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
+                .values(next_attempt_at=utcnow() + timedelta(seconds=hold_s))
+            )
+            return bool(held.rowcount)  # type: ignore[attr-defined]
+
     def attempted(
         self,
         job_id: int,

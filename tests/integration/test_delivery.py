@@ -6,23 +6,33 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
 
-from node.core.config import DicomDestination, Settings
+from node.core.config import DicomDestination, Settings, load_settings
 from node.core.dicom import VERIFICATION
-from node.db.models import JobState
+from node.core.queue import JobQueue, make_celery
+from node.db.job_runs import JobRuns
+from node.db.models import Job, JobState, utcnow
+from node.jobs.assembly import assemble
+from node.receive.listener import instance_facts
+from node.receive.storage import Storage
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
+from tests.waiting import eventually
 from workers.destinations.dicom import send_by_c_store
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
-from workers.tasks import _deliver
+from workers.tasks import WorkerContext, _deliver, run_deliver_job
 
 # Real programs end to end: run by ./dev test and CI, left out of the edit loop's -m 'not slow'.
 pytestmark = pytest.mark.slow
@@ -203,3 +213,53 @@ def test_a_pacs_that_does_not_take_a_storage_class_is_a_refusal_that_says_which(
         )
     finally:
         server.shutdown()
+
+
+def test_a_delivery_being_sent_to_a_slow_pacs_stays_held_however_long_it_takes(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Six images to a PACS that answers each after 0.9 s take longer than the first hold (four
+    times the 1 s timeout): the hold is renewed while they go, so no other worker sends them too."""
+    received: list[int] = []
+    slow = AE(ae_title="SLOW")
+    slow.add_supported_context(CTImageStorage)
+
+    def store(event: evt.Event) -> int:
+        received.append(1)
+        time.sleep(0.9)
+        return 0x0000
+
+    server = slow.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    assert server is not None
+    settings = load_settings(
+        None,
+        data_dir=str(tmp_path),
+        destinations={"pacs": {"ae_title": "SLOW", "host": "127.0.0.1", "port": server.server_address[1]}},
+        rules=[{"name": "ct", "min_slices": 1, "destinations": ["pacs"], "outputs": ["overlay"]}],
+        worker={"delivery_timeout_s": 1},
+    )
+    storage = Storage(settings.storage_dir, sessions.kw["bind"], min_free_bytes=0)
+    (ct,) = factory.make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)
+    ds = pydicom.dcmread(ct)
+    storage.store([ct.read_bytes()], instance_facts(ds, ds.file_meta.TransferSyntaxUID), "CT01")
+    storage.close()
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=60))
+    runs = JobRuns(sessions, "w@a/1", lease_s=60)
+    assert runs.claim(job_id) is not None
+    folder = tmp_path / "results"
+    factory.make_ct_series(folder / "overlay", n_slices=6, rows=32, cols=32)
+    assert runs.segmented(job_id, folder, ["overlay"], "", "6 images", 1)
+    ctx = WorkerContext(settings=settings, sessions=sessions, queue=JobQueue(make_celery(settings), settings))
+    sending = threading.Thread(target=run_deliver_job, args=(ctx, job_id, "w@a/1"))
+    sending.start()
+    try:
+        assert eventually(lambda: len(received) >= 6, timeout=60)  # past the first hold of 4 s
+        other = JobRuns(sessions, "w@b/2", lease_s=60).claim_due_deliveries(job_id, hold_s=4)
+        assert other == (folder, [])  # still held by the worker sending it
+    finally:
+        sending.join(60)
+        server.shutdown()
+    with sessions() as session:
+        assert session.get_one(Job, job_id).state == JobState.DELIVERED
+    assert len(received) == 6  # each image once

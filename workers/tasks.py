@@ -87,11 +87,12 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
         return False
     log.info("job %d series %s: running %s", job_id, job.series_uid, job.segmenter)
     folder = ctx.settings.output_dir / f"job-{job_id}"
-    cache = ctx.settings.data_dir / "cache" / f"job-{job_id}"
+    # This process's own: another worker on this machine may hold the job after a lapse.
+    cache = ctx.settings.data_dir / "cache" / f"job-{job_id}-{os.getpid()}"
     node = ctx.node()
     every_s = ctx.settings.worker.lease_s / RENEWALS_PER_LEASE
     try:
-        with lease_kept(runs, job_id, every_s):
+        with lease_kept(runs, job_id, every_s) as lost:
             paths = job_inputs(job, ctx.settings, node, cache)
             result = segment_series(
                 paths,
@@ -102,6 +103,9 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
                 decode_workers=ctx.settings.worker.cpu_threads or None,
                 fast_overlap=ctx.settings.worker.seg_fast_overlap,
             )
+            if lost.is_set():  # cancelled or taken over meanwhile: nothing of this run is wanted
+                log.info("job %d: no longer this worker's; its results are not handed back", job_id)
+                return False
             kept = node.upload(job_id, folder, worker) if node is not None else folder
     except SeriesRejectedError as err:
         runs.ended(job_id, JobState.REJECTED, str(err), len(job.inputs))

@@ -144,19 +144,25 @@ def retry(session: Session, job_id: int, who: str) -> Job:
 
 
 def _check_latest(session: Session, job: Job, action: str) -> None:
-    """A job made before its series grew covers part of it: only the series' latest job can run or
-    send again (an older one would wait for ever behind the newer instances)."""
-    latest = session.scalar(select(func.max(Job.id)).where(Job.series_id == job.series_id))
-    if latest != job.id:
+    """A job made before its series grew covers part of it: run or sent again, it would wait for
+    ever behind the newer instances. Another job of the same series (a re-run with another
+    segmenter) is no reason to refuse."""
+    if job.series.instance_count <= job.instance_count:
+        return
+    covering = session.scalar(
+        select(func.max(Job.id)).where(
+            Job.series_id == job.series_id, Job.instance_count >= job.series.instance_count
+        )
+    )
+    if covering is not None:
         raise ValueError(
-            f"job {job.id} ran before its series grew; job {latest} covers the series as it is now: "
+            f"job {job.id} ran before its series grew; job {covering} covers the series as it is now: "
             f"{action} that one"
         )
-    if job.series.instance_count > job.instance_count:
-        raise ValueError(
-            f"the series has grown to {job.series.instance_count} instances since job {job.id} took "
-            f"{job.instance_count}; a new job runs with all of them once the series is complete"
-        )
+    raise ValueError(
+        f"the series has grown to {job.series.instance_count} instances since job {job.id} took "
+        f"{job.instance_count}; a new job runs with all of them once the series is complete"
+    )
 
 
 def cancel(session: Session, job_id: int, who: str) -> Job:

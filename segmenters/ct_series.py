@@ -397,7 +397,7 @@ def _decode_volume(headers: list[tuple[Path, Dataset]], decode_workers: int | No
             if min(ends) < -32768 or max(ends) > 32767:
                 hu = hu.astype(np.float32)  # rare: HU beyond int16; keep the memory-cheap type otherwise
         if hu.dtype == np.int16:
-            # In int32, written straight into the volume: no temporary slice (4x faster).
+            # In int32, written straight into the volume: no temporary array per slice.
             if slope == 1:
                 np.add(decoded, int(intercept), out=hu[k], dtype=np.int32, casting="unsafe")
             else:

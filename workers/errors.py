@@ -38,3 +38,8 @@ class ProcessingFailedError(PermanentError):
 
 class DeliveryRefusedError(PermanentError):
     """A destination answered with a failure that resending will not change (e.g. 0xA900)."""
+
+
+class JobLostError(Exception):
+    """The job stopped being this worker's while it worked (cancelled, or taken over after its
+    lease lapsed): the work stops, and nothing is recorded, since the job is someone else's now."""

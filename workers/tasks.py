@@ -31,6 +31,7 @@ from workers.destinations import send
 from workers.errors import (
     DeliveryRefusedError,
     DestinationUnavailableError,
+    JobLostError,
     PermanentError,
     SeriesRejectedError,
 )
@@ -102,11 +103,14 @@ def run_process_job(ctx: WorkerContext, job_id: int, worker: str) -> bool:
                 transfer_syntax=TRANSFER_SYNTAXES[ctx.settings.worker.seg_transfer_syntax],
                 decode_workers=ctx.settings.worker.cpu_threads or None,
                 fast_overlap=ctx.settings.worker.seg_fast_overlap,
+                lost=lost,
             )
-            if lost.is_set():  # cancelled or taken over meanwhile: nothing of this run is wanted
-                log.info("job %d: no longer this worker's; its results are not handed back", job_id)
-                return False
+            if lost.is_set():  # cancelled or taken over while writing: nothing of this run is wanted
+                raise JobLostError("the job is no longer this worker's")
             kept = node.upload(job_id, folder, worker) if node is not None else folder
+    except JobLostError:
+        log.info("job %d: no longer this worker's; stopped, and nothing handed back", job_id)
+        return False
     except SeriesRejectedError as err:
         runs.ended(job_id, JobState.REJECTED, str(err), len(job.inputs))
         log.info("job %d series %s: rejected: %s", job_id, job.series_uid, err)

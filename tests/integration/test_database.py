@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import func, inspect, select
@@ -47,9 +48,11 @@ from node.receive.instance_rows import InstanceRows, RowNotRecordedError
 from node.receive.listener import instance_facts
 from node.receive.spool_files import StorageFullError
 from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
+from segmenters.base import Volume
 from segmenters.classical import ClassicalSegmenter
 from tests import peers
 from tests.dicom_factory import make_ct_series
+from tests.waiting import eventually
 from workers.tasks import WorkerContext, run_process_job
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -686,6 +689,18 @@ def test_two_admins_suspending_at_once_both_get_an_answer(sessions: sessionmaker
         assert session.scalars(select(Suspension.by)).one() == ["ada", "bob", "cy", "dee"][added.index(True)]
 
 
+def _job_of_stored_series(sessions: sessionmaker[Session], settings: Settings, tmp_path: Path) -> int:
+    """A job for a three-slice CT series the storage took, ready for a worker."""
+    storage = Storage(settings.storage_dir, sessions.kw["bind"], min_free_bytes=0)
+    for path in make_ct_series(tmp_path / "ct", n_slices=3):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        storage.store([path.read_bytes()], instance_facts(ds, ds.file_meta.TransferSyntaxUID), "CT01")
+    storage.close()
+    with sessions.begin() as session:
+        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    return job_id
+
+
 class _Failing:
     """A segmenter with a bug whose exception quotes the data it choked on."""
 
@@ -703,13 +718,7 @@ def test_a_workers_internal_error_fails_the_job_without_the_exceptions_words(
     """The job's reason goes to the dashboard and to webhooks, the log to whoever runs the worker;
     the exception's text may quote patient data, so neither repeats it: the log says where."""
     settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}])
-    storage = Storage(settings.storage_dir, sessions.kw["bind"], min_free_bytes=0)
-    for path in make_ct_series(tmp_path / "ct", n_slices=3):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        storage.store([path.read_bytes()], instance_facts(ds, ds.file_meta.TransferSyntaxUID), "CT01")
-    storage.close()
-    with sessions.begin() as session:
-        (job_id,) = assemble(session, settings, utcnow() + timedelta(seconds=2))
+    job_id = _job_of_stored_series(sessions, settings, tmp_path)
     ctx = WorkerContext(
         settings=settings,
         sessions=sessions,
@@ -721,6 +730,45 @@ def test_a_workers_internal_error_fails_the_job_without_the_exceptions_words(
     assert job.state == JobState.FAILED
     assert job.reason == "internal error in the worker (ValueError); the worker's log says where"
     assert "in predict" in caplog.text and "Doe^Jane" not in caplog.text  # where, not the words
+
+
+class _CancelledWhileSegmenting:
+    """Its job is cancelled while it segments; it returns once the worker's lease keeper saw that."""
+
+    structures = ClassicalSegmenter().structures
+    algorithm = ClassicalSegmenter().algorithm
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        with self.sessions.begin() as session:
+            (job_id,) = session.scalars(select(Job.id)).all()
+            cancel(session, job_id, "admin")
+        keeper = f"segnode-renew-job {job_id}"  # the thread of workers.lease.renewed: it ends on a loss
+        assert eventually(lambda: all(t.name != keeper for t in threading.enumerate()), timeout=60)
+        return np.zeros(volume.hu.shape, np.uint8)
+
+
+def test_a_worker_whose_job_is_cancelled_while_it_segments_writes_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker stops at its next step once its lease keeper sees the job is no longer its own:
+    no outputs written for a job nobody wants (nor over those of the worker that took it over)."""
+    settings = settings_for(tmp_path, rules=[{"name": "ct", "min_slices": 1}], worker={"lease_s": 1})
+    job_id = _job_of_stored_series(sessions, settings, tmp_path)
+    ctx = WorkerContext(
+        settings=settings,
+        sessions=sessions,
+        queue=JobQueue(make_celery(settings), settings),
+        segmenters={"classical": _CancelledWhileSegmenting(sessions)},
+    )
+    caplog.set_level("INFO", logger="workers.tasks")
+    assert run_process_job(ctx, job_id, "w@a/1") is False
+    job = _job(sessions, job_id)
+    assert job.state == JobState.CANCELLED
+    assert not (settings.output_dir / f"job-{job_id}").exists()
+    assert f"job {job_id}: no longer this worker's; stopped" in caplog.text
 
 
 def test_copies_of_one_instance_stored_at_once_keep_the_first_file_with_its_row(

@@ -13,13 +13,28 @@ import json
 from pathlib import Path
 
 import click
-import torch
 
-from segmenters import datasets, evaluation, synthetic, training
-from segmenters.data_options import DATA_OPTION, SHAPE_OPTION, load_data, parse_shape
+from segmenters import datasets
+from segmenters.data_options import DATA_OPTION, SHAPE_OPTION, LazyChoice, load_data, parse_shape
 from segmenters.datasets import DATA_HELP
-from segmenters.networks import ARCHITECTURES
-from segmenters.served.export import FORMATS, export
+
+
+def _architectures() -> list[str]:
+    from segmenters.networks import ARCHITECTURES
+
+    return sorted(ARCHITECTURES)
+
+
+def _losses() -> tuple[str, ...]:
+    from segmenters.training import LOSSES
+
+    return LOSSES
+
+
+def _formats() -> tuple[str, ...]:
+    from segmenters.served.export import FORMATS
+
+    return FORMATS
 
 
 @click.command(
@@ -37,7 +52,7 @@ from segmenters.served.export import FORMATS, export
     "--arch",
     default="unet",
     show_default=True,
-    type=click.Choice(sorted(ARCHITECTURES)),
+    type=LazyChoice(_architectures),
     help="an architecture of segmenters.networks (vnet is 3D)",
 )
 @click.option("--width", default=16, show_default=True, type=int)
@@ -45,7 +60,7 @@ from segmenters.served.export import FORMATS, export
     "--epochs", default=30, show_default=True, type=int, help="at most; early stopping may end sooner"
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--loss", default="ce", show_default=True, type=click.Choice(training.LOSSES))
+@click.option("--loss", default="ce", show_default=True, type=LazyChoice(_losses))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--demo", is_flag=True, help="mark the model as a demo model (always so for synthetic data)")
 @click.option(
@@ -109,6 +124,10 @@ def train_command(
     synthetic_shape: str,
     quiet: bool,
 ) -> None:
+    import torch
+
+    from segmenters import evaluation, synthetic, training
+
     if threads > 0:
         torch.set_num_threads(threads)
     try:
@@ -181,9 +200,11 @@ def train_command(
     "OUT/model.onnx; monai_bundle: OUT).",
 )
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS))
+@click.option("--format", "fmt", required=True, type=LazyChoice(_formats))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def export_command(checkpoint: Path, fmt: str, out: Path) -> None:
+    from segmenters.served.export import export
+
     try:
         written = export(checkpoint, fmt, out)
     except (ValueError, ImportError) as error:

@@ -3,11 +3,30 @@ commands so that the worker's command line loads without torch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import click
 
 from segmenters import datasets
 
 EVAL_SEED = 10_000  # synthetic evaluation phantoms start here, far from the training seeds
+
+
+class LazyChoice(click.Choice[str]):
+    """A choice whose values come from a module that loads torch: read only when the command
+    runs or shows its own help, so that ``segnode --help`` lists the commands without it."""
+
+    def __init__(self, values: Callable[[], Sequence[str]]) -> None:
+        self._values = values
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._values())
+
+    @choices.setter
+    def choices(self, values: Sequence[str]) -> None:
+        self._values = lambda: values
 
 
 def parse_shape(text: str, option: str | None = None) -> tuple[int, int, int]:

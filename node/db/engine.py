@@ -11,7 +11,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -19,6 +20,14 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 class SchemaOutOfDateError(RuntimeError):
     """The database schema is not at the revision this code needs."""
+
+
+def insert_unless_present(dialect: str, table: Table, key: str | None = None) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING (on ``key``, or any unique constraint) in the terms of
+    ``dialect``, one of the two databases the node runs on: callers adding the same row at once
+    all go on, where a plain INSERT fails one of them (and aborts a PostgreSQL transaction)."""
+    insert: Any = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
+    return insert(table).on_conflict_do_nothing(index_elements=None if key is None else [table.c[key]])
 
 
 def make_engine(url: str) -> Engine:

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from node.db.engine import insert_unless_present
 from node.db.models import DestinationStatus, Notification, Suspension, WorkerBeat, utcnow
 
 PROCESSING = "processing"
@@ -22,10 +22,8 @@ def delivery_target(destination: str) -> str:
 def _add_unless_present(session: Session, model: Any, key: str, **values: Any) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING on ``key``: two callers adding the same row at once (two
     workers, two admins) both go on, where a plain INSERT fails one of them; True if this one added it."""
-    dialect = session.get_bind().dialect.name
-    insert: Any = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
     table = model.__table__
-    statement = insert(table).values(**values).on_conflict_do_nothing(index_elements=[table.c[key]])
+    statement = insert_unless_present(session.get_bind().dialect.name, table, key).values(**values)
     # RETURNING tells whether the row went in: rowcount is -1 on some drivers.
     return session.execute(statement.returning(table.c[key])).first() is not None
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.pool import PoolProxiedConnection
 
 from node.core.outages import DatabaseFault
+from node.db.engine import insert_unless_present
 from node.db.models import INSTANCES, SERIES
 
 # The columns of an instance row the node writes; ``id`` is the database's.
@@ -89,13 +89,10 @@ class InstanceRows:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # INSERT ... ON CONFLICT DO NOTHING (both dialects): a duplicate leaves the transaction
-        # and the other rows of its batch alone, where PostgreSQL aborts on a failed statement.
-        dialect_insert: Any = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[engine.dialect.name]
+        # A duplicate leaves the transaction and the other rows of its batch alone.
         self._insert = _DriverStatement(
-            dialect_insert(INSTANCES)
+            insert_unless_present(engine.dialect.name, INSTANCES, "sop_instance_uid")
             .values({name: bindparam(name) for name in INSTANCE_COLUMNS})
-            .on_conflict_do_nothing(index_elements=[INSTANCES.c.sop_instance_uid])
             .inline(),  # no RETURNING of the new id
             engine,
         )

@@ -4,12 +4,11 @@ client that stores each instance as it arrives from one that keeps the whole ans
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from tests.http_server import LocalServer
 from tests.waiting import eventually
 
 # How long the gated source holds a series' other instances back, waiting for the first one to be stored.
@@ -17,7 +16,7 @@ GATE_S = 15.0
 BOUNDARY = b"segnode-test-boundary"
 
 
-class GatedSource:
+class GatedSource(LocalServer):
     """A DICOMweb source on 127.0.0.1 with one series: it sends the first instance, then holds
     the rest back until ``stored()`` says the client has stored it (at most GATE_S). A client
     that keeps the whole answer before it stores anything leaves ``stored_early`` False."""
@@ -27,18 +26,7 @@ class GatedSource:
     ) -> None:
         self.study, self.series, self.parts, self.stored = study, series, parts, stored
         self.stored_early = False
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> GatedSource:
-        self.thread.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(self._handler(), port)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         source = self

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from tests.http_server import LocalServer
 
-class Receiver:
+
+class Receiver(LocalServer):
     """An HTTP server that records every JSON body POSTed to it, answering each path's next status."""
 
     def __init__(self) -> None:
@@ -45,17 +46,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        # A short poll: shutdown() waits for it.
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
+        super().__init__(Handler)
 
     def events(self, path: str) -> list[str]:
         return [body["event"] for p, body in self.received if p == path]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

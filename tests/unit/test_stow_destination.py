@@ -4,9 +4,8 @@ for what the archive says it stored, whatever parameters its answer's media type
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pydicom
@@ -14,13 +13,14 @@ import pytest
 
 from node.core.config import DicomWebDestination
 from tests import dicom_factory as factory
+from tests.http_server import LocalServer
 from workers.destinations.dicomweb import send_by_stow
 from workers.errors import DeliveryRefusedError, DestinationUnavailableError
 
 JSON = "application/dicom+json"
 
 
-class Archive:
+class Archive(LocalServer):
     """Answers each STOW-RS request with the status, media type and body set for it; keeps what came."""
 
     def __init__(self) -> None:
@@ -48,16 +48,11 @@ class Archive:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(
-            target=self.server.serve_forever, args=(0.05,), daemon=True
-        ).start()  # quick shutdown
+        super().__init__(Handler)
 
     @property
     def destination(self) -> DicomWebDestination:
-        return DicomWebDestination(
-            kind="dicomweb", url=f"http://127.0.0.1:{self.server.server_port}/dicom-web"
-        )
+        return DicomWebDestination(kind="dicomweb", url=self.url("/dicom-web"))
 
     def answer(
         self, status: int, stored: list[str], failed: dict[str, int], content_type: str = JSON
@@ -77,10 +72,8 @@ class Archive:
 
 @pytest.fixture
 def archive() -> Iterator[Archive]:
-    found = Archive()
-    yield found
-    found.server.shutdown()
-    found.server.server_close()
+    with Archive() as found:
+        yield found
 
 
 @pytest.fixture

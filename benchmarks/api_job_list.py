@@ -51,6 +51,9 @@ RULES = {
 # The rarest segmenter over one week three weeks back: the filter that reads furthest down the ids.
 FILTERED_SEGMENTER = "nnunet-liver"
 CALLING_AES = ["CT_ROOM1", "CT_ROOM2", "CT_ER", "PACS_QR"]
+# Worker processes as Celery names them, each with a heartbeat: the workers panel's rows. A job
+# records its worker as NAME/PID (workers.tasks.worker_name), two pool processes each.
+WORKERS = [f"segment@gpu-{k}" for k in range(1, 9)]
 DESCRIPTIONS = ["THORAX 1.0 B31f", "ABDOMEN PV 3.0 Br40", "CHEST W/O 1.25", "CAP 2.0 I30f", "LIVER ART 1.0"]
 BODY_PARTS = ["CHEST", "ABDOMEN", "CHEST", "WHOLEBODY"]
 # Settled jobs; QUEUED and RUNNING jobs are only among the newest (ACTIVE_SHARE of them).
@@ -119,7 +122,7 @@ def make_rows(jobs: int, now: datetime, seed: int) -> Rows:
             reason = "; ".join(f"rule {r}: {why}" for r, why in zip(RULES, _declines(rng), strict=True))
             events.append((_s(0.01), "rejected", state, reason))
         else:
-            attempts, worker = 1, f"gpu-worker-{rng.randint(1, 2)}"
+            attempts, worker = 1, f"{rng.choice(WORKERS)}/{rng.choice((101, 102))}"
             if rng.random() < 0.5 or state == JobState.QUEUED:
                 events.append((_s(0.2), "queued", JobState.QUEUED, ""))
             if state != JobState.QUEUED:
@@ -188,6 +191,18 @@ def make_rows(jobs: int, now: datetime, seed: int) -> Rows:
             lease_expires_at=now + _s(60) if state == JobState.RUNNING else None,
             hold_until=None,
         )
+    for k, name in enumerate(WORKERS, start=1):
+        rows.add(
+            "workers",
+            name=name,
+            host=f"gpu-{k}",
+            pid=100,
+            gpu="NVIDIA L4",
+            concurrency=2,
+            started_at=now - timedelta(days=2),
+            last_seen_at=now,
+            stopped_at=None,
+        )
     return rows
 
 
@@ -202,7 +217,7 @@ def _declines(rng: random.Random) -> list[str]:
 def insert(engine: Engine, url: str, rows: Rows) -> None:
     """Every row: COPY on PostgreSQL (ids given, so the sequences are set past them), else Core
     inserts in chunks; then the statistics a planner needs."""
-    order = ["studies", "series", "jobs", "job_events", "deliveries"]
+    order = ["studies", "series", "jobs", "job_events", "deliveries", "workers"]
     if engine.dialect.name == "postgresql":
         with psycopg.connect(_libpq(url)) as conn:
             with conn.cursor() as cur:
@@ -213,11 +228,12 @@ def insert(engine: Engine, url: str, rows: Rows) -> None:
                     with cur.copy(copy_sql) as copy:
                         for row in table_rows:
                             copy.write_row([json.dumps(v) if isinstance(v, list) else v for v in row])
-                    cur.execute(
-                        sql.SQL(
-                            "SELECT setval(pg_get_serial_sequence({}, 'id'), (SELECT max(id) FROM {}))"
-                        ).format(sql.Literal(name), sql.Identifier(name))
-                    )
+                    if "id" in columns:
+                        cur.execute(
+                            sql.SQL(
+                                "SELECT setval(pg_get_serial_sequence({}, 'id'), (SELECT max(id) FROM {}))"
+                            ).format(sql.Literal(name), sql.Identifier(name))
+                        )
             conn.commit()
             conn.autocommit = True
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.SQL(", ").join(map(sql.Identifier, order))))
@@ -361,7 +377,8 @@ def run(url: str, args: argparse.Namespace) -> bool:
     began = time.perf_counter()
     insert(engine, url, rows)
     inserted = time.perf_counter() - began
-    counts = {name: rows.count(name) for name in ("studies", "series", "jobs", "job_events", "deliveries")}
+    tables = ("studies", "series", "jobs", "job_events", "deliveries", "workers")
+    counts = {name: rows.count(name) for name in tables}
     del rows
     print(
         f"{backend}: {', '.join(f'{n:,} {name}' for name, n in counts.items())}; "

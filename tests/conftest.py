@@ -113,6 +113,23 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions_on_both(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """The schema at its head on each database the node runs on: migrated on SQLite, a copy of
+    the migrated template on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
+        db.upgrade(url)
+    else:
+        url = peers.create_pg_database(template=request.getfixturevalue("migrated_pg_template"))
+    engine = db.make_engine(url)
+    db.check_schema(engine)
+    yield db.make_sessionmaker(engine)
+    engine.dispose()
+    if request.param == "postgresql":
+        peers.drop_pg_database(url)
+
+
 @pytest.fixture
 def segnode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SegnodeProcesses]]:
     """Configure (and later start) real segnode processes; every one is stopped at the end."""

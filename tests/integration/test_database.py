@@ -68,20 +68,9 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         peers.drop_pg_database(url)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """The schema at its head: migrated on SQLite, a copy of the migrated template on PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'segnode.sqlite'}"
-        db.upgrade(url)
-    else:
-        url = peers.create_pg_database(template=request.getfixturevalue("migrated_pg_template"))
-    engine = db.make_engine(url)
-    db.check_schema(engine)
-    yield db.make_sessionmaker(engine)
-    engine.dispose()
-    if request.param == "postgresql":
-        peers.drop_pg_database(url)
+@pytest.fixture
+def sessions(sessions_on_both: sessionmaker[Session]) -> sessionmaker[Session]:
+    return sessions_on_both
 
 
 def facts(series: str = "1.2.3.4", n: int = 1, **kw: str | float) -> InstanceFacts:

@@ -28,7 +28,7 @@ from node.core.config import ScpSettings
 from node.core.dicom import CT_IMAGE_CLASSES, VERIFICATION, rejection_reason
 from node.core.outages import Outage
 from node.core.uids import is_valid_uid
-from node.receive.part10 import TruncatedDataSetError, read_header
+from node.receive.part10 import InflatesTooFarError, TruncatedDataSetError, read_header
 from node.receive.paths import ReceivePath, choose_path
 from node.receive.slots import AssociationSlots, Semaphore
 from node.receive.spool_files import StagedFile, StorageFullError
@@ -245,6 +245,9 @@ class StoreHandler:
         except TruncatedDataSetError:
             log.warning("C-STORE from %s: instance %s is truncated", calling_ae, request_uid)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set is truncated")
+        except InflatesTooFarError as err:
+            log.warning("C-STORE from %s: instance %s refused: %s", calling_ae, request_uid, err)
+            return _status(StoreStatus.OUT_OF_RESOURCES, str(err))
         except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
             log.warning("C-STORE from %s: data set cannot be parsed (%s)", calling_ae, type(err).__name__)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")

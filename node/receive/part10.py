@@ -78,22 +78,33 @@ class TruncatedDataSetError(EOFError):
     """The data set ends before the length one of its elements announced."""
 
 
+# A deflated data set is inflated in memory to be checked: a few kilobytes of zeros can announce
+# gigabytes, so beyond this it is refused (an Enhanced CT of 300 frames is about 160 MiB).
+MAX_INFLATED_BYTES = 256 * 1024**2
+
+
+class InflatesTooFarError(ValueError):
+    """A deflated data set that inflates beyond what the node takes."""
+
+
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF  # the length of a value that ends at its delimiter
 
 
-def read_header(source: BinaryIO | BytesIO, transfer_syntax: UID, start: int = 0) -> tuple[Dataset, bool]:
+def read_header(
+    source: BinaryIO | BytesIO, transfer_syntax: UID, start: int = 0, max_inflated: int = MAX_INFLATED_BYTES
+) -> tuple[Dataset, bool]:
     """The elements of the data set in ``source`` from ``start`` to its end, before its pixel
     data, and whether pixel data is present.
 
     ``source`` is a seekable stream: the data set in memory, or a received file mapped into
     memory (the data set after its preamble and File Meta Information). Every element's length is
     checked against the bytes received, without reading or decoding the pixel data: a data set cut
-    short raises :class:`TruncatedDataSetError` (a broken element: pydicom's own error).
+    short raises :class:`TruncatedDataSetError` (a broken element: pydicom's own error), one that
+    inflates beyond ``max_inflated`` bytes :class:`InflatesTooFarError`.
     """
     if transfer_syntax.is_deflated:
-        source.seek(start)
-        source, start = BytesIO(zlib.decompress(source.read(), -zlib.MAX_WBITS)), 0
+        source, start = _inflated(source, start, max_inflated), 0
     source.seek(0, io.SEEK_END)
     size = source.tell()
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
@@ -109,6 +120,22 @@ def read_header(source: BinaryIO | BytesIO, transfer_syntax: UID, start: int = 0
     source.seek(start)
     _skim(source, size, implicit, little)
     return head, False
+
+
+def _inflated(source: BinaryIO | BytesIO, start: int, limit: int) -> BytesIO:
+    """The deflated data set from ``start``, inflated a chunk at a time up to ``limit`` bytes."""
+    source.seek(start)
+    inflater, out = zlib.decompressobj(-zlib.MAX_WBITS), BytesIO()
+    while chunk := source.read(1 << 20):
+        out.write(inflater.decompress(chunk, limit + 1 - out.tell()))
+        if out.tell() > limit or inflater.unconsumed_tail:
+            raise InflatesTooFarError(f"deflated data set inflates past {limit // 1024**2} MiB")
+    out.write(inflater.flush())
+    if not inflater.eof:
+        raise TruncatedDataSetError("the deflated data set ends inside its compressed stream")
+    if out.tell() > limit:
+        raise InflatesTooFarError(f"deflated data set inflates past {limit // 1024**2} MiB")
+    return out
 
 
 def _at_pixels(tag: int, _vr: str | None, _length: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +13,11 @@ from typing import BinaryIO, cast
 
 import pydicom
 import pytest
+from pydicom import Dataset
 from pydicom.filereader import read_preamble
 from pydicom.uid import (
     UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -27,6 +30,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from node.core.uids import is_valid_uid
 from node.receive.part10 import (
     IMPLEMENTATION_CLASS_UID,
+    InflatesTooFarError,
     TruncatedDataSetError,
     file_preamble,
     read_header,
@@ -108,6 +112,27 @@ def test_read_header_in_every_byte_order_and_encapsulation(tmp_path: Path, synta
     assert header.SOPInstanceUID == original.SOPInstanceUID
     assert header.SeriesInstanceUID == original.SeriesInstanceUID
     assert header.Modality == "CT"
+
+
+def test_a_deflated_data_set_that_inflates_too_far_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """A third of a megabyte that announces 300 MiB of pixel data: refused at the limit, so no
+    sender can make the node hold gigabytes in memory."""
+    header = Dataset()
+    header.SOPClassUID, header.SOPInstanceUID, header.Modality = CTImageStorage, "1.2.3.4", "CT"
+    raw = BytesIO()
+    header.save_as(raw, implicit_vr=False, little_endian=True)
+    size = 300 * 1024**2
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflater.compress(raw.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))
+    zeros = bytes(1024**2)
+    body += b"".join(deflater.compress(zeros) for _ in range(size // len(zeros))) + deflater.flush()
+    assert len(body) < 400_000
+    with pytest.raises(InflatesTooFarError, match="inflates past 256 MiB"):
+        read_header(BytesIO(body), UID(DeflatedExplicitVRLittleEndian))
+    small, syntax = _data_set_bytes(_ct_slice(tmp_path, DeflatedExplicitVRLittleEndian, 32))
+    assert read_header(BytesIO(small), syntax)[1]  # under the limit, as before
+    with pytest.raises(InflatesTooFarError):
+        read_header(BytesIO(small), syntax, max_inflated=1024)
 
 
 def test_objects_without_pixel_data_have_none(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from node.core.dicom import CT_IMAGE_CLASSES
 from node.core.uids import is_valid_uid
 from node.db.models import User
 from node.receive.listener import ACCEPTED_TRANSFER_SYNTAXES, instance_facts
-from node.receive.part10 import TruncatedDataSetError, read_header
+from node.receive.part10 import InflatesTooFarError, TruncatedDataSetError, read_header
 from node.receive.spool_files import Spool, StagedFile, StorageFullError
 from node.receive.storage import InvalidUIDError, Storage
 
@@ -160,6 +160,9 @@ def _check(path: Path, study: str | None) -> tuple[Verdict, Any]:
         facts = instance_facts(ds, meta.syntax)
     except TruncatedDataSetError:
         verdict.failure, verdict.reason = CANNOT_UNDERSTAND, "the data set is truncated"
+        return verdict, None
+    except InflatesTooFarError as err:
+        verdict.failure, verdict.reason = OUT_OF_RESOURCES, f"{err}; send it in another transfer syntax"
         return verdict, None
     except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
         verdict.failure, verdict.reason = (

@@ -32,7 +32,7 @@ from node.receive.part10 import InflatesTooFarError, TruncatedDataSetError, read
 from node.receive.paths import ReceivePath, choose_path
 from node.receive.slots import AssociationSlots, Semaphore
 from node.receive.spool_files import StagedFile, StorageFullError
-from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
+from node.receive.storage import InstanceFacts, RefusedInstanceError, Storage, StoreOutcome
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class StoreHandler:
             return _status(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data")
         try:
             outcome = self.storage.store(staged, facts, calling_ae)
-        except InvalidUIDError as err:
+        except RefusedInstanceError as err:
             log.warning("C-STORE from %s refused: %s", calling_ae, err)
             return _status(StoreStatus.CANNOT_UNDERSTAND, str(err))
         except Exception as err:  # noqa: BLE001 - every fault of the storage is answered by name

@@ -68,8 +68,16 @@ class StoreOutcome(enum.Enum):
     DUPLICATE = "duplicate"
 
 
-class InvalidUIDError(ValueError):
+class RefusedInstanceError(ValueError):
+    """An instance the node does not store, for a reason its sender can act on (``str(err)``)."""
+
+
+class InvalidUIDError(RefusedInstanceError):
     """A UID that breaks the DICOM UID grammar: it never becomes a path."""
+
+
+class UIDInAnotherSeriesError(RefusedInstanceError):
+    """The SOP Instance UID is stored already, in another series or study: the sender reused it."""
 
 
 class Storage:
@@ -186,11 +194,15 @@ class Storage:
                 staged.discard()
                 raise
             try:
-                return self._record(facts, relative, staged.size, calling_ae)
+                outcome = self._record(facts, relative, staged.size, calling_ae)
             except BaseException:
                 if self._unrecorded(facts.sop_instance_uid):  # not another association's copy
                     target.unlink(missing_ok=True)
                 raise
+            if outcome is StoreOutcome.DUPLICATE and self._recorded_path(facts.sop_instance_uid) != relative:
+                target.unlink(missing_ok=True)  # its row is another series' instance
+                raise UIDInAnotherSeriesError("SOPInstanceUID is stored already, in another series")
+            return outcome
 
     def mark_released(self, series_uids: set[str]) -> None:
         """Record that an association which stored instances of these series was released."""
@@ -219,6 +231,13 @@ class Storage:
             return not self._already_recorded(sop_instance_uid)
         except Exception:  # noqa: BLE001 - any fault of the database: keep the file
             return False
+
+    def _recorded_path(self, sop_instance_uid: str) -> Path | None:
+        with self.engine.connect() as conn:
+            path = conn.scalar(
+                select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == sop_instance_uid)
+            )
+        return None if path is None else Path(path)
 
     def _already_recorded(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as conn:

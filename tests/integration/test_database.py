@@ -47,7 +47,13 @@ from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
 from node.receive.listener import instance_facts
 from node.receive.spool_files import StorageFullError
-from node.receive.storage import InstanceFacts, InvalidUIDError, Storage, StoreOutcome
+from node.receive.storage import (
+    InstanceFacts,
+    InvalidUIDError,
+    Storage,
+    StoreOutcome,
+    UIDInAnotherSeriesError,
+)
 from segmenters.base import Volume
 from segmenters.classical import ClassicalSegmenter
 from tests import peers
@@ -160,6 +166,24 @@ def test_storage_writes_records_and_keeps_duplicates_once(
             "1.2.3/1.2.3.4/1.2.3.4.1.dcm",
             "1.2.3/1.2.3.4/1.2.3.4.2.dcm",
         ]
+
+
+def test_an_instance_uid_reused_in_another_series_is_refused_and_leaves_no_file(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A sender that gives a new series an instance UID of an old one: refused by name (answered
+    0xC000), where it was answered as a stored duplicate with a file no row names and its series
+    short of a slice."""
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    assert storage.store([b"first"], facts(n=1), "CT01") is StoreOutcome.STORED
+    reused = facts(series="1.2.3.5", n=1, sop_instance_uid="1.2.3.4.1")
+    with pytest.raises(UIDInAnotherSeriesError, match="stored already, in another series"):
+        storage.store([b"other series"], reused, "CT01")
+    assert not (tmp_path / "store" / "1.2.3" / "1.2.3.5" / "1.2.3.4.1.dcm").exists()
+    assert (tmp_path / "store" / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm").read_bytes() == b"first"
+    assert not list((tmp_path / "store" / ".incoming").iterdir())
+    with sessions() as session:
+        assert session.scalars(select(func.count()).select_from(Instance)).one() == 1
 
 
 def test_a_row_that_fails_takes_its_file_along_unless_another_row_names_it(

@@ -33,7 +33,7 @@ from node.db.models import User
 from node.receive.listener import ACCEPTED_TRANSFER_SYNTAXES, instance_facts
 from node.receive.part10 import InflatesTooFarError, TruncatedDataSetError, read_header
 from node.receive.spool_files import Spool, StagedFile, StorageFullError
-from node.receive.storage import InvalidUIDError, Storage
+from node.receive.storage import RefusedInstanceError, Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -92,7 +92,7 @@ def _store_staged(storage: Storage, staged: StagedFile, who: str, study: str | N
         return verdict
     try:
         storage.store(staged, facts, who)
-    except InvalidUIDError as err:
+    except RefusedInstanceError as err:
         verdict.failure, verdict.reason = CANNOT_UNDERSTAND, str(err)
     except StorageFullError:
         verdict.failure, verdict.reason = OUT_OF_RESOURCES, "the node's storage is full"

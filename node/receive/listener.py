@@ -320,14 +320,19 @@ def configure_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+REQUEST_WAIT_S = 10.0
+
+
 def build_ae(settings: ScpSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    # pynetdicom counts a connection from its accept, the node (AssociationSlots) from its request:
+    # connections that never ask (port probes, health checks) must not lock the senders out.
+    ae.maximum_associations = max(4 * settings.max_associations, 64)
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.network_timeout = settings.network_timeout_s
-    # Also how long a connection may take to ask for its association: pynetdicom holds the slot of a
-    # connection that closed before asking (a port probe) until this runs out.
-    ae.acse_timeout = settings.network_timeout_s
+    # How long a connection may take to ask for its association (a modality asks at once): pynetdicom
+    # holds a connection that closed before asking until this runs out.
+    ae.acse_timeout = min(settings.network_timeout_s, REQUEST_WAIT_S)
     ae.require_calling_aet = list(settings.allowed_calling_aes)
     ae.add_supported_context(VERIFICATION)
     for context in AllStoragePresentationContexts:

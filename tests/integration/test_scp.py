@@ -587,6 +587,16 @@ def test_a_peer_stalling_inside_a_pdu_is_cut_off_and_frees_its_slot(
         after.release()
 
 
+def test_port_probes_do_not_lock_the_senders_out(scp_factory: Callable[..., RunningScp]) -> None:
+    """Connections that close without asking for an association (port scanners, TCP health checks)
+    took pynetdicom's slots for the whole network timeout: every sender was refused meanwhile."""
+    scp = scp_factory(min_free_bytes=0, max_associations=2)
+    for _ in range(10):
+        socket.create_connection(("127.0.0.1", scp.port), timeout=5).close()
+    result = peers.echoscu(scp.port, aet="SEGNODE")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_database_outage_is_logged_when_it_starts_and_when_it_ends(
     fresh_pg_url: str, tmp_path: Path, fast_path: bool, caplog: pytest.LogCaptureFixture
 ) -> None:

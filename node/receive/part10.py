@@ -111,8 +111,12 @@ def read_header(
     source.seek(start)
     head = read_dataset(cast(BinaryIO, source), implicit, little, stop_when=_at_pixels)
     pixels_at = source.tell()
-    if pixels_at + 4 <= size and _tag(source, pixels_at, little) in _PIXEL_TAGS:
-        source.seek(_skip_pixel_element(source, size, pixels_at, implicit, little))
+    if pixels_at + 4 <= size and (tag := _tag(source, pixels_at, little)) in _PIXEL_TAGS:
+        end, length = _skip_pixel_element(source, size, pixels_at, implicit, little)
+        image = _image_bytes(head)
+        if tag == _PIXEL_TAGS[-1] and length is not None and image is not None and length < image:
+            raise TruncatedDataSetError(f"the pixel data holds {length} bytes, its image {image}")
+        source.seek(end)
         _skim(source, size, implicit, little)
         return head, True
     # No pixel data: pydicom returns a short value where the bytes run out, so a data set cut
@@ -185,8 +189,21 @@ def _tag(source: BinaryIO | BytesIO, at: int, little: bool) -> int:
     return group << 16 | element
 
 
-def _skip_pixel_element(source: BinaryIO | BytesIO, size: int, at: int, implicit: bool, little: bool) -> int:
-    """The position after the pixel data element at ``at``: native or encapsulated (PS3.5 A.4)."""
+def _image_bytes(head: Dataset) -> int | None:
+    """How many bytes of native Pixel Data the image attributes call for; None where they do not say."""
+    try:
+        bits = int(head.Rows) * int(head.Columns) * int(head.BitsAllocated)
+        bits *= int(head.get("SamplesPerPixel", 1) or 1) * int(head.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError, struct.error):  # absent or unreadable: not checked
+        return None
+    return -(-bits // 8)
+
+
+def _skip_pixel_element(
+    source: BinaryIO | BytesIO, size: int, at: int, implicit: bool, little: bool
+) -> tuple[int, int | None]:
+    """The position after the pixel data element at ``at``, and its length when it is native
+    (None when encapsulated, PS3.5 A.4)."""
     order = "<" if little else ">"
     if implicit:
         (length,) = _unpack(source, at + 4, order + "I")
@@ -199,13 +216,13 @@ def _skip_pixel_element(source: BinaryIO | BytesIO, size: int, at: int, implicit
             raise TruncatedDataSetError(
                 f"the pixel data is {position + length - size} bytes shorter than announced"
             )
-        return position + length
+        return position + length, length
     while position + 8 <= size:  # items of fragments up to the sequence delimiter
         tag = _tag(source, position, little)
         (length,) = _unpack(source, position + 4, order + "I")
         position += 8
         if tag == _SEQUENCE_DELIMITER:
-            return position
+            return position, None
         if tag != _ITEM:
             raise ValueError(f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) inside encapsulated pixel data")
         position += length

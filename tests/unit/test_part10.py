@@ -135,6 +135,22 @@ def test_a_deflated_data_set_that_inflates_too_far_is_refused_without_inflating_
         read_header(BytesIO(small), syntax, max_inflated=1024)
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_native_pixel_data_shorter_than_its_image_is_truncated(tmp_path: Path, syntax: str) -> None:
+    """Whole as an element, short of the image its Rows and Columns describe: refused when it
+    comes, not a job that fails later on a series its sender was told was stored."""
+    path = _ct_slice(tmp_path, syntax, 32)
+    ds = pydicom.dcmread(path)
+    ds.Rows = 40  # 40 x 32 pixels of 16 bits call for 2,560 bytes; 2,048 are there
+    ds.save_as(path)
+    body, read_syntax = _data_set_bytes(path)
+    with pytest.raises(TruncatedDataSetError, match="the pixel data holds 2048 bytes, its image 2560"):
+        read_header(BytesIO(body), read_syntax)
+    ds.Rows = 16  # more pixel data than the image needs is read as before
+    ds.save_as(path)
+    assert read_header(BytesIO(_data_set_bytes(path)[0]), read_syntax)[1]
+
+
 def test_objects_without_pixel_data_have_none(tmp_path: Path) -> None:
     body, syntax = _data_set_bytes(factory.make_basic_sr(tmp_path / "sr"))
     header, has_pixels = read_header(BytesIO(body), syntax)

@@ -140,23 +140,13 @@ def node_config(database_url: str | None) -> dict[str, Any]:
 def start_node(node: SegnodeProcesses, workers: bool, password: str) -> int:
     """``segnode serve`` with its API, an admin who may log in, and (if any) its worker ready;
     the process group to count the node's CPU in."""
-    upgraded = node.cli("db", "upgrade")
-    if upgraded.returncode != 0:
-        raise RuntimeError(f"segnode db upgrade failed: {upgraded.stderr}")
-    added = node.cli("users", "add", USER, "--role", "admin", "--password-stdin", input=password + "\n")
-    if added.returncode != 0:
-        raise RuntimeError(f"segnode users add failed: {added.stderr}")
+    node.upgrade()
+    node.add_user(USER, "admin", password)
     proc = node.serve(workers=workers, upgrade=False)
     peers.wait_for_port(node.values["api"]["port"], timeout=60)
     if workers:
         node.wait_for_log("serve", " ready.", timeout=180)  # Celery's word for a worker taking tasks
     return proc.pid  # started in a session of its own: its pid is its group
-
-
-def wait_for_jobs(node: SegnodeProcesses, count: int) -> None:
-    """Until the node has made ``count`` jobs: the series sent is routed before the next turn."""
-    if not eventually(lambda: len(node.jobs()) >= count, timeout=120):
-        raise TimeoutError(f"{count} jobs not made in 120 s:\n{node.log('serve')}")
 
 
 def describe(node: SegnodeProcesses, args: argparse.Namespace, history: int) -> list[str]:
@@ -282,7 +272,7 @@ def run_round(
             sample = turn(node, pgid, paths, args.settle, None)
         results.samples[condition].append(sample)
         print(f"  round {r + 1}, {condition}: {sample.seconds:.2f} s", flush=True)
-        wait_for_jobs(node, jobs_before + sum(len(done) for done in results.samples.values()))
+        node.wait_for_job_count(jobs_before + sum(len(done) for done in results.samples.values()))
     shutil.rmtree(root / f"round{r}", ignore_errors=True)
     shutil.rmtree(root / f"chromium{r}", ignore_errors=True)
 
@@ -366,7 +356,7 @@ def main() -> None:
         if args.history:
             small = make_series(root / "history", args.history, 4, 64)
             send([p for s in small for p in s], node.port, "SEGNODE")
-            wait_for_jobs(node, before + args.history)
+            node.wait_for_job_count(before + args.history)
         print(
             f"series: {args.slices} instances, {args.size}x{args.size}, uncompressed; CPUs: {os.cpu_count()}"
         )

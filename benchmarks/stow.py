@@ -180,19 +180,9 @@ class Receivers:
         self._engine: Engine | None = None
 
     def start(self) -> None:
-        upgraded = self.node.cli("db", "upgrade")
-        if upgraded.returncode != 0:
-            raise RuntimeError(f"segnode db upgrade failed: {upgraded.stderr}")
-        password = secrets.token_urlsafe(18)
-        added = self.node.cli(
-            "users", "add", SENDER, "--role", "sender", "--password-stdin", input=password + "\n"
-        )
-        if added.returncode != 0:
-            raise RuntimeError(f"segnode users add failed: {added.stderr}")
-        made = self.node.cli("users", "token", SENDER, "--label", "benchmarks.stow")
-        if made.returncode != 0:
-            raise RuntimeError(f"segnode users token failed: {made.stderr}")
-        self.token = made.stdout.strip()
+        self.node.upgrade()
+        self.node.add_user(SENDER, "sender", secrets.token_urlsafe(18))
+        self.token = self.node.token(SENDER, "benchmarks.stow")
         self.node_pgid = self.node.serve(workers=False, upgrade=False).pid
         peers.wait_for_port(self.api_port, timeout=60)
         self.orthanc = peers.start_orthanc(self.orthanc_dir, dicomweb=True)
@@ -255,17 +245,6 @@ def turn(receivers: Receivers, condition: str, paths: list[Path]) -> Turn:
     if found != n:
         raise RuntimeError(f"{condition}: {found} of {n} instances stored")
     return result
-
-
-def wait_for_jobs(node: SegnodeProcesses, count: int, timeout: float = 60) -> bool:
-    """Until the node has recorded ``count`` series as jobs (REJECTED: no rule), so that its routing
-    of one turn's series does not run during the next turn; False if it has not after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while len(node.jobs()) < count:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -334,8 +313,7 @@ def main() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
                 if condition != ORTHANC:
                     segnode_series += 1
-                    if not wait_for_jobs(receivers.node, segnode_series):
-                        print(f"    (the node had not recorded series {segnode_series} as a job in 60 s)")
+                    receivers.node.wait_for_job_count(segnode_series, 60)  # routed before the next turn
         report(results, n)
         print(
             f"\nload average after: {os.getloadavg()[0]:.2f}; wall time {time.perf_counter() - started:.0f} s"

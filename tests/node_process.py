@@ -81,10 +81,27 @@ class SegnodeProcesses:
         self.processes.append((name, proc))
         return proc
 
+    def _checked(self, *args: str, input: str | None = None) -> str:
+        """``segnode ARGS``'s output; its error output raised when it fails."""
+        done = self.cli(*args, input=input)
+        if done.returncode != 0:
+            raise RuntimeError(f"segnode {' '.join(args[:2])} failed: {done.stderr}")
+        return done.stdout
+
+    def upgrade(self) -> None:
+        self._checked("db", "upgrade")
+
+    def add_user(self, name: str, role: str, password: str) -> None:
+        """A user of the API (the schema up to date: after :meth:`upgrade` or :meth:`serve`)."""
+        self._checked("users", "add", name, "--role", role, "--password-stdin", input=password + "\n")
+
+    def token(self, name: str, label: str | None = None) -> str:
+        """A new API token of user ``name``."""
+        return self._checked("users", "token", name, *(("--label", label) if label else ())).strip()
+
     def serve(self, *, workers: bool = True, upgrade: bool = True) -> subprocess.Popen[bytes]:
         if upgrade:
-            result = self.cli("db", "upgrade")
-            assert result.returncode == 0, result.stderr
+            self.upgrade()
         for _ in range(PORT_ATTEMPTS):
             proc = self._start_serving(workers)
             if proc is not None:
@@ -168,6 +185,10 @@ class SegnodeProcesses:
             self._engine = db.make_engine(self.database_url)
         with db.make_sessionmaker(self._engine)() as session:
             return list(session.scalars(select(Job).order_by(Job.id)))
+
+    def wait_for_job_count(self, count: int, timeout: float = 120) -> list[Job]:
+        """Until the node has made ``count`` jobs, whatever their states."""
+        return self.wait_for_jobs(lambda jobs: len(jobs) >= count, timeout, f"{count} jobs")
 
     def wait_for_jobs(
         self, done: Callable[[list[Job]], bool], timeout: float = 120, what: str = "jobs"

@@ -90,11 +90,10 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     api = Api(node.values["api"]["port"])
     assert eventually(api.up, timeout=60), "the API never answered"
     for name, role in (("ada", "admin"), ("vic", "viewer"), ("sam", "sender")):
-        added = node.cli("users", "add", name, "--role", role, "--password-stdin", input=PASSWORD + "\n")
-        assert added.returncode == 0, added.stderr
+        node.add_user(name, role, PASSWORD)
     short = node.cli("users", "add", "eve", "--password-stdin", input="short\n")
     assert short.returncode != 0 and "at least 12 characters" in short.stderr
-    token = node.cli("users", "token", "vic", "--label", "monitoring").stdout.strip()
+    token = node.token("vic", "monitoring")
     status, body = api.call("POST", "/api/login", body={"name": "ada", "password": PASSWORD})
     assert status == 200 and body["role"] == "admin"
     admin = body["token"]

@@ -86,8 +86,7 @@ def test_an_admin_watches_and_steers_the_queue_in_chromium(
         rules=[{"name": "chest-ct", "min_slices": 3, "destinations": ["pacs"]}],
     )
     node.serve()
-    added = node.cli("users", "add", "ada", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    node.add_user("ada", "admin", PASSWORD)
     base = f"http://127.0.0.1:{node.values['api']['port']}"
 
     def send(name: str, slices: int) -> None:
@@ -207,8 +206,7 @@ def test_a_job_page_shows_the_real_thorax_with_its_segments(
     of three of its slices, each segment outlined in its colour (the README's job page)."""
     node = segnode_factory(api={"enabled": True}, rules=[{"name": "chest-ct", "min_slices": 3}])
     node.serve()
-    added = node.cli("users", "add", "vic", "--role", "viewer", "--password-stdin", input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    node.add_user("vic", "viewer", PASSWORD)
     sent = peers.storescu(sorted((THORAX / "ct").iterdir()), node.port, aet="SEGNODE")
     assert sent.returncode == 0, sent.stdout + sent.stderr
     (job,) = node.wait_for_state(JobState.DELIVERED, timeout=WAIT_S)

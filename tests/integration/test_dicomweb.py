@@ -72,8 +72,7 @@ def node(
     )
     made.serve()
     for name, role in (("scanner", "sender"), ("vic", "viewer")):
-        added = made.cli("users", "add", name, "--role", role, "--password-stdin", input=PASSWORD + "\n")
-        assert added.returncode == 0, added.stderr
+        made.add_user(name, role, PASSWORD)
     assert eventually(lambda: peers.port_open(made.values["api"]["port"]), timeout=60), "no API"
     return made
 
@@ -87,7 +86,7 @@ def _with_unknown_meta_vr(path: Path) -> bytes:
 
 
 def _token(node: SegnodeProcesses, name: str) -> str:
-    return node.cli("users", "token", name).stdout.strip()
+    return node.token(name)
 
 
 def test_stow_rs_from_dicomweb_client_is_stored_routed_and_delivered(
@@ -294,8 +293,7 @@ def test_results_go_to_a_dicomweb_archive_by_stow_rs(
     (tmp_path / "seg.dcm").write_bytes(orthanc.request("GET", f"/instances/{seg}/file"))
     assert peers.dciodvfy_errors(tmp_path / "seg.dcm") == []
 
-    added = node.cli("users", "add", "ada", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    node.add_user("ada", "admin", PASSWORD)
     assert eventually(lambda: peers.port_open(node.values["api"]["port"]), timeout=60), "no API"
     admin = _token(node, "ada")
     url = f"http://127.0.0.1:{node.values['api']['port']}/api/destinations/archive/echo"

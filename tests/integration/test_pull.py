@@ -88,9 +88,8 @@ def test_a_study_in_the_pacs_is_pulled_segmented_and_sent_back_once(
     assert len(node.jobs()) == 1
 
     # By QIDO-RS and WADO-RS, through the API; twice is one pull.
-    added = node.cli("users", "add", "ada", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    token = node.cli("users", "token", "ada").stdout.strip()
+    node.add_user("ada", "admin", PASSWORD)
+    token = node.token("ada")
     assert eventually(lambda: peers.port_open(node.values["api"]["port"]), timeout=60), "no API"
     second = _in_orthanc(orthanc, tmp_path / "second")
     asked = _api(node, "POST", "/api/pulls", token, {"source": "archive", "study_instance_uid": second})

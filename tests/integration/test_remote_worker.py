@@ -49,9 +49,8 @@ def test_a_worker_without_the_node_folder_segments_and_delivers(
         rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
     )
     node.serve(workers=False)
-    added = node.cli("users", "add", "gpu-box", "--role", "worker", "--password-stdin", input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    token = node.cli("users", "token", "gpu-box").stdout.strip()
+    node.add_user("gpu-box", "worker", PASSWORD)
+    token = node.token("gpu-box")
     api = f"http://127.0.0.1:{node.values['api']['port']}"
     assert eventually(lambda: peers.port_open(node.values["api"]["port"]), timeout=60), "no API"
     request = urllib.request.Request(f"{api}/api/jobs", headers={"Authorization": f"Bearer {token}"})  # noqa: S310
@@ -103,9 +102,8 @@ def test_a_worker_without_the_node_folder_segments_and_delivers(
 
 
 def _worker_token(node: SegnodeProcesses) -> str:
-    added = node.cli("users", "add", "gpu-box", "--role", "worker", "--password-stdin", input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    return node.cli("users", "token", "gpu-box").stdout.strip()
+    node.add_user("gpu-box", "worker", PASSWORD)
+    return node.token("gpu-box")
 
 
 def _results(tmp_path: Path, name: str, seg: bytes) -> Path:

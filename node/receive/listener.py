@@ -277,6 +277,13 @@ class StoreHandler:
             self._of(event).series.add(facts.series_uid)
         if outcome is StoreOutcome.DUPLICATE:
             log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
+        elif outcome is StoreOutcome.CHANGED_DUPLICATE:
+            log.warning(
+                "C-STORE from %s: instance %s came again with other contents; the first copy is kept "
+                "(a changed image needs a new SOPInstanceUID)",
+                calling_ae,
+                request_uid,
+            )
         return _status(StoreStatus.SUCCESS)
 
     def _write_failure(self, staged: StagedFile) -> Dataset:

@@ -66,6 +66,30 @@ class InstanceFacts:
 class StoreOutcome(enum.Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"
+    # The UID stored already with another data set (a corrected resend): the first copy is kept.
+    CHANGED_DUPLICATE = "changed duplicate"
+
+
+def _data_set_start(path: Path) -> int:
+    """Where the data set begins in a file the node wrote (``node.receive.part10.file_preamble``:
+    preamble, ``DICM``, then group 0002 led by its group length)."""
+    with path.open("rb") as fh:
+        fh.seek(140)
+        return 144 + int.from_bytes(fh.read(4), "little")
+
+
+def _same_data_set(a: Path, b: Path) -> bool:
+    """Whether two received files hold the same data set (their File Meta may name other senders)."""
+    start_a, start_b = _data_set_start(a), _data_set_start(b)
+    if a.stat().st_size - start_a != b.stat().st_size - start_b:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        fa.seek(start_a)
+        fb.seek(start_b)
+        while chunk := fa.read(1 << 20):
+            if chunk != fb.read(len(chunk)):
+                return False
+    return True
 
 
 class RefusedInstanceError(ValueError):
@@ -187,8 +211,9 @@ class Storage:
                 relative = self.relative_path(facts)
                 target = self.root / relative
                 if target.exists() and self._already_recorded(facts.sop_instance_uid):
+                    same = _same_data_set(staged.wait(), target)
                     staged.discard()
-                    return StoreOutcome.DUPLICATE
+                    return StoreOutcome.DUPLICATE if same else StoreOutcome.CHANGED_DUPLICATE
                 self._place(staged, target)
             except BaseException:
                 staged.discard()

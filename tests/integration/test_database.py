@@ -46,6 +46,7 @@ from node.db.operations import PROCESSING, destination_answered, suspend
 from node.jobs.assembly import assemble
 from node.receive.instance_rows import InstanceRows, RowNotRecordedError
 from node.receive.listener import instance_facts
+from node.receive.part10 import file_preamble
 from node.receive.spool_files import StorageFullError
 from node.receive.storage import (
     InstanceFacts,
@@ -166,6 +167,26 @@ def test_storage_writes_records_and_keeps_duplicates_once(
             "1.2.3/1.2.3.4/1.2.3.4.1.dcm",
             "1.2.3/1.2.3.4/1.2.3.4.2.dcm",
         ]
+
+
+def test_a_resend_with_other_contents_is_told_apart_from_a_plain_duplicate(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The first copy is kept either way; a corrected resend under the same UID is said so (the
+    listener logs it as a warning), whoever sends it."""
+    storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+
+    def received(data_set: bytes, sender: str) -> bytes:
+        return file_preamble(ct, "1.2.3.4.1", "1.2.840.10008.1.2.1", sender) + data_set
+
+    assert storage.store([received(b"pixels", "CT01")], facts(n=1), "CT01") is StoreOutcome.STORED
+    assert storage.store([received(b"pixels", "PACS")], facts(n=1), "PACS") is StoreOutcome.DUPLICATE
+    changed = storage.store([received(b"pixelz", "CT01")], facts(n=1), "CT01")
+    assert changed is StoreOutcome.CHANGED_DUPLICATE
+    kept = tmp_path / "store" / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm"
+    assert kept.read_bytes() == received(b"pixels", "CT01")
+    assert not list((tmp_path / "store" / ".incoming").iterdir())
 
 
 def test_an_instance_uid_reused_in_another_series_is_refused_and_leaves_no_file(

@@ -136,7 +136,7 @@ def _network_problems(name: str, declared: SegmenterSettings) -> list[str]:
     from segmenters.served.loading import check_served
 
     try:
-        check_served(kind, path, declared.card)
+        check_served(kind, path, declared.card, declared.folds, declared.nnunet_checkpoint)
     except (ModelCardError, ImportError) as err:
         return [f"segmenter {name!r}: {err}"]
     return []
@@ -153,7 +153,7 @@ def _totalsegmentator_problems(name: str, declared: SegmenterSettings) -> list[s
     task = str(declared.totalsegmentator)
     try:
         task_structures(task, declared.roi_subset)
-        check_weights(task, declared.fast)
+        check_weights(task, declared.fast, bool(declared.roi_subset))
     except ModelCardError as err:
         return [f"segmenter {name!r}: {err}"]
     return []

@@ -4,6 +4,7 @@ segmenters scored on reference cases, built as a worker builds them."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import get_args
 
@@ -15,6 +16,20 @@ from node.core.queue import QUEUES
 from node.db.engine import SchemaOutOfDateError
 from segmenters.data_options import DATA_OPTION, EVAL_SEED, SHAPE_OPTION, load_data
 from segmenters.datasets import DATA_HELP
+
+log = logging.getLogger(__name__)
+
+
+def _model_fault(what: str, err: Exception) -> click.ClickException:
+    """A fault the model or its files raised (a card that does not fit its network, a file torch
+    cannot read, a device this machine lacks) as one line; ``segnode -v`` logs the traceback."""
+    log.debug("%s", what, exc_info=err)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # TorchScript's errors quote the scripted code first and say what went wrong last.
+    last = lines[-1] if lines else ""
+    kind = type(err).__name__
+    return click.ClickException(f"{what}: {last if last.startswith(kind + ':') else f'{kind}: {last}'}")
+
 
 OUTPUTS: tuple[str, ...] = get_args(Output)
 
@@ -74,6 +89,8 @@ def segment_command(ctx: click.Context, series_folder: Path, name: str, out: Pat
         segmenter = build_segmenter(name, settings)
     except (UnknownSegmenterError, ValueError, OSError) as err:
         raise click.ClickException(str(err)) from err
+    except Exception as err:  # whatever the model's own code raises, said in one line
+        raise _model_fault(f"segmenter {name} could not be loaded", err) from err
     paths = sorted(p for p in series_folder.rglob("*") if p.is_file())
     try:
         result = segment_series(
@@ -87,6 +104,8 @@ def segment_command(ctx: click.Context, series_folder: Path, name: str, out: Pat
         )
     except (SeriesRejectedError, ProcessingFailedError) as err:
         raise click.ClickException(str(err)) from err
+    except Exception as err:  # whatever the model's own code raises, said in one line
+        raise _model_fault(f"segmenter {name} failed on the series", err) from err
     timing = ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result.seconds.items())
     click.echo(f"{result.segments} segment(s) ({timing}): {', '.join(wanted)} and labels.nii.gz in {out}")
 
@@ -173,5 +192,7 @@ def evaluate_command(
         )
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise click.ClickException(str(err)) from err
+    except Exception as err:  # whatever a model's own code raises, said in one line
+        raise _model_fault("a segmenter could not be loaded or run", err) from err
     click.echo(evaluation.comparison_table(rows))
     click.echo(f"{len(rows)} rows written to {out_csv}")

@@ -256,7 +256,8 @@ class SegmenterSettings(BaseModel):
     # model_card.json beside the file.
     card: Path | None = None
     base: str | None = Field(None, min_length=1)
-    device: str = "auto"  # auto: CUDA when the worker has a GPU (CUDA_VISIBLE_DEVICES picks it)
+    # auto: CUDA when the worker has a GPU (CUDA_VISIBLE_DEVICES picks it); cpu; cuda or cuda:N.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     amp: bool = True  # mixed precision on the GPU
     batch_size: int = Field(8, ge=1)
     # Run on the body's bounding box only, labels outside the body cleared (segmenters.cropping).

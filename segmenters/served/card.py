@@ -9,9 +9,10 @@ A label the card does not code is an error when the card is read, which `segnode
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from segmenters import anatomy
 from segmenters.base import ANATOMICAL_STRUCTURE, Concept, Structure
@@ -84,6 +85,13 @@ def card_to_json(card: ServedCard) -> str:
 
 def read_card(path: Path) -> ServedCard:
     """The card at ``path``; every problem is one :class:`ModelCardError` that names the file."""
+    return _read(path, _parse)
+
+
+T = TypeVar("T")
+
+
+def _read(path: Path, parse: Callable[[Any], T]) -> T:
     try:
         data = json.loads(path.read_text())
     except OSError as err:
@@ -91,19 +99,41 @@ def read_card(path: Path) -> ServedCard:
     except json.JSONDecodeError as err:
         raise ModelCardError(f"model card {path} is not JSON: {err}") from err
     try:
-        return _parse(data)
+        return parse(data)
     except (KeyError, TypeError, ValueError) as err:
         detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
         raise ModelCardError(f"model card {path}: {detail}") from err
 
 
-def _parse(data: dict[str, Any]) -> ServedCard:
+def read_labels(path: Path) -> tuple[Structure, ...]:
+    """Only the ``labels`` of the card at ``path``: what a model that brings its own preprocessing
+    (nnU-Net, a MONAI bundle) needs a card for."""
+    return _read(path, _labels)
+
+
+def read_bundle_labels(path: Path) -> tuple[tuple[Structure, ...], int, bool]:
+    """A MONAI bundle's card: its labels, and what its config cannot say (2.5D context, demo)."""
+    return _read(path, lambda data: (_labels(data), _context_slices(data), bool(data.get("demo", False))))
+
+
+def _context_slices(data: dict[str, Any]) -> int:
+    value = int(data.get("context_slices", 0))
+    if value < 0:
+        raise ValueError(f'"context_slices" is zero or more; got {value}')
+    return value
+
+
+def _labels(data: dict[str, Any]) -> tuple[Structure, ...]:
     if not isinstance(data, dict):
         raise ValueError("the card is a JSON object")
     labels = data["labels"]
     if not isinstance(labels, list) or not labels:
         raise ValueError('"labels" lists the structures: [{"label": 1, "anatomy": "heart"}, ...]')
-    structures = tuple(_structure(entry) for entry in labels)
+    return tuple(_structure(entry) for entry in labels)
+
+
+def _parse(data: dict[str, Any]) -> ServedCard:
+    structures = _labels(data)
     values = [s.label for s in structures]
     if len(set(values)) != len(values):
         raise ValueError(f"a label value is given twice: {sorted(values)}")
@@ -124,13 +154,15 @@ def _parse(data: dict[str, Any]) -> ServedCard:
         voxel = [0.0, pixel, pixel]
     if voxel is not None and (len(voxel) != 3 or min(float(v) for v in voxel) < 0):
         raise ValueError(f'"spacing_mm" is three spacings, one per array axis (0 keeps one); got {voxel}')
+    if int(data.get("multiple", 16)) < 1:
+        raise ValueError(f'"multiple" is a positive integer; got {data["multiple"]}')
     return ServedCard(
         name=str(data["name"]),
         version=str(data.get("version", "1")),
         structures=structures,
         window=(window[0], window[1]),
         spacing_mm=(float(voxel[0]), float(voxel[1]), float(voxel[2])) if voxel is not None else None,
-        context_slices=int(data.get("context_slices", 0)),
+        context_slices=_context_slices(data),
         spatial_dims=spatial_dims,
         multiple=int(data.get("multiple", 16)),
         patch_size=(int(patch[0]), int(patch[1]), int(patch[2])) if patch else None,
@@ -188,7 +220,7 @@ def structures_from_names(names: dict[int, str], where: str, card: Path | None) 
     the ``labels`` of ``card`` when there is one, else each name looked up in the anatomy table
     (``Left lung`` and ``left_lung`` alike). ``where`` names the model in errors."""
     if card is not None and card.is_file():
-        return read_card(card).structures
+        return read_labels(card)
     structures = []
     for value, name in sorted(names.items()):
         key = name.strip().lower().replace(" ", "_")

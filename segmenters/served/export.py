@@ -59,6 +59,7 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, card: Model
         output_names=["logits"],
         dynamic_shapes=(shape,),
         dynamo=True,
+        external_data=False,  # one file with its weights, as the card beside it expects (under 2 GB)
         verbose=False,
     )
 

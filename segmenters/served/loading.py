@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from segmenters.base import Segmenter
-from segmenters.served.card import CARD_FILE, ServedCard, read_card
+from segmenters.served.card import CARD_FILE, ModelCardError, ServedCard, read_card
 from segmenters.served.runner import ServedSegmenter, choose_device
 
 KINDS = ("torchscript", "onnx", "monai_bundle", "nnunet")
@@ -24,17 +24,30 @@ def served_card(kind: str, path: Path, card: Path | None = None) -> ServedCard:
     return read_card(card if card is not None else path.parent / CARD_FILE)
 
 
-def check_served(kind: str, path: Path, card: Path | None = None) -> None:
-    """Raise ModelCardError if the ``kind`` model at ``path`` cannot say what its labels are
-    (``segnode config check`` runs this: no weights are loaded)."""
+def check_served(
+    kind: str,
+    path: Path,
+    card: Path | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint_name: str = "checkpoint_final.pth",
+) -> None:
+    """Raise ModelCardError if the ``kind`` model at ``path`` cannot say what its labels are or
+    lacks a file it loads (``segnode config check`` runs this: no weights are loaded)."""
     if kind not in KINDS:
         raise ValueError(f"no served model kind {kind!r}; kinds: {', '.join(KINDS)}")
     if kind == "nnunet":
-        from segmenters.served.nnunet import nnunet_labels
+        from segmenters.served.nnunet import check_folds, nnunet_labels
 
         nnunet_labels(path, card)
-    else:
-        served_card(kind, path, card)
+        check_folds(path, folds, checkpoint_name)
+        return
+    served_card(kind, path, card)
+    if kind == "monai_bundle" and not (path / "models" / "model.pt").is_file():
+        raise ModelCardError(f"MONAI bundle {path}: no models/model.pt")
+    if kind == "onnx":
+        from segmenters.served.onnx_model import check_external_data
+
+        check_external_data(path)
 
 
 def load_served(

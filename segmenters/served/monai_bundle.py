@@ -25,7 +25,7 @@ from segmenters.served.card import (
     ModelCardError,
     ServedCard,
     check_orientation,
-    read_card,
+    read_bundle_labels,
     structures_from_names,
 )
 
@@ -90,16 +90,18 @@ def read_bundle_card(folder: Path, name: str) -> ServedCard:
     card_path = folder / CARD_FILE
     # A card in the bundle codes the labels and says what MONAI's config cannot: 2.5D context, and
     # that a model is a demo (said in every SEG it makes).
-    own = read_card(card_path) if card_path.is_file() else None
-    structures = own.structures if own is not None else _channel_structures(parser, folder)
+    if card_path.is_file():
+        structures, context_slices, demo = read_bundle_labels(card_path)
+    else:
+        structures, context_slices, demo = _channel_structures(parser, folder), 0, False
     return ServedCard(
         name=str(parser.get("_meta_#name", name)),
         version=str(parser.get("_meta_#version", "1")),
-        demo=own.demo if own is not None else False,
+        demo=demo,
         structures=structures,
         window=window,
         spacing_mm=spacing,
-        context_slices=own.context_slices if own is not None else 0,
+        context_slices=context_slices,
         spatial_dims=spatial_dims,
         multiple=16,
         patch_size=(patch[0], patch[1], patch[2]) if spatial_dims == 3 and patch else None,

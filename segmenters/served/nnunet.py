@@ -62,6 +62,17 @@ def _trained_folds(folder: Path, checkpoint_name: str) -> list[int | str]:
     return found
 
 
+def check_folds(folder: Path, folds: Sequence[int | str] | None, checkpoint_name: str) -> None:
+    """Raise ModelCardError unless every fold asked for (or, with none, some fold) is trained."""
+    trained = _trained_folds(folder, checkpoint_name)
+    missing = [fold for fold in folds or () if fold not in trained]
+    if missing:
+        raise ModelCardError(
+            f"nnU-Net model {folder}: fold(s) {', '.join(map(str, missing))} hold no {checkpoint_name}; "
+            f"trained: {', '.join(map(str, trained))}"
+        )
+
+
 class NnUNetSegmenter:
     """An nnU-Net v2 model loaded once (every fold asked for; nnU-Net averages them)."""
 

@@ -46,3 +46,28 @@ def _onnxruntime() -> Any:
             "(onnxruntime-gpu instead on a GPU worker)"
         ) from err
     return onnxruntime
+
+
+def check_external_data(path: Path) -> None:
+    """Raise ModelCardError when the ONNX file keeps weights in files beside it that are missing
+    (``model.onnx.data``: copied without it, the model fails only when a worker loads it)."""
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError as err:
+        raise ImportError(
+            "serving an ONNX model needs onnx and onnxruntime: pip install 'segnode[onnx]'"
+        ) from err
+    from segmenters.served.card import ModelCardError
+
+    model = onnx.load(str(path), load_external_data=False)
+    wanted = {
+        entry.value
+        for tensor in model.graph.initializer
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    missing = sorted(name for name in wanted if not (path.parent / name).is_file())
+    if missing:
+        raise ModelCardError(f"ONNX model {path}: its weights file(s) {', '.join(missing)} are not beside it")

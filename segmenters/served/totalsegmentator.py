@@ -106,29 +106,60 @@ def task_structures(task: str, roi_subset: Sequence[str] | None = None) -> tuple
     )
 
 
-def missing_weights(task: str, fast: bool = False) -> tuple[Path, list[int]]:
-    """The weights folder TotalSegmentator reads and the datasets of ``task`` not in it."""
+# The model TotalSegmentator runs first to crop a CT to the classes asked for (roi_subset): its
+# 6 mm "total" model, unless the task names a crop model of its own.
+CROP_MODEL = 298
+
+
+def missing_weights(task: str, fast: bool = False, roi_subset: bool = False) -> tuple[Path, list[int]]:
+    """The weights folder TotalSegmentator reads and the datasets it would download for ``task``
+    (and, with a ``roi_subset``, its crop model): each looked for where TotalSegmentator does."""
     from totalsegmentator.config import get_weights_dir
-    from totalsegmentator.map_tasks_config import TASK_CONFIGS
+    from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
 
-    config = TASK_CONFIGS.get(task, {})
-    if "sub_modes" in config:
-        config = config["sub_modes"]["fast" if fast else "default"]
-    ids = config.get("task_id", [])
-    ids = ids if isinstance(ids, list) else [ids]
+    def ids_of(name: str) -> list[int]:
+        config = TASK_CONFIGS.get(name, {})
+        if "sub_modes" in config:
+            config = config["sub_modes"]["fast" if fast else "default"]
+        ids = config.get("task_id", [])
+        return ids if isinstance(ids, list) else [ids]
+
+    ids = ids_of(task)
+    if roi_subset:
+        crop = TASK_CONFIGS.get(task, {}).get("crop_model")
+        ids += [CROP_MODEL] if crop is None else ids_of(crop)
     folder = Path(get_weights_dir())
-    return folder, [i for i in ids if not any(folder.glob(f"Dataset{i}_*"))]
+
+    def present(task_id: int) -> bool:
+        info = TASK_ID_WEIGHTS_CONFIGS.get(task_id, {})
+        return (folder / info.get("rel_path", "") / info.get("foldername", f"Dataset{task_id}")).exists()
+
+    return folder, [i for i in dict.fromkeys(ids) if not present(i)]
 
 
-def check_weights(task: str, fast: bool = False) -> None:
-    folder, missing = missing_weights(task, fast)
+def check_weights(task: str, fast: bool = False, roi_subset: bool = False) -> None:
+    folder, missing = missing_weights(task, fast, roi_subset)
     if missing:
+        crop = f" ({CROP_MODEL}: the model that crops to the roi_subset)" if CROP_MODEL in missing else ""
         raise ModelCardError(
             f"TotalSegmentator's weights for task {task!r} are not in {folder} (datasets "
-            f"{', '.join(map(str, missing))}): run `totalseg_download_weights -t {task}` on a machine with "
-            "internet access and copy that folder here, or set TOTALSEG_HOME_DIR in the worker's environment "
-            "to a folder that has them"
+            f"{', '.join(map(str, missing))}{crop}): run `totalseg_download_weights -t {task}` "
+            f"{'and `-t total_fast` ' if crop and task not in ('total', 'total_fast') else ''}"
+            "on a machine with internet access and copy that "
+            "folder here, or set TOTALSEG_HOME_DIR in the worker's environment to a folder that has them"
         )
+
+
+def _no_usage_reports() -> None:
+    """TotalSegmentator posts each run to its authors' server unless its config says not to: a
+    node in a hospital network sends nothing out (and waits on no firewall for it)."""
+    from totalsegmentator.config import set_config_key, setup_totalseg
+
+    try:
+        if setup_totalseg().get("send_usage_stats", True):
+            set_config_key("send_usage_stats", False)
+    except OSError as err:  # a read-only weights folder: said, and the job goes on
+        log.warning("TotalSegmentator's usage reports could not be turned off (%s)", err.strerror or err)
 
 
 class TotalSegmentatorSegmenter:
@@ -140,7 +171,8 @@ class TotalSegmentatorSegmenter:
         _api()
         self.task, self.roi_subset, self.fast = task, list(roi_subset) if roi_subset else None, fast
         self._structures = task_structures(task, roi_subset)
-        check_weights(task, fast)
+        check_weights(task, fast, bool(self.roi_subset))
+        _no_usage_reports()
         self.device = "gpu" if device.type == "cuda" else "cpu"
         self.version = importlib.metadata.version("TotalSegmentator")
 

@@ -5,6 +5,7 @@ network; a label without a code is refused before any SEG is written."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from segmenters.served.card import ModelCardError, read_card
 from segmenters.served.export import FORMATS
 from segmenters.served.loading import load_served, served_card
 from segmenters.synthetic import make_phantom
+from tests.dicom_factory import make_ct_series
 
 Axes = tuple[tuple[float, float, float], ...]
 KINDS = {"torchscript": "model.ts", "onnx": "model.onnx", "monai_bundle": "."}
@@ -225,6 +227,85 @@ def test_config_check_refuses_a_network_whose_labels_are_not_coded(
     assert "torchscript network" in ran.output and "monai_bundle network" in ran.output
 
 
+@pytest.mark.slow
+def test_config_check_refuses_a_served_model_that_lacks_a_file_it_loads(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    """What a worker would fail on when it loads the model is said by `config check` first."""
+    import onnx
+
+    assert sorted(p.name for p in exports["onnx"].parent.iterdir()) == ["model.onnx", "model_card.json"]
+    split = tmp_path / "onnx"  # weights kept beside the graph, then left behind in a copy
+    split.mkdir()
+    shutil.copy(exports["onnx"].parent / "model_card.json", split)
+    onnx.save_model(
+        onnx.load(str(exports["onnx"])),
+        str(split / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    (split / "model.onnx.data").unlink()
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exports["monai_bundle"], bundle)
+    (bundle / "models" / "model.pt").unlink()
+    nnunet = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (nnunet / "fold_0").mkdir(parents=True)
+    (nnunet / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (nnunet / "plans.json").write_text("{}")
+    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "heart": 1}}))
+    negative = tmp_path / "negative"
+    negative.mkdir()
+    shutil.copy(exports["torchscript"], negative)
+    card = json.loads((exports["torchscript"].parent / "model_card.json").read_text())
+    (negative / "model_card.json").write_text(json.dumps({**card, "context_slices": -1}))
+    declared = {
+        "split": {"onnx": str(split / "model.onnx")},
+        "unweighted": {"monai_bundle": str(bundle)},
+        "folds": {"nnunet": str(nnunet), "folds": [0, 3]},
+        "negative": {"torchscript": str(negative / "model.ts")},
+    }
+    config = tmp_path / "segnode.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "segmenters": declared}))
+    ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
+    assert ran.exit_code != 0
+    assert "segmenter 'split': ONNX model" in ran.output and "model.onnx.data are not beside it" in ran.output
+    assert "segmenter 'unweighted': MONAI bundle" in ran.output and "no models/model.pt" in ran.output
+    assert "fold(s) 3 hold no checkpoint_final.pth; trained: 0" in ran.output
+    assert '"context_slices" is zero or more; got -1' in ran.output
+    config.write_text(yaml.safe_dump({"segmenters": {"g": {"torchscript": "m.ts", "device": "gpu"}}}))
+    ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
+    assert ran.exit_code != 0 and "segmenters.g.device" in ran.output
+
+
+@pytest.mark.slow
+def test_segment_says_in_one_line_why_a_model_failed(exports: dict[str, Path], tmp_path: Path) -> None:
+    """A card that does not fit its network fails in torch's own code: one line, not its traceback."""
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    shutil.copy(exports["torchscript"], wrong)
+    card = json.loads((exports["torchscript"].parent / "model_card.json").read_text())
+    (wrong / "model_card.json").write_text(json.dumps({**card, "context_slices": 2}))
+    config = tmp_path / "segnode.yaml"
+    config.write_text(yaml.safe_dump({"segmenters": {"wrong": {"torchscript": str(wrong / "model.ts")}}}))
+    series = make_ct_series(tmp_path / "ct", n_slices=4, rows=64, cols=64)[0].parent
+    args = [
+        "--config",
+        str(config),
+        "segment",
+        str(series),
+        "--segmenter",
+        "wrong",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    ran = CliRunner().invoke(main, args)
+    assert ran.exit_code == 1
+    (line,) = [line for line in ran.output.splitlines() if line.strip()]
+    assert line.startswith("Error: segmenter wrong failed on the series: RuntimeError: ")
+    assert "channels" in line and "Traceback" not in ran.output
+
+
 def test_an_nnunet_model_folder_codes_its_labels_by_name_or_by_its_card(tmp_path: Path) -> None:
     from segmenters.served.nnunet import nnunet_labels
 
@@ -295,13 +376,24 @@ def test_totalsegmentator_without_its_weights_is_refused_with_how_to_get_them(
     ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
     assert ran.exit_code != 0
     assert "segmenter 'organs': TotalSegmentator's weights for task 'total' are not in" in ran.output
-    assert "datasets 291, 292, 293, 294, 295" in ran.output
-    assert "totalseg_download_weights -t total" in ran.output
-    # With the weights in place (here: the folders TotalSegmentator looks for) the check passes.
-    for dataset in range(291, 296):
-        (tmp_path / "totalseg" / "nnunet" / "results" / f"Dataset{dataset}_TotalSegmentator").mkdir(
-            parents=True
-        )
+    # With a roi_subset TotalSegmentator first crops with its 6 mm model: a worker without it would
+    # try to download it.
+    assert "datasets 291, 292, 293, 294, 295, 298 (298: the model that crops" in ran.output
+    assert "totalseg_download_weights -t total`" in ran.output
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+
+    results = tmp_path / "totalseg" / "nnunet" / "results"
+    for dataset in range(291, 296):  # the folders TotalSegmentator looks for, by their exact names
+        (results / TASK_ID_WEIGHTS_CONFIGS[dataset]["foldername"]).mkdir(parents=True)
+    (results / "Dataset298_something_else").mkdir()
+    ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
+    assert ran.exit_code != 0 and "(datasets 298 (298: the model that crops" in ran.output
+    (results / TASK_ID_WEIGHTS_CONFIGS[298]["foldername"]).mkdir()
     ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
     assert ran.exit_code == 0, ran.output
+    # Loaded by a worker, it reports no run to TotalSegmentator's authors (its own default does).
+    from segmenters.served.totalsegmentator import TotalSegmentatorSegmenter
+
+    TotalSegmentatorSegmenter("total", roi_subset=["heart"], device=torch.device("cpu"))
+    assert json.loads((tmp_path / "totalseg" / "config.json").read_text())["send_usage_stats"] is False
     assert "TotalSegmentator task total (heart, aorta) on cpu" in ran.output

@@ -42,6 +42,7 @@ from scipy.spatial import cKDTree
 
 HD_PERCENTILE = 95.0
 EDT_MAX_VOXELS = 250_000  # above this crop size surface distances come from a k-d tree
+EDT_SURFACE_SHARE = 0.05  # ... unless the surfaces hold more than this share of the crop's voxels
 
 Spacing = tuple[float, float, float]
 
@@ -126,7 +127,10 @@ def _surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> t
     """``surface_distances`` of two non-empty masks already cropped."""
     edge_pred = surface(pred)
     edge_ref = surface(ref)
-    if edge_pred.size <= EDT_MAX_VOXELS:
+    points = int(edge_pred.sum()) + int(edge_ref.sum())
+    # The transform's cost grows with the crop, the tree's with the surfaces: a ragged prediction
+    # (an untrained network's speckle) has millions of surface voxels, for which the transform wins.
+    if edge_pred.size <= EDT_MAX_VOXELS or points > EDT_SURFACE_SHARE * edge_pred.size:
         to_ref = ndi.distance_transform_edt(~edge_ref, sampling=spacing)[edge_pred]
         to_pred = ndi.distance_transform_edt(~edge_pred, sampling=spacing)[edge_ref]
         return np.asarray(to_ref, dtype=np.float64), np.asarray(to_pred, dtype=np.float64)
@@ -145,7 +149,7 @@ def _nearest(points: np.ndarray, shared: np.ndarray, others: np.ndarray) -> np.n
     distances = np.zeros(len(points), dtype=np.float64)
     own = ~shared
     if own.any():
-        distances[own] = cKDTree(others).query(points[own])[0]
+        distances[own] = cKDTree(others).query(points[own], workers=-1)[0]
     return distances
 
 

@@ -188,7 +188,12 @@ def evaluate_command(
     cases = load_data(data, EVAL_SEED, synthetic_shape, table, exclusions)
     try:
         rows = evaluation.evaluate(
-            list(segmenters), cases, out_csv, reference_slices_only=reference_slices_only, load=load
+            list(segmenters),
+            cases,
+            out_csv,
+            reference_slices_only=reference_slices_only,
+            load=load,
+            progress=lambda line: click.echo(line, err=True),
         )
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise click.ClickException(str(err)) from err

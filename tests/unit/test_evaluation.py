@@ -102,8 +102,9 @@ def test_evaluate_scores_installed_configured_and_served_segmenters_in_one_table
         main, ["--config", str(config), "evaluate", *args, "--exclude", "GTV-1:Lung_R,Lung_L"]
     )
     assert ran.exit_code == 0, ran.output
-    header = ran.output.splitlines()[0]
+    header = ran.stdout.splitlines()[0]
     assert "classical" in header and "demo-ts" in header and "demo-thorax-unet.pt" in header
+    assert "classical: case 1/1 (ct-thorax-lung1-002) scored in" in ran.stderr  # progress, apart
     rows = list(csv.DictReader(out.open()))
     scored = {(r["checkpoint"], r["structure"]) for r in rows}
     assert {("classical", "Right lung"), ("demo-ts", "Heart"), (str(DEMO_CHECKPOINT), "Heart")} <= scored

@@ -33,6 +33,16 @@ def keys() -> tuple[str, ...]:
     return tuple(_ANATOMY)
 
 
+def key_for(name: str) -> str | None:
+    """The key of the structure ``name`` names: a key in any case and spacing (``Left lung``,
+    ``left_lung``) or the name a SEG shows (``Trachea and bronchi``); None when none does."""
+    wanted = name.strip().lower().replace(" ", "_")
+    for key, (shown, *_) in _ANATOMY.items():
+        if wanted in (key, shown.lower().replace(" ", "_")):
+            return key
+    return None
+
+
 def structure(label: int, key: str) -> Structure:
     """The coded structure ``key`` (a key of the table above) as label value ``label``."""
     name, type_, laterality, rgb = _ANATOMY[key]

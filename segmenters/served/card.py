@@ -218,13 +218,14 @@ def check_orientation(codes: str) -> str:
 def structures_from_names(names: dict[int, str], where: str, card: Path | None) -> tuple[Structure, ...]:
     """The coded structures of a model that names its labels (value -> name) but gives no codes:
     the ``labels`` of ``card`` when there is one, else each name looked up in the anatomy table
-    (``Left lung`` and ``left_lung`` alike). ``where`` names the model in errors."""
+    (``Left lung``, ``left_lung`` and a SEG's ``Trachea and bronchi`` alike). ``where`` names the
+    model in errors."""
     if card is not None and card.is_file():
         return read_labels(card)
     structures = []
     for value, name in sorted(names.items()):
-        key = name.strip().lower().replace(" ", "_")
-        if key not in anatomy.keys():
+        key = anatomy.key_for(name)
+        if key is None:
             raise ModelCardError(
                 f"{where}: label {value} {name!r} has no code in the anatomy table; give the codes in a "
                 f'{CARD_FILE} ({{"labels": [{{"label": {value}, "type": {{"value": "<SNOMED CT code>", '

@@ -47,7 +47,14 @@ def nnunet_labels(folder: Path, card: Path | None = None) -> tuple[tuple[Structu
     orientation = CANONICAL_CODES
     if card.is_file():
         orientation = check_orientation(str(json.loads(card.read_text()).get("orientation", CANONICAL_CODES)))
-    return structures_from_names(names, f"nnU-Net model {folder}", card), orientation
+    structures = structures_from_names(names, f"nnU-Net model {folder}", card)
+    uncoded = sorted(set(names) - {s.label for s in structures})
+    if uncoded:  # found now, not in the first SEG the model's output cannot describe
+        raise ModelCardError(
+            f"nnU-Net model {folder}: {card.name} codes no label {', '.join(map(str, uncoded))} "
+            f"({', '.join(names[v] for v in uncoded)}), which its dataset.json lists"
+        )
+    return structures, orientation
 
 
 def _trained_folds(folder: Path, checkpoint_name: str) -> list[int | str]:

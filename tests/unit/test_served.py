@@ -312,25 +312,29 @@ def test_an_nnunet_model_folder_codes_its_labels_by_name_or_by_its_card(tmp_path
     folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir()
     (folder / "plans.json").write_text("{}")
-    labels = {"background": 0, "Left lung": 1, "heart": 2}
+    labels = {"background": 0, "Left lung": 1, "heart": 2, "Trachea and bronchi": 3}  # a SEG's name too
     (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
     structures, orientation = nnunet_labels(folder)
     assert [(s.label, s.name, s.type.value) for s in structures] == [
         (1, "Left lung", "39607008"),
         (2, "Heart", "80891009"),
+        (3, "Trachea and bronchi", "110726009"),
     ]
     assert structures[0].laterality is not None and structures[0].laterality.meaning == "Left"
     assert orientation == "SPL"
 
-    (folder / "dataset.json").write_text(json.dumps({"labels": {**labels, "tumour": 3}}))
-    with pytest.raises(ModelCardError, match="label 3 'tumour' has no code in the anatomy table"):
+    (folder / "dataset.json").write_text(json.dumps({"labels": {**labels, "tumour": 4}}))
+    with pytest.raises(ModelCardError, match="label 4 'tumour' has no code in the anatomy table"):
         nnunet_labels(folder)
-    tumour = {"label": 3, "name": "Tumour", "type": {"value": "108369006", "meaning": "Neoplasm"}}
-    _card(folder, labels=[{"label": 1, "anatomy": "left_lung"}, {"label": 2, "anatomy": "heart"}, tumour])
-    card = json.loads((folder / "model_card.json").read_text())
-    (folder / "model_card.json").write_text(json.dumps({**card, "orientation": "ras"}))
+    tumour = {"label": 4, "name": "Tumour", "type": {"value": "108369006", "meaning": "Neoplasm"}}
+    coded = [{"label": 1, "anatomy": "left_lung"}, {"label": 2, "anatomy": "heart"}, tumour]
+    _card(folder, labels=coded)
+    with pytest.raises(ModelCardError, match=r"codes no label 3 \(Trachea and bronchi\)"):
+        nnunet_labels(folder)  # a card that leaves a label of the model out
+    _card(folder, labels=[*coded, {"label": 3, "anatomy": "airways"}], orientation="ras")
     structures, orientation = nnunet_labels(folder)
-    assert [s.name for s in structures] == ["Left lung", "Heart", "Tumour"] and orientation == "RAS"
+    assert [s.name for s in structures] == ["Left lung", "Heart", "Tumour", "Trachea and bronchi"]
+    assert orientation == "RAS"
     (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lungs": [1, 2]}}))
     with pytest.raises(ModelCardError, match="region-based models are not served"):
         nnunet_labels(folder)

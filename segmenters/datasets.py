@@ -197,7 +197,7 @@ def read_ct_series(ct_folder: Path) -> tuple[list[Dataset], np.ndarray, Spacing]
     """The CT slices of a folder (other files beside them are skipped) as the node serves them:
     loaded by :func:`segmenters.ct_series.load_series`, so a network is trained on exactly the
     volumes it will be given. Returns the sorted headers, the HU volume and its spacing (mm)."""
-    slices = [path for path in sorted(Path(ct_folder).rglob("*")) if path.is_file() and _is_ct(path)]
+    slices = [path for path in sorted(Path(ct_folder).rglob("*")) if path.is_file() and is_ct_image(path)]
     if not slices:
         raise FileNotFoundError(f"no CT images in {ct_folder}")
     return _read_ct_files(slices, str(ct_folder))
@@ -211,7 +211,8 @@ def _read_ct_files(slices: Sequence[Path], where: str) -> tuple[list[Dataset], n
     return series.datasets, series.volume.hu, series.volume.spacing
 
 
-def _is_ct(path: Path) -> bool:
+def is_ct_image(path: Path) -> bool:
+    """Whether ``path`` is a DICOM CT image (an RTSTRUCT, a SEG or any other file beside it is not)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
     except (pydicom.errors.InvalidDicomError, OSError):

@@ -15,7 +15,7 @@ from node.core.config import Output
 from node.core.queue import QUEUES
 from node.db.engine import SchemaOutOfDateError
 from segmenters.data_options import DATA_OPTION, EVAL_SEED, SHAPE_OPTION, load_data
-from segmenters.datasets import DATA_HELP
+from segmenters.datasets import DATA_HELP, is_ct_image
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,10 @@ def segment_command(ctx: click.Context, series_folder: Path, name: str, out: Pat
         raise click.ClickException(str(err)) from err
     except Exception as err:  # whatever the model's own code raises, said in one line
         raise _model_fault(f"segmenter {name} could not be loaded", err) from err
-    paths = sorted(p for p in series_folder.rglob("*") if p.is_file())
+    # A folder as archives export a study: the CT images, whatever else (RTSTRUCT, SEG) lies beside.
+    paths = sorted(p for p in series_folder.rglob("*") if p.is_file() and is_ct_image(p))
+    if not paths:
+        raise click.ClickException(f"no CT images in {series_folder}")
     try:
         result = segment_series(
             paths,
@@ -183,6 +186,10 @@ def evaluate_command(
     def load(spec: str) -> Segmenter:
         if spec in known and not Path(spec).exists():
             return build_segmenter(spec, settings)
+        if not Path(spec).exists():
+            raise FileNotFoundError(
+                f"{spec} is neither a segmenter a worker knows ({', '.join(sorted(known))}) nor a file"
+            )
         return evaluation.load_segmenter(spec, device)
 
     cases = load_data(data, EVAL_SEED, synthetic_shape, table, exclusions)

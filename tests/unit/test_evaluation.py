@@ -112,4 +112,5 @@ def test_evaluate_scores_installed_configured_and_served_segmenters_in_one_table
     refused = runner.invoke(
         main, ["--config", str(config), "evaluate", "no-such", "--data", "synthetic:1", "--out", str(out)]
     )
-    assert refused.exit_code != 0 and "neither an installed segmenter" in refused.output
+    assert refused.exit_code != 0 and "no-such is neither a segmenter a worker knows (" in refused.output
+    assert "demo-ts" in refused.output  # the configured names too, not only the installed ones

@@ -24,6 +24,7 @@ def test_segment_writes_the_seg_and_a_label_map_placed_where_the_series_lies(
     tmp_path: Path, orientation: tuple[float, ...]
 ) -> None:
     paths = f.make_ct_series(tmp_path / "ct", n_slices=10, orientation=orientation)
+    f.make_basic_sr(tmp_path / "ct" / "sr")  # a study folder as archives export it: other objects beside
     out = tmp_path / "out"
     ran = CliRunner().invoke(
         main, ["segment", str(tmp_path / "ct"), "--out", str(out), "--outputs", "seg,sr"]
@@ -69,3 +70,6 @@ def test_segment_refuses_unknown_outputs_and_segmenters(tmp_path: Path) -> None:
     )
     assert unknown.exit_code != 0 and "'nope' is not installed" in unknown.output
     assert not (tmp_path / "o").exists()
+    (tmp_path / "empty").mkdir()
+    nothing = runner.invoke(main, ["segment", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert nothing.exit_code != 0 and "no CT images in" in nothing.output

@@ -115,18 +115,18 @@ def test_read_header_in_every_byte_order_and_encapsulation(tmp_path: Path, synta
 
 
 def test_a_deflated_data_set_that_inflates_too_far_is_refused_without_inflating_it(tmp_path: Path) -> None:
-    """A third of a megabyte that announces 300 MiB of pixel data: refused at the limit, so no
+    """A megabyte and a half that announces 300 MiB of pixel data: refused at the limit, so no
     sender can make the node hold gigabytes in memory."""
     header = Dataset()
     header.SOPClassUID, header.SOPInstanceUID, header.Modality = CTImageStorage, "1.2.3.4", "CT"
     raw = BytesIO()
     header.save_as(raw, implicit_vr=False, little_endian=True)
     size = 300 * 1024**2
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = deflater.compress(raw.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))
     zeros = bytes(1024**2)
     body += b"".join(deflater.compress(zeros) for _ in range(size // len(zeros))) + deflater.flush()
-    assert len(body) < 400_000
+    assert len(body) < 1_500_000
     with pytest.raises(InflatesTooFarError, match="inflates past 256 MiB"):
         read_header(BytesIO(body), UID(DeflatedExplicitVRLittleEndian))
     small, syntax = _data_set_bytes(_ct_slice(tmp_path, DeflatedExplicitVRLittleEndian, 32))

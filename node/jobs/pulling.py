@@ -33,7 +33,7 @@ from node.core.tls import TlsFileError, client_context
 from node.db.engine import session_scope
 from node.db.models import Pull, utcnow
 from node.receive.listener import ACCEPTED_TRANSFER_SYNTAXES, instance_facts
-from node.receive.storage import Storage
+from node.receive.storage import RefusedInstanceError, Storage
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,9 @@ class Puller:
             facts = instance_facts(event.dataset, syntax)
             try:
                 self.storage.store([event.encoded_dataset()], facts, "PULL")
+            except RefusedInstanceError as err:  # the instance's own fault: not worth sending again
+                log.warning("pull from %s: an instance refused: %s", where, err)
+                return 0xC000
             except Exception as err:  # noqa: BLE001 - answered to the source, which counts it failed
                 log.warning("pull from %s: an instance not stored (%s)", where, type(err).__name__)
                 return 0xA700
@@ -230,7 +233,11 @@ class Puller:
                 ds.save_as(buffer, enforce_file_format=True)
                 facts = instance_facts(ds, str(ds.file_meta.TransferSyntaxUID))
                 del ds  # only the encoded copy is kept while it is stored
-                self.storage.store([buffer.getbuffer()], facts, "PULL")
+                try:
+                    self.storage.store([buffer.getbuffer()], facts, "PULL")
+                except RefusedInstanceError as err:  # that instance only: the rest of the series comes
+                    log.warning("pull from %s: an instance refused: %s", source.url, err)
+                    continue
                 stored += 1
         except requests.HTTPError as err:
             raise PullError(f"{source.url}: WADO-RS answered HTTP {_status(err)}") from err

@@ -247,7 +247,7 @@ class StoreHandler:
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set is truncated")
         except InflatesTooFarError as err:
             log.warning("C-STORE from %s: instance %s refused: %s", calling_ae, request_uid, err)
-            return _status(StoreStatus.OUT_OF_RESOURCES, str(err))
+            return _status(StoreStatus.CANNOT_UNDERSTAND, str(err))  # for good: not "try later"
         except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
             log.warning("C-STORE from %s: data set cannot be parsed (%s)", calling_ae, type(err).__name__)
             return _status(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")

@@ -19,6 +19,7 @@ from typing import BinaryIO, cast
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from node.core.uids import derive_uid
@@ -79,7 +80,7 @@ class TruncatedDataSetError(EOFError):
 
 
 # A deflated data set is inflated in memory to be checked: a few kilobytes of zeros can announce
-# gigabytes, so beyond this it is refused (an Enhanced CT of 300 frames is about 160 MiB).
+# gigabytes, so beyond this it is refused for good (an Enhanced CT of 300 frames is about 160 MiB).
 MAX_INFLATED_BYTES = 256 * 1024**2
 
 
@@ -190,13 +191,12 @@ def _tag(source: BinaryIO | BytesIO, at: int, little: bool) -> int:
 
 
 def _image_bytes(head: Dataset) -> int | None:
-    """How many bytes of native Pixel Data the image attributes call for; None where they do not say."""
+    """How many bytes of native Pixel Data the image attributes call for (pydicom's reckoning:
+    packed bits, YBR_FULL_422, frames); None where they do not say or cannot be read."""
     try:
-        bits = int(head.Rows) * int(head.Columns) * int(head.BitsAllocated)
-        bits *= int(head.get("SamplesPerPixel", 1) or 1) * int(head.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError, struct.error):  # absent or unreadable: not checked
+        return int(get_expected_length(head, unit="bytes"))
+    except Exception:  # noqa: BLE001 - absent or unreadable attributes: the length is not checked
         return None
-    return -(-bits // 8)
 
 
 def _skip_pixel_element(

@@ -37,6 +37,8 @@ def nnunet_labels(folder: Path, card: Path | None = None) -> tuple[tuple[Structu
     labels: dict[str, Any] = json.loads(dataset_file.read_text()).get("labels", {})
     names = {}
     for name, value in labels.items():
+        if name == "ignore":  # nnU-Net's label for unannotated voxels: never in its output
+            continue
         if isinstance(value, list):
             raise ModelCardError(
                 f"nnU-Net model {folder}: label {name!r} is a region; region-based models are not served"

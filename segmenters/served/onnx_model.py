@@ -60,7 +60,10 @@ def check_external_data(path: Path) -> None:
         ) from err
     from segmenters.served.card import ModelCardError
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, a folder: not a model onnxruntime could load
+        raise ModelCardError(f"ONNX model {path} cannot be read ({type(err).__name__})") from err
     wanted = {
         entry.value
         for tensor in model.graph.initializer

@@ -106,41 +106,59 @@ def task_structures(task: str, roi_subset: Sequence[str] | None = None) -> tuple
     )
 
 
-# The model TotalSegmentator runs first to crop a CT to the classes asked for (roi_subset): its
-# 6 mm "total" model, unless the task names a crop model of its own.
-CROP_MODEL = 298
+# The models TotalSegmentator runs first to crop a CT (to a roi_subset, or as a task's config asks):
+# its 6 mm "total" model, the 3 mm one for a robust crop, its body model for the trunk or extremities.
+CROP_MODEL, ROBUST_CROP_MODEL, BODY_CROP_MODEL = 298, 297, 300
+
+
+def needed_weights(task: str, fast: bool = False, roi_subset: bool = False) -> list[int]:
+    """The datasets TotalSegmentator loads for ``task`` (its crop model included), decided as its
+    ``totalsegmentator()`` decides them, from its own task configuration."""
+    from totalsegmentator.python_api import get_task_config
+
+    try:
+        config = get_task_config(task, fast=fast, quiet=True)
+    except SystemExit as err:  # its way of saying a licensed task has no license here
+        raise ModelCardError(
+            f"TotalSegmentator task {task!r} needs a license: set it on the worker with "
+            "`totalseg_set_license -l KEY` (free for non-commercial use: "
+            "https://backend.totalsegmentator.com/license-academic/)"
+        ) from err
+    ids = config.get("task_id", [])
+    ids = list(ids) if isinstance(ids, list) else [ids]
+    crop, crop_model = config.get("crop"), config.get("crop_model")
+    if crop is None and not roi_subset and not config.get("cascade"):
+        return ids
+    if crop_model is not None:
+        return ids + needed_weights(crop_model)
+    mr = task.endswith("_mr")
+    if crop is not None and ("body_trunc" in crop or "body_extremities" in crop):
+        return [*ids, BODY_CROP_MODEL]
+    if config.get("robust_crop") or mr:
+        return [*ids, 852 if mr else ROBUST_CROP_MODEL]
+    return [*ids, CROP_MODEL]
 
 
 def missing_weights(task: str, fast: bool = False, roi_subset: bool = False) -> tuple[Path, list[int]]:
-    """The weights folder TotalSegmentator reads and the datasets it would download for ``task``
-    (and, with a ``roi_subset``, its crop model): each looked for where TotalSegmentator does."""
+    """The weights folder TotalSegmentator reads and the datasets it would download for ``task``,
+    each looked for where TotalSegmentator looks."""
     from totalsegmentator.config import get_weights_dir
-    from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
 
-    def ids_of(name: str) -> list[int]:
-        config = TASK_CONFIGS.get(name, {})
-        if "sub_modes" in config:
-            config = config["sub_modes"]["fast" if fast else "default"]
-        ids = config.get("task_id", [])
-        return ids if isinstance(ids, list) else [ids]
-
-    ids = ids_of(task)
-    if roi_subset:
-        crop = TASK_CONFIGS.get(task, {}).get("crop_model")
-        ids += [CROP_MODEL] if crop is None else ids_of(crop)
     folder = Path(get_weights_dir())
 
     def present(task_id: int) -> bool:
         info = TASK_ID_WEIGHTS_CONFIGS.get(task_id, {})
         return (folder / info.get("rel_path", "") / info.get("foldername", f"Dataset{task_id}")).exists()
 
-    return folder, [i for i in dict.fromkeys(ids) if not present(i)]
+    return folder, [i for i in dict.fromkeys(needed_weights(task, fast, roi_subset)) if not present(i)]
 
 
 def check_weights(task: str, fast: bool = False, roi_subset: bool = False) -> None:
     folder, missing = missing_weights(task, fast, roi_subset)
     if missing:
-        crop = f" ({CROP_MODEL}: the model that crops to the roi_subset)" if CROP_MODEL in missing else ""
+        crops = [i for i in missing if i in (CROP_MODEL, ROBUST_CROP_MODEL, BODY_CROP_MODEL, 852)]
+        crop = f" ({', '.join(map(str, crops))}: the model that crops the CT first)" if crops else ""
         raise ModelCardError(
             f"TotalSegmentator's weights for task {task!r} are not in {folder} (datasets "
             f"{', '.join(map(str, missing))}{crop}): run `totalseg_download_weights -t {task}` "

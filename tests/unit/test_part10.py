@@ -149,6 +149,12 @@ def test_native_pixel_data_shorter_than_its_image_is_truncated(tmp_path: Path, s
     ds.Rows = 16  # more pixel data than the image needs is read as before
     ds.save_as(path)
     assert read_header(BytesIO(_data_set_bytes(path)[0]), read_syntax)[1]
+    # 32 x 32 colour pixels of 8 bits subsampled as YBR_FULL_422 take two bytes each: 2,048 bytes.
+    ds.Rows, ds.SamplesPerPixel, ds.PhotometricInterpretation = 32, 3, "YBR_FULL_422"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PlanarConfiguration = 0
+    ds.save_as(path)
+    assert read_header(BytesIO(_data_set_bytes(path)[0]), read_syntax)[1]
 
 
 def test_objects_without_pixel_data_have_none(tmp_path: Path) -> None:

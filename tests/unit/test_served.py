@@ -246,6 +246,10 @@ def test_config_check_refuses_a_served_model_that_lacks_a_file_it_loads(
         size_threshold=0,
     )
     (split / "model.onnx.data").unlink()
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    shutil.copy(exports["onnx"].parent / "model_card.json", garbled)
+    (garbled / "model.onnx").write_bytes(exports["onnx"].read_bytes()[:1000])
     bundle = tmp_path / "bundle"
     shutil.copytree(exports["monai_bundle"], bundle)
     (bundle / "models" / "model.pt").unlink()
@@ -261,6 +265,7 @@ def test_config_check_refuses_a_served_model_that_lacks_a_file_it_loads(
     (negative / "model_card.json").write_text(json.dumps({**card, "context_slices": -1}))
     declared = {
         "split": {"onnx": str(split / "model.onnx")},
+        "garbled": {"onnx": str(garbled / "model.onnx")},
         "unweighted": {"monai_bundle": str(bundle)},
         "folds": {"nnunet": str(nnunet), "folds": [0, 3]},
         "negative": {"torchscript": str(negative / "model.ts")},
@@ -270,6 +275,7 @@ def test_config_check_refuses_a_served_model_that_lacks_a_file_it_loads(
     ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
     assert ran.exit_code != 0
     assert "segmenter 'split': ONNX model" in ran.output and "model.onnx.data are not beside it" in ran.output
+    assert "segmenter 'garbled': ONNX model" in ran.output and "cannot be read (DecodeError)" in ran.output
     assert "segmenter 'unweighted': MONAI bundle" in ran.output and "no models/model.pt" in ran.output
     assert "fold(s) 3 hold no checkpoint_final.pth; trained: 0" in ran.output
     assert '"context_slices" is zero or more; got -1' in ran.output
@@ -312,7 +318,8 @@ def test_an_nnunet_model_folder_codes_its_labels_by_name_or_by_its_card(tmp_path
     folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir()
     (folder / "plans.json").write_text("{}")
-    labels = {"background": 0, "Left lung": 1, "heart": 2, "Trachea and bronchi": 3}  # a SEG's name too
+    # A SEG's name for a structure is coded too; nnU-Net's "ignore" is never in a model's output.
+    labels = {"background": 0, "Left lung": 1, "heart": 2, "Trachea and bronchi": 3, "ignore": 9}
     (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
     structures, orientation = nnunet_labels(folder)
     assert [(s.label, s.name, s.type.value) for s in structures] == [
@@ -395,6 +402,13 @@ def test_totalsegmentator_without_its_weights_is_refused_with_how_to_get_them(
     (results / TASK_ID_WEIGHTS_CONFIGS[298]["foldername"]).mkdir()
     ran = CliRunner().invoke(main, ["--config", str(config), "config", "check"])
     assert ran.exit_code == 0, ran.output
+    # Crop models as TotalSegmentator picks them from a task's configuration, and a licensed task.
+    from segmenters.served.totalsegmentator import needed_weights
+
+    assert needed_weights("lung_vessels") == [117, 297]  # its config asks for a robust crop
+    assert needed_weights("teeth") == [113, 115, 298]  # its crop model is another task
+    with pytest.raises(ModelCardError, match="needs a license: set it on the worker"):
+        needed_weights("heartchambers_highres")
     # Loaded by a worker, it reports no run to TotalSegmentator's authors (its own default does).
     from segmenters.served.totalsegmentator import TotalSegmentatorSegmenter
 

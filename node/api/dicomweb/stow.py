@@ -162,7 +162,7 @@ def _check(path: Path, study: str | None) -> tuple[Verdict, Any]:
         verdict.failure, verdict.reason = CANNOT_UNDERSTAND, "the data set is truncated"
         return verdict, None
     except InflatesTooFarError as err:
-        verdict.failure, verdict.reason = OUT_OF_RESOURCES, f"{err}; send it in another transfer syntax"
+        verdict.failure, verdict.reason = CANNOT_UNDERSTAND, f"{err}; send it in another transfer syntax"
         return verdict, None
     except Exception as err:  # noqa: BLE001 - any decoding fault means the data set is unreadable
         verdict.failure, verdict.reason = (

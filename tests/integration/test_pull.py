@@ -148,3 +148,31 @@ def test_a_dicomweb_pull_stores_each_instance_as_it_arrives(
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr + node.logs()
     assert "gave 4 instance(s) of 1 series by WADO-RS" in pulled.stdout
     assert source.stored_early, "the node stored nothing before the source had sent the whole series"
+
+
+def test_a_dicomweb_pull_skips_an_instance_whose_uid_another_series_holds(
+    segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
+) -> None:
+    """A source that reused a SOP Instance UID: that instance is refused by name and the rest of
+    the series is stored and completed (the refusal used to end the whole pull)."""
+    earlier = factory.make_ct_series(tmp_path / "earlier", n_slices=3)
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
+    reused = pydicom.dcmread(paths[1])
+    reused.SOPInstanceUID = pydicom.dcmread(earlier[0]).SOPInstanceUID
+    reused.file_meta.MediaStorageSOPInstanceUID = reused.SOPInstanceUID
+    reused.save_as(paths[1])
+    first = pydicom.dcmread(paths[0])
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    port = peers.free_port()
+    node = segnode_factory(
+        sources={"archive": {"kind": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web"}},
+        rules=[{"name": "ct", "min_slices": 3}],
+    )
+    node.serve(workers=False)
+    sent = peers.storescu(earlier, node.port, aet="SEGNODE")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    with GatedSource(port, study, series, [path.read_bytes() for path in paths], lambda: True):
+        pulled = node.cli("pull", study, "--source", "archive", "--wait", timeout=120)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr + node.logs()
+    assert "gave 3 instance(s) of 1 series by WADO-RS" in pulled.stdout
+    assert "an instance refused: SOPInstanceUID is stored already, in another series" in node.logs()

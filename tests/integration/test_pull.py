@@ -119,6 +119,16 @@ def test_a_study_in_the_pacs_is_pulled_segmented_and_sent_back_once(
     assert missing.returncode == 1 and "FAILED" in missing.stdout and "is the study there?" in missing.stdout
 
 
+def _pulling_by_dicomweb(segnode_factory: Callable[..., SegnodeProcesses]) -> tuple[SegnodeProcesses, int]:
+    """A node whose source "archive" is a DICOMweb server on the port returned (the test serves it)."""
+    port = peers.free_port()
+    node = segnode_factory(
+        sources={"archive": {"kind": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web"}},
+        rules=[{"name": "ct", "min_slices": 3}],
+    )
+    return node, port
+
+
 def test_a_dicomweb_pull_stores_each_instance_as_it_arrives(
     segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
 ) -> None:
@@ -127,11 +137,7 @@ def test_a_dicomweb_pull_stores_each_instance_as_it_arrives(
     paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
     first = pydicom.dcmread(paths[0])
     study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-    port = peers.free_port()
-    node = segnode_factory(
-        sources={"archive": {"kind": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web"}},
-        rules=[{"name": "ct", "min_slices": 3}],
-    )
+    node, port = _pulling_by_dicomweb(segnode_factory)
     database = db.make_engine(node.database_url)
 
     def stored() -> bool:
@@ -163,11 +169,7 @@ def test_a_dicomweb_pull_skips_an_instance_whose_uid_another_series_holds(
     reused.save_as(paths[1])
     first = pydicom.dcmread(paths[0])
     study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-    port = peers.free_port()
-    node = segnode_factory(
-        sources={"archive": {"kind": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web"}},
-        rules=[{"name": "ct", "min_slices": 3}],
-    )
+    node, port = _pulling_by_dicomweb(segnode_factory)
     node.serve(workers=False)
     sent = peers.storescu(earlier, node.port, aet="SEGNODE")
     assert sent.returncode == 0, sent.stdout + sent.stderr

@@ -1,33 +1,11 @@
-"""Per-structure segmentation metrics: Dice, IoU, HD95 and mean surface distance in millimetres.
-
-A segmenter is judged against reference contours (an RTSTRUCT, a synthetic phantom's labels) by the
-metrics the field reports: overlap (Dice, IoU / Jaccard) and boundary distance in mm (the 95th
-percentile Hausdorff distance, HD95, and the mean symmetric surface distance, MSD / ASSD).
+"""Per-structure segmentation metrics: Dice, IoU, HD95 and mean symmetric surface distance (mm).
 
 Surface distances follow MONAI's ``compute_hausdorff_distance(percentile=95)`` and
-``compute_average_surface_distance(symmetric=True)`` exactly:
-
-- a mask's surface is the mask XOR its erosion (scipy's default cross-shaped element, voxels
-  outside the array count as background);
-- a directed distance set holds, for every surface voxel of one mask, the Euclidean distance in mm
-  (voxel centre to voxel centre, with the voxel spacing) to the nearest surface voxel of the other;
-- HD95 is the larger of the two directed 95th percentiles (numpy's linear interpolation). This is
-  MONAI's definition; medpy's ``hd95`` takes the 95th percentile of the two sets pooled instead,
-  which is never larger and can be smaller when one direction holds far fewer voxels;
-- MSD is the mean of the two directed sets pooled (sum of both over the count of both).
-
-Empty masks have fixed values, so a case is always scored: both empty (the structure is absent and
-was not found) give Dice 1, IoU 1, HD95 0 mm and MSD 0 mm; exactly one empty gives Dice 0, IoU 0
-and HD95 = MSD = inf. Infinity (not NaN) is chosen so that a mean over cases that includes a
-missed or hallucinated structure is itself inf and cannot be mistaken for a good score; NaN would
-be skipped by nan-aware means. ``StructureSummary.one_empty`` counts such cases.
-
-Speed: every structure is cropped to the bounding box of pred | ref first (exact: voxels outside
-it are background in both masks, and so are the neighbours that decide the surface). Distances
-come from ``scipy.ndimage.distance_transform_edt(sampling=spacing)`` on small crops, as MONAI does;
-on crops above ``EDT_MAX_VOXELS`` (a body or lung at full resolution, where the transform takes
-seconds) from a k-d tree of the surface voxel centres, which gives the same distances, exactly
-(nearest voxel centre, Euclidean, in mm), in a fraction of the time.
+``compute_average_surface_distance(symmetric=True)``: HD95 is the larger of the two directed 95th
+percentiles (medpy pools them, which can hide the worse direction). Empty masks have fixed values
+so every case is scored: both empty give Dice 1 and 0 mm; one empty gives Dice 0 and inf (not NaN,
+which nan-aware means would skip). Masks are cropped to their union's box first; large crops take
+distances from a k-d tree of surface points, which gives the same figures faster.
 """
 
 from __future__ import annotations

@@ -131,15 +131,20 @@ def _inflated(source: BinaryIO | BytesIO, start: int, limit: int) -> BytesIO:
     """The deflated data set from ``start``, inflated a chunk at a time up to ``limit`` bytes."""
     source.seek(start)
     inflater, out = zlib.decompressobj(-zlib.MAX_WBITS), BytesIO()
+
+    def past_limit() -> bool:
+        return out.tell() > limit or bool(inflater.unconsumed_tail)
+
     while chunk := source.read(1 << 20):
         out.write(inflater.decompress(chunk, limit + 1 - out.tell()))
-        if out.tell() > limit or inflater.unconsumed_tail:
-            raise InflatesTooFarError(f"deflated data set inflates past {limit // 1024**2} MiB")
-    out.write(inflater.flush())
+        if past_limit():
+            break
+    else:
+        out.write(inflater.flush())
+    if past_limit():
+        raise InflatesTooFarError(f"deflated data set inflates past {limit // 1024**2} MiB")
     if not inflater.eof:
         raise TruncatedDataSetError("the deflated data set ends inside its compressed stream")
-    if out.tell() > limit:
-        raise InflatesTooFarError(f"deflated data set inflates past {limit // 1024**2} MiB")
     return out
 
 

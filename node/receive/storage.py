@@ -265,11 +265,7 @@ class Storage:
         return None if path is None else Path(path)
 
     def _already_recorded(self, sop_instance_uid: str) -> bool:
-        with self.engine.connect() as conn:
-            found = conn.execute(
-                select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == sop_instance_uid)
-            ).first()
-        return found is not None
+        return self._recorded_path(sop_instance_uid) is not None
 
     def _place(self, staged: StagedFile, target: Path) -> None:
         """Rename the flushed temporary file to ``target`` and make the rename durable."""

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.api import dashboard, health, rest, results
 from node.api.auth import LoginThrottle
 from node.api.deps import Viewer
-from node.api.dicomweb import retrieve, stow
+from node.api.dicomweb import frames, retrieve, stow
 from node.api.metrics import registry
 from node.core.config import Settings
 from node.core.queue import JobQueue, make_celery
@@ -54,12 +55,23 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.state.throttle = LoginThrottle(settings.api.login_attempts, settings.api.login_window_s)
     app.state.metrics = registry(sessions, settings)
     app.state.queue = JobQueue(make_celery(settings), settings)
+    if settings.api.cors_origins:
+        # Preflights are answered before any user is asked for; the requests themselves still need one.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.api.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
+            expose_headers=["Warning", "Retry-After"],
+            max_age=600,
+        )
     app.include_router(health.router)
     app.include_router(rest.router)
     app.include_router(results.router)
     if settings.dicomweb.enabled:
         app.include_router(stow.router)
         app.include_router(retrieve.router)
+        app.include_router(frames.router)
     dashboard.mount(app)
     _serve_docs(app)
     return app

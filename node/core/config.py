@@ -23,6 +23,8 @@ from pydantic_settings import (
 Output = Literal["seg", "rtstruct", "sr", "overlay"]
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$")]
+# A web origin as browsers send it (scheme, host, port; no path), or "*" for any.
+Origin = Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")]
 
 
 class ScpSettings(BaseModel):
@@ -358,6 +360,9 @@ class ApiSettings(BaseModel):
     # "*"): the login throttle then counts each client, not the proxy, and the scheme is the client's.
     forwarded_allow_ips: list[str] = ["127.0.0.1", "::1"]
     session_hours: float = Field(12.0, gt=0)  # a login's token expires after this long
+    # Pages of these origins may call the API and DICOMweb from a browser (a web viewer served
+    # elsewhere, https://viewer.example.org); none by default, the dashboard needing none.
+    cors_origins: list[Origin] = []
     # Failed logins allowed per user name and per address within the window, then a wait.
     login_attempts: int = Field(5, ge=1)
     login_window_s: float = Field(300.0, gt=0)

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
+from pydicom.encaps import generate_frames
 from requests import HTTPError
 
 from node.db.models import JobState
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 PASSWORD = "a long enough password"  # noqa: S105 - the test users'
 BOUNDARY = "segnode-test-boundary"
+VIEWER_ORIGIN = "http://viewer.test:3000"  # a web viewer served from elsewhere
 
 
 def _multipart(parts: list[tuple[str, bytes]], close: bool = True) -> bytes:
@@ -65,7 +67,7 @@ def node(
 ) -> SegnodeProcesses:
     made = segnode_factory(
         database_url=fresh_pg_url,
-        api={"enabled": True},
+        api={"enabled": True, "cors_origins": [VIEWER_ORIGIN]},
         dicomweb={"max_request_bytes": 4_000_000},
         destinations={"pacs": {"ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}},
         rules=[{"name": "ct", "min_slices": 3, "destinations": ["pacs"]}],
@@ -240,6 +242,14 @@ def test_qido_and_wado_show_what_the_node_received_and_what_it_produced(
     assert decoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert (decoded.pixel_array == first.pixel_array).all()
 
+    # Frames as a web viewer loads them: as stored (the JPEG 2000 codestream), or decoded.
+    (encoded,) = reader.retrieve_instance_frames(
+        study, series, first.SOPInstanceUID, [1], media_types=(("application/octet-stream", "*"),)
+    )
+    assert encoded == next(generate_frames(first.PixelData, number_of_frames=1))
+    (native,) = reader.retrieve_instance_frames(study, series, first.SOPInstanceUID, [1])
+    assert native == first.pixel_array.astype(first.pixel_array.dtype.newbyteorder("<")).tobytes()
+
     # The SEG the job wrote, whole and valid; metadata without pixels.
     (seg,) = reader.retrieve_series(study, seg_series, media_types=(("application/dicom", "*"),))
     assert seg.Modality == "SEG" and seg.SOPInstanceUID == job.output_sop_instance_uid
@@ -303,9 +313,13 @@ def test_results_go_to_a_dicomweb_archive_by_stow_rs(
     assert tested["ok"] and "answered a QIDO-RS search" in tested["answer"], tested
 
 
-def _get(url: str, token: str, accept: str | None = None) -> tuple[int, bytes, Any]:
-    """A GET's status, body and headers; a body cut short raises (http.client.IncompleteRead)."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+def _get(
+    url: str, token: str | None, accept: str | None = None, method: str = "GET", **headers: str
+) -> tuple[int, bytes, Any]:
+    """A request's status, body and headers; a body cut short raises (http.client.IncompleteRead)."""
+    request = urllib.request.Request(url, method=method, headers=headers)  # noqa: S310
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     if accept is not None:
         request.add_header("Accept", accept)
     try:
@@ -374,6 +388,29 @@ def test_wado_frames_every_instance_and_never_answers_200_with_a_short_body(
     with pytest.raises(http.client.IncompleteRead):
         _get(f"{base}/studies/{first_j2k.StudyInstanceUID}/series/{first_j2k.SeriesInstanceUID}", token)
 
+    # Frames: big endian only as stored; an undecodable codestream and a frame beyond the last by name.
+    big_frame = f"{series_url}/instances/{first_big.SOPInstanceUID}/frames/1"
+    any_syntax = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+    status, body, _ = _get(big_frame, token)
+    assert status == 406 and "transfer-syntax=*" in json.loads(body)["detail"]
+    status, body, _ = _get(big_frame, token, any_syntax)
+    assert status == 200 and first_big.PixelData in body
+    assert "transfer-syntax=1.2.840.10008.1.2.2" in body.decode("latin-1")
+    j2k_series = f"{base}/studies/{first_j2k.StudyInstanceUID}/series/{first_j2k.SeriesInstanceUID}"
+    status, body, _ = _get(f"{j2k_series}/instances/{first_j2k.SOPInstanceUID}/frames/1", token)
+    assert status == 500 and "cannot be read or decoded" in json.loads(body)["detail"]
+    status, body, _ = _get(big_frame.replace("/frames/1", "/frames/2"), token, any_syntax)
+    assert status == 404 and "1 frame(s), not frame 2" in json.loads(body)["detail"]
+
+    # A viewer on another origin (CORS): its preflight is answered without a user, others' are not.
+    asks = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}
+    status, _, headers = _get(big_frame, None, None, "OPTIONS", Origin=VIEWER_ORIGIN, **asks)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+    status, _, headers = _get(big_frame, None, None, "OPTIONS", Origin="http://elsewhere.test", **asks)
+    assert status == 400 and "Access-Control-Allow-Origin" not in headers
+    status, _, headers = _get(big_frame, token, any_syntax, Origin=VIEWER_ORIGIN)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+
 
 def test_qido_matches_uid_lists_refuses_wildcards_on_hashed_keys_and_caps_the_limit(
     node: SegnodeProcesses, fresh_pg_url: str, tmp_path: Path
@@ -402,7 +439,20 @@ def test_qido_matches_uid_lists_refuses_wildcards_on_hashed_keys_and_caps_the_li
     sop = pydicom.dcmread(one[1]).SOPInstanceUID
     assert found(f"studies/{study}/series/{series[0]}/instances", "SOPInstanceUID", [sop, "1.2.3"]) == {sop}
 
-    for query in ("PatientID=*", "PatientID=SYN%3F001", "AccessionNumber=A*"):
+    # Keys by tag as viewers send them (OHIF: 00100020=); series carry their number for sorting.
+    for query, matched in (
+        (f"00100020={pydicom.dcmread(one[0]).PatientID}", studies),
+        (f"0020000d={study}", [study]),
+    ):
+        status, body, _ = _get(f"{base}/studies?{query}", token)
+        assert status == 200 and {item["0020000D"]["Value"][0] for item in json.loads(body)} == set(matched)
+    status, body, _ = _get(f"{base}/studies/{study}/series", token)
+    numbers = {s["0020000E"]["Value"][0]: s["00200011"]["Value"] for s in json.loads(body)}
+    assert numbers == {
+        p.SeriesInstanceUID: [p.SeriesNumber] for p in map(pydicom.dcmread, (one[0], other_series[0]))
+    }
+
+    for query in ("PatientID=*", "PatientID=SYN%3F001", "AccessionNumber=A*", "00100020=*"):
         status, body, _ = _get(f"{base}/studies?{query}", token)
         assert status == 400 and "wildcards" in json.loads(body)["detail"], query
 

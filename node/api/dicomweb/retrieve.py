@@ -18,6 +18,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import func, select
@@ -41,6 +42,8 @@ TOO_MANY = (
 )
 EXPLICIT_LE = str(ExplicitVRLittleEndian)
 QIDO_MATCHING = frozenset({"StudyInstanceUID", "PatientID", "AccessionNumber"})
+# A key is a keyword or its tag (PS3.18 8.3.4.1); viewers send both (OHIF: 00100020=...).
+QIDO_TAGS = {"0020000D": "StudyInstanceUID", "00100020": "PatientID", "00080050": "AccessionNumber"}
 # Keys that ask for no matching: paging, and attributes or fuzziness the answer may ignore.
 QIDO_KEYS = QIDO_MATCHING | {"limit", "offset", "includefield", "fuzzymatching"}
 
@@ -77,21 +80,20 @@ def search_studies(
     user: Reader,
     db: Db,
     settings: Config,
-    study: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
-    patient_id: Annotated[str | None, Query(alias="PatientID")] = None,
-    accession: Annotated[str | None, Query(alias="AccessionNumber")] = None,
     limit: Annotated[int, Query(ge=1)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JSONResponse:
     """Studies, newest first; patient and study attributes as their first instance names them.
     Matching: StudyInstanceUID (one or a list), and PatientID or AccessionNumber exactly (the
     database keeps only keyed hashes of those); any other key is refused rather than ignored."""
-    unsupported = sorted(set(request.query_params) - QIDO_KEYS)
+    keys = {QIDO_TAGS.get(key.upper(), key): value for key, value in request.query_params.items()}
+    unsupported = sorted(set(keys) - QIDO_KEYS)
     if unsupported:
         raise HTTPException(
             400,
             f"the node matches on {', '.join(sorted(QIDO_MATCHING))} only, not on {', '.join(unsupported)}",
         )
+    study, patient_id, accession = (keys.get(k) for k in ("StudyInstanceUID", "PatientID", "AccessionNumber"))
     page = min(limit, MAX_LIMIT)
     # One row more than the page when the limit was capped: it tells whether results were left out.
     query = select(Study).order_by(Study.id.desc()).limit(page + 1 if limit > page else page).offset(offset)
@@ -160,20 +162,38 @@ def search_series(
     if wanted := _uids(series_uids):
         by_series = {uid: items for uid, items in by_series.items() if uid in wanted}
     base = public_base(request, settings) + f"/dicomweb/studies/{study}/series"
-    return JSONResponse(
-        [
+    found = []
+    for series, items in by_series.items():
+        named = _series_header(items[0].path)
+        found.append(
             {
                 "0020000D": _attr("UI", study),
                 "0020000E": _attr("UI", series),
                 "00080060": _attr("CS", items[0].modality),
                 "0008103E": _attr("LO", items[0].description),
+                "00200011": _attr("IS", named.get("SeriesNumber")),
+                "00080021": _attr("DA", named.get("SeriesDate")),
+                "00080031": _attr("TM", named.get("SeriesTime")),
                 "00201209": _attr("IS", len(items)),
                 "00081190": _attr("UR", f"{base}/{series}"),
             }
-            for series, items in by_series.items()
-        ],
-        media_type=DICOM_JSON,
-    )
+        )
+    return JSONResponse(found, media_type=DICOM_JSON)
+
+
+def _series_header(path: Path) -> dict[str, Any]:
+    """Number, date and time of a series as its first instance names them (viewers sort by them)."""
+    keywords = ("SeriesNumber", "SeriesDate", "SeriesTime")
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
+    except (OSError, InvalidDicomError):
+        return {}
+    number = ds.get("SeriesNumber")
+    return {
+        "SeriesNumber": int(number) if number not in (None, "") else None,  # IS goes as a JSON number
+        "SeriesDate": str(ds.get("SeriesDate", "")),
+        "SeriesTime": str(ds.get("SeriesTime", "")),
+    }
 
 
 @router.get("/studies/{study}/series/{series}/instances")
@@ -231,7 +251,7 @@ def _accepted_syntaxes(request: Request) -> list[str]:
     return found or [EXPLICIT_LE]
 
 
-def _can_make_explicit_le(stored: str) -> bool:
+def can_make_explicit_le(stored: str) -> bool:
     """Whether pydicom can convert an instance stored in ``stored`` to Explicit VR Little Endian:
     a compressed one it has a decoder for, or another little endian one (it cannot swap bytes)."""
     uid = UID(stored)
@@ -250,7 +270,7 @@ def _syntax_to_send(stored: str, accepted: list[str]) -> str | None:
     for syntax in accepted:
         if syntax in ("*", stored):
             return stored
-        if syntax == EXPLICIT_LE and _can_make_explicit_le(stored):
+        if syntax == EXPLICIT_LE and can_make_explicit_le(stored):
             return EXPLICIT_LE
     return None
 

@@ -31,8 +31,11 @@ def _program(*names: str) -> str:
 
 
 @contextlib.contextmanager
-def chromium(workdir: Path) -> Iterator[webdriver.Chrome]:
+def chromium(workdir: Path, performance_log: bool = False) -> Iterator[webdriver.Chrome]:
+    """``performance_log``: the browser's network events, read with ``driver.get_log("performance")``."""
     options = webdriver.ChromeOptions()
+    if performance_log:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     options.binary_location = _program("chromium", "chromium-browser")
     for arg in CHROMIUM_ARGS:
         options.add_argument(arg)

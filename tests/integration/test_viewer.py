@@ -24,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from node.db.models import JobState
+from tests import dicom_factory as factory
 from tests import peers
 from tests.browser import chromium
 from tests.http_server import LocalServer
@@ -160,6 +161,8 @@ def test_ohif_shows_the_study_and_its_seg_from_the_nodes_dicomweb(
     api = f"http://127.0.0.1:{node.values['api']['port']}"
     viewer.handler.config = app_config(f"{api}/dicomweb")  # type: ignore[attr-defined]
     sent = real_j2k_copy(tmp_path / "j2k")
+    for path in sent:  # anonymised without one; a patient's study has one, and OHIF asks by it
+        factory.modify(path, PatientID="ABD-0001")
     stored = peers.storescu(sent, node.port, aet="SEGNODE", extra_args=["-R", "-xv"])
     assert stored.returncode == 0, stored.stdout + stored.stderr
     (job,) = node.wait_for_state(JobState.DELIVERED, timeout=300)
@@ -175,7 +178,9 @@ def test_ohif_shows_the_study_and_its_seg_from_the_nodes_dicomweb(
             _click_text(driver, "Skip all")  # the first visit's guided tour covers the viewport
             answers.extend(_dicomweb_requests(driver, api))
             frames = {a["url"] for a in answers if "/frames/" in a["url"] and a["status"] == 200}
-            return len(frames) == len(sent) and _viewport_detail(driver) > 10
+            # The panel of the patient's other studies asks by tag: 00100020=.
+            others = [a for a in answers if "00100020=" in a["url"]]
+            return len(frames) == len(sent) and bool(others) and _viewport_detail(driver) > 10
 
         assert eventually(every_frame_shown, timeout=WAIT_S), answers
         assert [a for a in answers if a["status"] >= 400] == []

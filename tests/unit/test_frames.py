@@ -45,6 +45,8 @@ def test_each_stored_syntax_goes_as_stored_or_decoded_or_not_at_all() -> None:
     default = accepted_frame_types("")
     assert answer_for(J2K, default) == Answer("application/octet-stream", LE, decode=True)
     assert answer_for("1.2.840.10008.1.2", default) == Answer("application/octet-stream", LE, decode=False)
+    deflated = "1.2.840.10008.1.2.1.99"  # the data set deflated, its frames' bytes plain
+    assert answer_for(deflated, any_octets) == Answer("application/octet-stream", LE, decode=False)
     assert answer_for(J2K, [Accepted("image/jpeg", "*")]) is None  # another codec: 406
     assert answer_for("1.2.840.10008.1.2.2", default) is None  # big endian: the node does not swap
 

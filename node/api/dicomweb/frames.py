@@ -75,11 +75,17 @@ def accepted_frame_types(accept: str) -> list[Accepted]:
 def answer_for(stored: str, accepted: list[Accepted]) -> Answer | None:
     """How frames stored in ``stored`` go to a client that takes ``accepted``; None if they cannot."""
     media = FRAME_MEDIA.get(stored, OCTETS)
+    uid = UID(stored)
+    # Native little endian frames are the same bytes whatever the data set's encoding (implicit,
+    # deflated): they are announced as what they are.
+    sent_as = (
+        EXPLICIT_LE if uid.is_transfer_syntax and not uid.is_compressed and uid.is_little_endian else stored
+    )
     for want in accepted:
-        if want.syntax in ("*", stored) and want.media_type in (media, OCTETS, "*/*"):
-            return Answer(media, stored, decode=False)
+        if want.syntax in ("*", stored, sent_as) and want.media_type in (media, OCTETS, "*/*"):
+            return Answer(media, sent_as, decode=False)
         if want.syntax == EXPLICIT_LE and want.media_type in (OCTETS, "*/*") and can_make_explicit_le(stored):
-            return Answer(OCTETS, EXPLICIT_LE, decode=UID(stored).is_compressed)
+            return Answer(OCTETS, EXPLICIT_LE, decode=uid.is_compressed)
     return None
 
 
@@ -104,6 +110,8 @@ def frame_bytes(ds: Dataset, number: int, answer: Answer) -> bytes:
         return get_frame(ds.PixelData, number - 1, number_of_frames=count)
     if answer.decode:
         pixels = pixel_array(ds, index=number - 1, raw=True)
+        if int(ds.BitsAllocated) == 1:
+            return pack_bits(pixels)
         return pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
     bits = int(ds.BitsAllocated)
     size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))

@@ -277,6 +277,13 @@ class StoreHandler:
             self._of(event).series.add(facts.series_uid)
         if outcome is StoreOutcome.DUPLICATE:
             log.info("C-STORE from %s: instance %s already stored; kept once", calling_ae, request_uid)
+        elif outcome is StoreOutcome.OTHER_SYNTAX_DUPLICATE:
+            log.info(
+                "C-STORE from %s: instance %s already stored, now sent in another transfer syntax; "
+                "the first copy is kept",
+                calling_ae,
+                request_uid,
+            )
         elif outcome is StoreOutcome.CHANGED_DUPLICATE:
             log.warning(
                 "C-STORE from %s: instance %s came again with other contents; the first copy is kept "

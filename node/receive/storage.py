@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -68,6 +70,8 @@ class StoreOutcome(enum.Enum):
     DUPLICATE = "duplicate"
     # The UID stored already with another data set (a corrected resend): the first copy is kept.
     CHANGED_DUPLICATE = "changed duplicate"
+    # The UID stored already in another transfer syntax: the bytes cannot tell; the first is kept.
+    OTHER_SYNTAX_DUPLICATE = "duplicate in another transfer syntax"
 
 
 def _data_set_start(path: Path) -> int:
@@ -76,6 +80,21 @@ def _data_set_start(path: Path) -> int:
     with path.open("rb") as fh:
         fh.seek(140)
         return 144 + int.from_bytes(fh.read(4), "little")
+
+
+def _resent(new: Path, kept: Path) -> StoreOutcome:
+    """What a second copy of a stored instance is: the same data set, another one, or the same UID
+    in another transfer syntax (a PACS that converts; compressed bytes say nothing of the image)."""
+    if _transfer_syntax(new) != _transfer_syntax(kept):
+        return StoreOutcome.OTHER_SYNTAX_DUPLICATE
+    return StoreOutcome.DUPLICATE if _same_data_set(new, kept) else StoreOutcome.CHANGED_DUPLICATE
+
+
+def _transfer_syntax(path: Path) -> str:
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except (InvalidDicomError, OSError, ValueError):
+        return ""  # not a Part 10 file: only its bytes can be compared
 
 
 def _same_data_set(a: Path, b: Path) -> bool:
@@ -211,9 +230,9 @@ class Storage:
                 relative = self.relative_path(facts)
                 target = self.root / relative
                 if target.exists() and self._already_recorded(facts.sop_instance_uid):
-                    same = _same_data_set(staged.wait(), target)
+                    resent = _resent(staged.wait(), target)
                     staged.discard()
-                    return StoreOutcome.DUPLICATE if same else StoreOutcome.CHANGED_DUPLICATE
+                    return resent
                 self._place(staged, target)
             except BaseException:
                 staged.discard()

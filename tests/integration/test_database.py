@@ -173,17 +173,19 @@ def test_a_resend_with_other_contents_is_told_apart_from_a_plain_duplicate(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """The first copy is kept either way; a corrected resend under the same UID is said so (the
-    listener logs it as a warning), whoever sends it."""
+    listener logs it as a warning), whoever sends it; one in another transfer syntax is not."""
     storage = Storage(tmp_path / "store", sessions.kw["bind"], min_free_bytes=0)
     ct = "1.2.840.10008.5.1.4.1.1.2"
 
-    def received(data_set: bytes, sender: str) -> bytes:
-        return file_preamble(ct, "1.2.3.4.1", "1.2.840.10008.1.2.1", sender) + data_set
+    def received(data_set: bytes, sender: str, syntax: str = "1.2.840.10008.1.2.1") -> bytes:
+        return file_preamble(ct, "1.2.3.4.1", syntax, sender) + data_set
 
     assert storage.store([received(b"pixels", "CT01")], facts(n=1), "CT01") is StoreOutcome.STORED
     assert storage.store([received(b"pixels", "PACS")], facts(n=1), "PACS") is StoreOutcome.DUPLICATE
     changed = storage.store([received(b"pixelz", "CT01")], facts(n=1), "CT01")
     assert changed is StoreOutcome.CHANGED_DUPLICATE
+    converted = storage.store([received(b"pixelz", "PACS", "1.2.840.10008.1.2.4.90")], facts(n=1), "PACS")
+    assert converted is StoreOutcome.OTHER_SYNTAX_DUPLICATE  # not said to be another image
     kept = tmp_path / "store" / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm"
     assert kept.read_bytes() == received(b"pixels", "CT01")
     assert not list((tmp_path / "store" / ".incoming").iterdir())

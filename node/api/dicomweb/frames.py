@@ -45,6 +45,22 @@ FRAME_MEDIA = {
 }
 
 
+# What a frame is cut and decoded by: the rest of the data set is not parsed.
+PIXEL_ATTRIBUTES = [
+    "PixelData",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+]
+
+
 @dataclass(frozen=True)
 class Accepted:
     media_type: str  # application/octet-stream, an image/ type, or */*
@@ -149,7 +165,7 @@ def retrieve_frames(
             "transfer-syntax=* takes them as stored, application/octet-stream alone decoded",
         )
     try:
-        ds = dcmread(item.path)
+        ds = dcmread(item.path, specific_tags=PIXEL_ATTRIBUTES)
     except (OSError, InvalidDicomError) as err:
         raise HTTPException(
             500, f"the file of instance {sop} cannot be read from the node's storage"

@@ -56,6 +56,8 @@ def held(
         )
         for row, series_uid, modality, description in session.execute(query)
     ]
+    if sop is not None and found:  # a received instance: no need to read the results' headers
+        return found
     return found + [
         h
         for h in produced(session, study)

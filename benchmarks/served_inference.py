@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.served_inference [--device cpu|cuda] [--slices N] [--width W]
                                                     [--nnunet MODEL_FOLDER] [--repeats R]
+                                                    [--totalsegmentator TOTALSEG_HOME_DIR]
 
 One U-Net (random weights: speed does not depend on them) saved as a segnode checkpoint and exported
 by ``segnode export`` to TorchScript, ONNX and a MONAI bundle; each is loaded the way a worker loads
@@ -9,7 +10,8 @@ it and segments the same ``--slices`` x 512 x 512 volume of CT numbers at the ne
 spacing (no resampling), after one warm-up call. ``--nnunet`` adds a trained nnU-Net v2 folder
 (nnU-Net's predictor, its own plans: resampling, mirroring and sliding window included), which is a
 different network, so its row says what nnU-Net's pipeline costs, not what the format costs.
-Best of ``--repeats`` runs.
+``--totalsegmentator`` adds TotalSegmentator's fast body task from that weights folder (its own
+resampling to 6 mm, worker processes and post-processing around nnU-Net). Best of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--nnunet", type=Path, help="a trained nnU-Net v2 model folder to time beside them")
+    parser.add_argument(
+        "--totalsegmentator", type=Path, help="a TOTALSEG_HOME_DIR with the weights of its fast body task"
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
@@ -86,6 +91,13 @@ def main() -> None:
             served[kind] = load_served(kind, path, device=args.device, amp=False)
         if args.nnunet:
             served["nnunet (its own network)"] = load_served("nnunet", args.nnunet, device=args.device)
+        if args.totalsegmentator:
+            from segmenters.served.totalsegmentator import TotalSegmentatorSegmenter
+
+            os.environ["TOTALSEG_HOME_DIR"] = str(args.totalsegmentator.resolve())
+            served["totalsegmentator body fast"] = TotalSegmentatorSegmenter(
+                "body", fast=True, device=torch.device(args.device)
+            )
         for name, segmenter in served.items():
             seconds = _time(segmenter, volume, args.repeats)
             rows.append((name, seconds))

@@ -1,13 +1,15 @@
 """A real nnU-Net v2 model, made small: synthetic phantoms written as an nnU-Net raw dataset, planned,
 preprocessed and trained by nnU-Net's own commands (one epoch, a narrow 2D network), so the node's
-nnunet kind is tested against the folder layout and predictor a site's model has."""
+nnunet and totalsegmentator kinds are tested against the folder layout and predictor a site's model has."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,32 @@ import numpy as np
 from segmenters.synthetic import make_phantom
 from segmenters.volume_files import write_nifti
 
-DATASET_ID = 987
-DATASET = f"Dataset{DATASET_ID}_SegnodePhantoms"
 PLANS = "nnUNetPlans_tiny"
 TRAINER = "nnUNetTrainer_1epoch"
+
+
+@dataclass(frozen=True)
+class TinyDataset:
+    """What the tiny model learns: its dataset's id and name, and its labels with, for each, the
+    phantom structures it covers (snake-case names; ``*`` is the whole body)."""
+
+    id: int
+    name: str
+    labels: dict[str, tuple[str, ...]]
+
+    @property
+    def folder(self) -> str:
+        return f"Dataset{self.id}_{self.name}"
+
+
 # The phantoms' own label names: anatomy-table keys, so the model's labels are coded by name.
-LABELS = {"background": 0, "body": 1, "right_lung": 2, "left_lung": 3, "heart": 4}
+PHANTOMS = TinyDataset(
+    987,
+    "SegnodePhantoms",
+    {"body": ("body",), "right_lung": ("right_lung",), "left_lung": ("left_lung",), "heart": ("heart",)},
+)
+# TotalSegmentator's body task labels the trunk and the extremities (the phantoms have no limbs).
+TOTALSEGMENTATOR_BODY = TinyDataset(300, "body_6mm_1559subj", {"body_trunc": ("*",), "body_extremities": ()})
 
 
 def _run(env: dict[str, str], name: str, *args: str) -> None:
@@ -44,7 +66,7 @@ SEEDED_TRAIN = (
 )
 
 
-def train_tiny_nnunet(root: Path, cases: int = 6) -> Path:
+def train_tiny_nnunet(root: Path, cases: int = 6, dataset: TinyDataset = PHANTOMS) -> Path:
     """Train the model under ``root``; returns its trained-model folder (fold ``all``)."""
     raw, preprocessed, results = root / "raw", root / "preprocessed", root / "results"
     env = {
@@ -54,37 +76,54 @@ def train_tiny_nnunet(root: Path, cases: int = 6) -> Path:
         "nnUNet_results": str(results),
         "nnUNet_compile": "false",
     }
-    dataset = raw / DATASET
-    (dataset / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (dataset / "labelsTr").mkdir(parents=True, exist_ok=True)
+    folder = raw / dataset.folder
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    labels = {"background": 0} | {name: value for value, name in enumerate(dataset.labels, start=1)}
     for i in range(cases):
         phantom = make_phantom(shape=(24, 96, 96), spacing=(8.0, 4.0, 4.0), seed=500 + i)
         lut = np.zeros(256, dtype=np.uint8)  # the phantom's labels to the dataset's; others background
         for s in phantom.structures:
-            lut[s.label] = LABELS.get(s.name.lower().replace(" ", "_"), 0)
+            for name, covers in dataset.labels.items():
+                if "*" in covers or s.name.lower().replace(" ", "_") in covers:
+                    lut[s.label] = labels[name]
         phantom.labels[:] = lut[phantom.labels]
         write_nifti(
             phantom,
-            dataset / "imagesTr" / f"case_{i:03d}_0000.nii.gz",
-            dataset / "labelsTr" / f"case_{i:03d}.nii.gz",
+            folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz",
+            folder / "labelsTr" / f"case_{i:03d}.nii.gz",
         )
-    (dataset / "dataset.json").write_text(
+    (folder / "dataset.json").write_text(
         json.dumps(
-            {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz"}
+            {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": cases, "file_ending": ".nii.gz"}
         )
     )
-    _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "--no_pp")
-    plans_file = preprocessed / DATASET / "nnUNetPlans.json"
+    _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(dataset.id), "-c", "2d", "-np", "1", "--no_pp")
+    plans_file = preprocessed / dataset.folder / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     plans["plans_name"] = PLANS
     config = plans["configurations"]["2d"]
     config["batch_size"] = 4
     arch = config["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
-    (preprocessed / DATASET / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
-    _run(env, "nnUNetv2_preprocess", "-d", str(DATASET_ID), "-plans_name", PLANS, "-c", "2d", "-np", "1")
+    (preprocessed / dataset.folder / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+    _run(env, "nnUNetv2_preprocess", "-d", str(dataset.id), "-plans_name", PLANS, "-c", "2d", "-np", "1")
     # Data augmentation in the training process itself: no worker pool, so the seeds reach it
     # (planning needs the variable unset).
-    train = [str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
+    train = [str(dataset.id), "2d", "all", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
     _check([sys.executable, "-c", SEEDED_TRAIN, *train], {**env, "nnUNet_n_proc_DA": "0"}, "nnUNetv2_train")
-    return results / DATASET / f"{TRAINER}__{PLANS}__2d"
+    return results / dataset.folder / f"{TRAINER}__{PLANS}__2d"
+
+
+def install_as_totalsegmentator_weights(model: Path, home: Path) -> None:
+    """Place a tiny body model where TotalSegmentator looks for its ``body`` task's fast weights under
+    TOTALSEG_HOME_DIR; nnU-Net's predictor takes the trainer and configuration from the checkpoint,
+    so the folder's name is TotalSegmentator's and the network the tiny one."""
+    target = (
+        home / "nnunet" / "results" / TOTALSEGMENTATOR_BODY.folder / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    )
+    target.mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy(model / name, target / name)
+    (target / "fold_0").mkdir()
+    shutil.copy(model / "fold_all" / "checkpoint_final.pth", target / "fold_0" / "checkpoint_final.pth")

@@ -170,12 +170,16 @@ def check_weights(task: str, fast: bool = False, roi_subset: bool = False) -> No
 
 def _no_usage_reports() -> None:
     """TotalSegmentator posts each run to its authors' server unless its config says not to: a
-    node in a hospital network sends nothing out (and waits on no firewall for it)."""
+    node in a hospital network sends nothing out (and waits on no firewall for it). Its notice
+    that it sends them is marked shown, so no worker log says it does."""
     from totalsegmentator.config import set_config_key, setup_totalseg
 
     try:
-        if setup_totalseg().get("send_usage_stats", True):
+        config = setup_totalseg()
+        if config.get("send_usage_stats", True):
             set_config_key("send_usage_stats", False)
+        if not config.get("statistics_disclaimer_shown"):
+            set_config_key("statistics_disclaimer_shown", True)
     except OSError as err:  # a read-only weights folder: said, and the job goes on
         log.warning("TotalSegmentator's usage reports could not be turned off (%s)", err.strerror or err)
 

@@ -20,7 +20,7 @@ from pydicom.uid import UID
 
 from node.api.deps import Config, Db, Reader
 from node.api.dicomweb.held import held
-from node.api.dicomweb.multipart import parse_content_type
+from node.api.dicomweb.multipart import accepted_parts
 from node.api.dicomweb.retrieve import EXPLICIT_LE, can_make_explicit_le
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,10 @@ def accepted_frame_types(accept: str) -> list[Accepted]:
     """What the client's Accept takes for frames, in its order. Without a type the part is
     octets; without a transfer syntax, octets are Explicit VR Little Endian (PS3.18 8.7.3.5.2)."""
     found = []
-    for entry in accept.split(","):
-        media = parse_content_type(entry.strip()) if entry.strip() else None
-        if media is None or media.media_type not in ("multipart/related", "*/*"):
-            continue
-        part = media.params.get("type", OCTETS).lower()
-        default = EXPLICIT_LE if part in (OCTETS, "*/*") else "*"
-        found.append(Accepted(part, media.params.get("transfer-syntax", default)))
+    for part in accepted_parts(accept):
+        media_type = part.type or OCTETS
+        default = EXPLICIT_LE if media_type in (OCTETS, "*/*") else "*"
+        found.append(Accepted(media_type, default if part.syntax is None else part.syntax))
     return found or [Accepted(OCTETS, EXPLICIT_LE)]
 
 
@@ -132,8 +129,9 @@ def frame_bytes(ds: Dataset, number: int, answer: Answer) -> bytes:
     bits = int(ds.BitsAllocated)
     size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
     if bits == 1:  # frames packed bit after bit need not start on a byte: each is packed anew
-        bits_of_all = np.unpackbits(np.frombuffer(ds.PixelData, np.uint8), bitorder="little")
-        return pack_bits(bits_of_all[(number - 1) * size : number * size])
+        first = (number - 1) * size
+        covering = np.frombuffer(ds.PixelData, np.uint8)[first // 8 : -(-(first + size) // 8)]
+        return pack_bits(np.unpackbits(covering, bitorder="little")[first % 8 : first % 8 + size])
     size = size * bits // 8
     return bytes(ds.PixelData[(number - 1) * size : number * size])
 

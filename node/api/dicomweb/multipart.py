@@ -29,6 +29,24 @@ def parse_content_type(value: str) -> ContentType:
     return ContentType(message.get_content_type(), params)
 
 
+@dataclass(frozen=True)
+class AcceptedPart:
+    type: str | None  # lower case; None where the entry names none
+    syntax: str | None
+
+
+def accepted_parts(accept: str) -> list[AcceptedPart]:
+    """The multipart/related (or */*) entries of an Accept header, in its order, each with the part
+    type and transfer syntax it names; each route applies the standard's defaults for what it sends."""
+    found = []
+    for entry in accept.split(","):
+        media = parse_content_type(entry.strip()) if entry.strip() else None
+        if media is not None and media.media_type in ("multipart/related", "*/*"):
+            part = media.params.get("type")
+            found.append(AcceptedPart(part.lower() if part else None, media.params.get("transfer-syntax")))
+    return found
+
+
 @dataclass
 class PartStart:
     headers: dict[str, str]  # names in lower case

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from node.api.deps import Config, Db, Reader
 from node.api.dicomweb.held import Held, held, produced
-from node.api.dicomweb.multipart import parse_content_type
+from node.api.dicomweb.multipart import accepted_parts
 from node.api.dicomweb.stow import DICOM, DICOM_JSON, public_base
 from node.core.config import Settings
 from node.core.identifiers import node_key, read_identifiers, search_key
@@ -237,15 +237,11 @@ def _accepted_syntaxes(request: Request) -> list[str]:
     the standard's default holds: Explicit VR Little Endian (PS3.18 8.7.3.5.2)."""
     found: list[str] = []
     refused: list[str] = []
-    for accepted in request.headers.get("accept", "").split(","):
-        media = parse_content_type(accepted.strip()) if accepted.strip() else None
-        if media is None or media.media_type not in ("multipart/related", "*/*"):
-            continue
-        part_type = media.params.get("type", DICOM)
-        if part_type.lower() in (DICOM, "*/*"):
-            found.append(media.params.get("transfer-syntax", EXPLICIT_LE))
+    for part in accepted_parts(request.headers.get("accept", "")):
+        if part.type is None or part.type in (DICOM, "*/*"):
+            found.append(EXPLICIT_LE if part.syntax is None else part.syntax)
         else:
-            refused.append(part_type)
+            refused.append(part.type)
     if refused and not found:
         raise HTTPException(406, f"instances are sent as {DICOM}; {', '.join(refused)} is not")
     return found or [EXPLICIT_LE]

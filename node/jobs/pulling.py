@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from io import BytesIO
 from typing import Any
@@ -266,10 +267,16 @@ def _study(uid: str) -> Dataset:
 def _outcome(where: str, how: str, responses: Iterable[tuple[Dataset, Any]], node_ae: str) -> tuple[int, str]:
     """(instances sent, what happened) from a C-MOVE's or C-GET's responses; PullError if it failed."""
     final: Dataset | None = None
+    last = time.monotonic()
     for status, _ in responses:
         if "Status" not in status:
+            if time.monotonic() - last < MOVE_WAIT_S:  # cut off, not timed out: a PACS refusing the caller
+                raise PullError(
+                    f"{where} ended the association instead of answering the {how}: does it let "
+                    f"{node_ae} retrieve? (add the node to its DICOM peers: AE title, host, DICOM port)"
+                )
             raise PullError(f"{where}: no {how} response within {MOVE_WAIT_S:g} s")
-        final = status
+        final, last = status, time.monotonic()
     if final is None:
         raise PullError(f"{where}: no {how} response")
     code = int(final.Status)

@@ -178,3 +178,53 @@ def test_a_dicomweb_pull_skips_an_instance_whose_uid_another_series_holds(
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr + node.logs()
     assert "gave 3 instance(s) of 1 series by WADO-RS" in pulled.stdout
     assert "an instance refused: SOPInstanceUID is stored already, in another series" in node.logs()
+
+
+def test_a_c_get_pull_refuses_an_instance_whose_uid_another_series_holds(
+    segnode_factory: Callable[..., SegnodeProcesses],
+    orthanc_factory: Callable[..., peers.Orthanc],
+    tmp_path: Path,
+) -> None:
+    """On the node's own C-GET association the reused UID is answered as refused (0xC000): the PACS
+    counts it failed, the rest of the study is stored and the pull says how many failed."""
+    port = peers.free_port()
+    orthanc = orthanc_factory(modalities={"SEGNODE": ["SEGNODE", "127.0.0.1", port]})
+    earlier = factory.make_ct_series(tmp_path / "earlier", n_slices=3)
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
+    reused = pydicom.dcmread(paths[1])
+    reused.SOPInstanceUID = pydicom.dcmread(earlier[0]).SOPInstanceUID
+    reused.file_meta.MediaStorageSOPInstanceUID = reused.SOPInstanceUID
+    reused.save_as(paths[1])
+    for path in paths:
+        orthanc.upload(path)
+    source = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, "retrieve": "get"}
+    node = segnode_factory(
+        scp={"port": port}, sources={"pacs-get": source}, rules=[{"name": "ct", "min_slices": 3}]
+    )
+    node.serve(workers=False)
+    sent = peers.storescu(earlier, node.port, aet="SEGNODE")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    study = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+    pulled = node.cli("pull", study, "--source", "pacs-get", "--wait", timeout=120)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr + node.logs()
+    assert "sent 3 instance(s) by C-GET, 1 failed" in pulled.stdout, pulled.stdout
+    assert "an instance refused: SOPInstanceUID is stored already, in another series" in node.logs()
+    with Session(db.make_engine(node.database_url)) as session:
+        held = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert len(held) == 3 + 3 and held.count(str(reused.SOPInstanceUID)) == 1
+
+
+def test_a_c_get_the_pacs_refuses_fails_with_what_to_set_up(
+    segnode_factory: Callable[..., SegnodeProcesses], orthanc: peers.Orthanc, tmp_path: Path
+) -> None:
+    """Orthanc aborts a C-GET from an AE title it does not list: the pull says so at once, not as a
+    response that never came."""
+    study = _in_orthanc(orthanc, tmp_path / "ct")
+    source = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, "retrieve": "get"}
+    node = segnode_factory(sources={"pacs-get": source}, rules=[{"name": "ct", "min_slices": 3}])
+    node.serve(workers=False)
+    pulled = node.cli("pull", study, "--source", "pacs-get", "--wait", timeout=120)
+    assert pulled.returncode == 1 and "FAILED" in pulled.stdout, pulled.stdout + pulled.stderr
+    assert "ended the association instead of answering the C-GET: does it let SEGNODE retrieve?" in (
+        pulled.stdout
+    )

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from node.db.models import ApiToken, Role, User, utcnow
@@ -66,9 +66,12 @@ def check_password(session: Session, name: str, password: str) -> User | None:
 
 
 def issue_token(session: Session, user: User, label: str, lifetime: timedelta | None) -> tuple[str, ApiToken]:
-    """A new bearer token for ``user`` (shown once) and its row; ``lifetime`` None never expires."""
+    """A new bearer token for ``user`` (shown once) and its row; ``lifetime`` None never expires.
+    The user's expired tokens go (each login and each viewer link makes one)."""
+    now = utcnow()
+    session.execute(delete(ApiToken).where(ApiToken.user_id == user.id, ApiToken.expires_at <= now))
     token = secrets.token_urlsafe(32)
-    expires = utcnow() + lifetime if lifetime is not None else None
+    expires = now + lifetime if lifetime is not None else None
     row = ApiToken(user_id=user.id, token_hash=_digest(token), label=label[:64], expires_at=expires)
     session.add(row)
     session.flush()

@@ -3,8 +3,10 @@ fetches each panel's HTML again every few seconds; no build step, nothing to ins
 side. It reads through the same views as the JSON API and acts through the JSON API's routes."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -12,8 +14,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from node.api import rest, views
+from node.api.auth import issue_token
 from node.api.deps import Admin, Config, Db, NotLoggedInError, Viewer
-from node.db.models import Role, utcnow
+from node.db.models import Job, Role, utcnow
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -77,13 +80,34 @@ def mount(app: FastAPI) -> None:
     @app.get("/jobs/{job_id}", include_in_schema=False)
     def job_page(job_id: int, request: Request, user: Viewer, db: Db, settings: Config) -> HTMLResponse:
         job = _job(db, settings, job_id)
-        return _page(request, "job.html", user, job=job, segmenters=_segmenters(settings))
+        return _page(
+            request, "job.html", user, job=job, segmenters=_segmenters(settings), viewer=_has_viewer(settings)
+        )
 
     @app.get("/ui/jobs/{job_id}", include_in_schema=False)
     def job_panel(job_id: int, request: Request, user: Viewer, db: Db, settings: Config) -> HTMLResponse:
         return _page(
-            request, "_job.html", user, job=_job(db, settings, job_id), segmenters=_segmenters(settings)
+            request,
+            "_job.html",
+            user,
+            job=_job(db, settings, job_id),
+            segmenters=_segmenters(settings),
+            viewer=_has_viewer(settings),
         )
+
+    @app.post("/jobs/{job_id}/viewer", include_in_schema=False)
+    def open_in_viewer(job_id: int, user: Viewer, db: Db, settings: Config) -> RedirectResponse:
+        """The job's study in the configured web viewer, with a read token made for this click (the
+        viewer sends it on each DICOMweb request): the session's own token never leaves the node."""
+        if settings.api.viewer_url is None:
+            raise HTTPException(404, "no web viewer is configured (api.viewer_url)")
+        found = db.execute(views.jobs_query().where(Job.id == job_id)).first()
+        if found is None:
+            raise HTTPException(404, f"no job {job_id}")
+        study = found[2].study_instance_uid
+        token, _ = issue_token(db, user, "viewer", timedelta(hours=settings.api.viewer_token_hours))
+        url = settings.api.viewer_url.replace("{study}", quote(study, safe=""))
+        return RedirectResponse(f"{url}{'&' if '?' in url else '?'}token={token}", status_code=303)
 
     @app.get("/search", include_in_schema=False)
     def search_page(q: str, request: Request, user: Admin, db: Db, settings: Config) -> HTMLResponse:
@@ -104,6 +128,10 @@ def _job(db: Db, settings: Config, job_id: int) -> dict[str, Any]:
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return job
+
+
+def _has_viewer(settings: Config) -> bool:
+    return settings.api.viewer_url is not None
 
 
 def _segmenters(settings: Config) -> list[str]:

@@ -363,6 +363,10 @@ class ApiSettings(BaseModel):
     # Pages of these origins may call the API and DICOMweb from a browser (a web viewer served
     # elsewhere, https://viewer.example.org); none by default, the dashboard needing none.
     cors_origins: list[Origin] = []
+    # A web viewer's address for a study ({study} is its Study Instance UID): the dashboard's job
+    # page then opens the study there with a read token of its own, valid for viewer_token_hours.
+    viewer_url: str | None = Field(None, pattern=r"^https?://[^\s]*\{study\}[^\s]*$")
+    viewer_token_hours: float = Field(1.0, gt=0)
     # Failed logins allowed per user name and per address within the window, then a wait.
     login_attempts: int = Field(5, ge=1)
     login_window_s: float = Field(300.0, gt=0)

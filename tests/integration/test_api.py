@@ -3,19 +3,23 @@ with no user, a viewer and an admin; logins throttled; an admin's retry recorded
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
 from node.core.queue import QUEUES
-from node.db.models import Base, JobState
+from node.db.models import ApiToken, Base, JobState
 from tests import dicom_factory as factory
 from tests import peers
 from tests.node_process import SegnodeProcesses
@@ -104,6 +108,9 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
     (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
 
     series_uid = api.call("GET", f"/api/jobs/{job.id}", admin)[1]["series_instance_uid"]
+    # No web viewer configured: no button on the job's page, no link behind it.
+    assert 'id="open-viewer"' not in api.text(f"/jobs/{job.id}", token)
+    assert _post_unfollowed(api, f"/jobs/{job.id}/viewer", token)[0] == 404
     reads = [
         "/api/me",
         "/api/jobs",
@@ -282,3 +289,56 @@ def test_every_endpoint_with_no_user_a_viewer_and_an_admin(
         assert api.call("POST", "/api/login", body={"name": "ada", "password": "wrong password!"})[0] == 401
     status, body = api.call("POST", "/api/login", body={"name": "ada", "password": PASSWORD})
     assert status == 429 and "too many failed logins" in body["detail"]
+
+
+def _post_unfollowed(api: Api, path: str, token: str) -> tuple[int, str]:
+    """A POST whose redirect is read, not followed: (status, Location)."""
+    connection = http.client.HTTPConnection(urlsplit(api.base).netloc, timeout=30)
+    try:
+        connection.request("POST", path, headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader("location") or ""
+    finally:
+        connection.close()
+
+
+def test_a_job_opens_in_the_web_viewer_with_a_read_token_of_its_own(
+    segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
+) -> None:
+    viewer_url = "https://viewer.example.org/viewer?StudyInstanceUIDs={study}"
+    node = segnode_factory(
+        api={"enabled": True, "viewer_url": viewer_url, "viewer_token_hours": 0.5},
+        rules=[{"name": "ct", "min_slices": 3, "destinations": []}],
+    )
+    node.serve()
+    api = Api(node.values["api"]["port"])
+    assert eventually(api.up, timeout=60), "the API never answered"
+    node.add_user("vic", "viewer", PASSWORD)
+    node.add_user("sam", "sender", PASSWORD)
+    vic = node.token("vic")
+    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
+    sent = peers.storescu(paths, node.port, aet="SEGNODE")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    (job,) = node.wait_for_state(JobState.DELIVERED, timeout=180)
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+    assert 'id="open-viewer"' in api.text(f"/jobs/{job.id}", vic)
+    before = datetime.now(UTC)
+    status, location = _post_unfollowed(api, f"/jobs/{job.id}/viewer", vic)
+    assert status == 303 and location.startswith("https://viewer.example.org/viewer?"), (status, location)
+    query = parse_qs(urlsplit(location).query)
+    assert query["StudyInstanceUIDs"] == [study]
+    (link_token,) = query["token"]
+    assert link_token != vic
+    # The link's token reads the study over DICOMweb, and lasts as configured.
+    status, found = api.call("GET", f"/dicomweb/studies?StudyInstanceUID={study}", link_token)
+    assert status == 200 and json.loads(found)[0]["0020000D"]["Value"] == [study], found
+    engine = create_engine(node.database_url)
+    with engine.connect() as connection:
+        (expires,) = connection.execute(select(ApiToken.expires_at).where(ApiToken.label == "viewer")).one()
+    engine.dispose()
+    assert timedelta(minutes=29) < expires - before < timedelta(minutes=31)
+    # Not for a sender's token, nor for a job that is not there.
+    assert _post_unfollowed(api, f"/jobs/{job.id}/viewer", node.token("sam"))[0] == 403
+    assert _post_unfollowed(api, "/jobs/999/viewer", vic)[0] == 404

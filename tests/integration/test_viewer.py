@@ -153,7 +153,11 @@ def test_ohif_shows_the_study_and_its_seg_from_the_nodes_dicomweb(
 ) -> None:
     node = segnode_factory(
         database_url=fresh_pg_url,
-        api={"enabled": True, "cors_origins": [viewer.url()]},
+        api={
+            "enabled": True,
+            "cors_origins": [viewer.url()],
+            "viewer_url": f"{viewer.url()}/viewer?StudyInstanceUIDs={{study}}",
+        },
         rules=[{"name": "ct", "min_slices": 3, "destinations": []}],
     )
     node.serve()
@@ -170,8 +174,19 @@ def test_ohif_shows_the_study_and_its_seg_from_the_nodes_dicomweb(
     seg = pydicom.dcmread(next(Path(job.output_path).glob("seg.dcm")), stop_before_pixels=True)
 
     with chromium(tmp_path, performance_log=True) as driver:
-        # OHIF's own way to take a token: read from the URL, sent as a bearer on every request.
-        driver.get(f"{viewer.url()}/viewer?StudyInstanceUIDs={study}&token={node.token('vic')}")
+        # The radiologist's way in: the job's page on the dashboard, "Open in viewer", a new tab. The
+        # link carries a read token of its own, which OHIF takes from its URL and sends as a bearer.
+        driver.get(f"{api}/login")
+        driver.find_element(By.ID, "name").send_keys("vic")
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        driver.find_element(By.ID, "login-button").click()
+        assert eventually(lambda: "/login" not in driver.current_url, timeout=30)
+        driver.get(f"{api}/jobs/{job.id}")
+        driver.find_element(By.ID, "open-viewer").click()
+        assert eventually(lambda: len(driver.window_handles) == 2, timeout=30)
+        driver.switch_to.window(driver.window_handles[-1])
+        assert eventually(lambda: driver.current_url.startswith(f"{viewer.url()}/viewer"), timeout=30)
+        assert f"StudyInstanceUIDs={study}" in driver.current_url
         answers: list[dict[str, Any]] = []
 
         def every_frame_shown() -> bool:

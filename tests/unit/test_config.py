@@ -55,6 +55,9 @@ def test_rule_naming_an_unknown_destination_is_refused(tmp_path: Path) -> None:
         {"quiet_period_s": 0},
         {"rules": [{"name": "r", "series_description_pattern": "("}]},
         {"unknown_key": 1},
+        {"api": {"viewer_url": "https://viewer.example.org/viewer"}},  # no {study}: every link the same
+        {"api": {"viewer_url": "viewer.example.org/viewer?StudyInstanceUIDs={study}"}},
+        {"api": {"viewer_token_hours": 0}},
     ],
 )
 def test_invalid_values_are_refused(bad: dict[str, object]) -> None:

@@ -338,7 +338,7 @@ def test_a_job_opens_in_the_web_viewer_with_a_read_token_of_its_own(
     with engine.connect() as connection:
         (expires,) = connection.execute(select(ApiToken.expires_at).where(ApiToken.label == "viewer")).one()
     engine.dispose()
-    assert timedelta(minutes=29) < expires - before < timedelta(minutes=31)
+    assert expires is not None and timedelta(minutes=29) < expires - before < timedelta(minutes=31)
     # Not for a sender's token, nor for a job that is not there.
     assert _post_unfollowed(api, f"/jobs/{job.id}/viewer", node.token("sam"))[0] == 403
     assert _post_unfollowed(api, "/jobs/999/viewer", vic)[0] == 404

@@ -75,6 +75,22 @@ def test_tokens_are_kept_as_hashes_and_end_when_they_expire_or_are_revoked(
         assert user_for_token(session, lasting) is None
 
 
+def test_a_users_expired_tokens_go_when_they_get_a_new_one(sessions: sessionmaker[Session]) -> None:
+    with db.session_scope(sessions) as session:
+        user = add_user(session, "grace", PASSWORD, Role.VIEWER)
+        other = add_user(session, "alan", PASSWORD, Role.VIEWER)
+        lasting, _ = issue_token(session, user, "monitoring", None)
+        _, gone = issue_token(session, user, "viewer", timedelta(hours=1))
+        _, others = issue_token(session, other, "viewer", timedelta(hours=1))
+        gone.expires_at = others.expires_at = utcnow() - timedelta(seconds=1)
+    with db.session_scope(sessions) as session:
+        issue_token(session, session.get(User, user.id), "login", timedelta(hours=1))
+    with db.session_scope(sessions) as session:
+        labels = sorted((t.user.name, t.label) for t in session.scalars(select(ApiToken)))
+        assert labels == [("alan", "viewer"), ("grace", "login"), ("grace", "monitoring")]
+        assert user_for_token(session, lasting) is not None
+
+
 def test_failed_logins_are_throttled_per_name_and_address() -> None:
     now = [1000.0]
     throttle = LoginThrottle(attempts=3, window_s=60.0, clock=lambda: now[0])

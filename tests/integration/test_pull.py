@@ -156,17 +156,24 @@ def test_a_dicomweb_pull_stores_each_instance_as_it_arrives(
     assert source.stored_early, "the node stored nothing before the source had sent the whole series"
 
 
+def _series_reusing_a_uid(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A 3-slice series and a 4-slice one whose second instance reuses the first's first SOP
+    Instance UID (a source that reused one)."""
+    earlier = factory.make_ct_series(folder / "earlier", n_slices=3)
+    paths = factory.make_ct_series(folder / "ct", n_slices=4)
+    reused = pydicom.dcmread(paths[1])
+    reused.SOPInstanceUID = pydicom.dcmread(earlier[0]).SOPInstanceUID
+    reused.file_meta.MediaStorageSOPInstanceUID = reused.SOPInstanceUID
+    reused.save_as(paths[1])
+    return earlier, paths
+
+
 def test_a_dicomweb_pull_skips_an_instance_whose_uid_another_series_holds(
     segnode_factory: Callable[..., SegnodeProcesses], tmp_path: Path
 ) -> None:
     """A source that reused a SOP Instance UID: that instance is refused by name and the rest of
     the series is stored and completed (the refusal used to end the whole pull)."""
-    earlier = factory.make_ct_series(tmp_path / "earlier", n_slices=3)
-    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
-    reused = pydicom.dcmread(paths[1])
-    reused.SOPInstanceUID = pydicom.dcmread(earlier[0]).SOPInstanceUID
-    reused.file_meta.MediaStorageSOPInstanceUID = reused.SOPInstanceUID
-    reused.save_as(paths[1])
+    earlier, paths = _series_reusing_a_uid(tmp_path)
     first = pydicom.dcmread(paths[0])
     study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
     node, port = _pulling_by_dicomweb(segnode_factory)
@@ -189,12 +196,7 @@ def test_a_c_get_pull_refuses_an_instance_whose_uid_another_series_holds(
     counts it failed, the rest of the study is stored and the pull says how many failed."""
     port = peers.free_port()
     orthanc = orthanc_factory(modalities={"SEGNODE": ["SEGNODE", "127.0.0.1", port]})
-    earlier = factory.make_ct_series(tmp_path / "earlier", n_slices=3)
-    paths = factory.make_ct_series(tmp_path / "ct", n_slices=4)
-    reused = pydicom.dcmread(paths[1])
-    reused.SOPInstanceUID = pydicom.dcmread(earlier[0]).SOPInstanceUID
-    reused.file_meta.MediaStorageSOPInstanceUID = reused.SOPInstanceUID
-    reused.save_as(paths[1])
+    earlier, paths = _series_reusing_a_uid(tmp_path)
     for path in paths:
         orthanc.upload(path)
     source = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, "retrieve": "get"}
@@ -211,7 +213,7 @@ def test_a_c_get_pull_refuses_an_instance_whose_uid_another_series_holds(
     assert "an instance refused: SOPInstanceUID is stored already, in another series" in node.logs()
     with Session(db.make_engine(node.database_url)) as session:
         held = session.scalars(select(Instance.sop_instance_uid)).all()
-    assert len(held) == 3 + 3 and held.count(str(reused.SOPInstanceUID)) == 1
+    assert len(held) == 3 + 3 and held.count(str(pydicom.dcmread(paths[1]).SOPInstanceUID)) == 1
 
 
 def test_a_c_get_the_pacs_refuses_fails_with_what_to_set_up(

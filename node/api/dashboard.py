@@ -1,6 +1,7 @@
 """The dashboard: pages rendered on the server (Jinja2), kept live by a little JavaScript that
 fetches each panel's HTML again every few seconds; no build step, nothing to install on the user's
-side. It reads through the same views as the JSON API and acts through the JSON API's routes."""
+side. It reads through the same views as the JSON API and acts through the JSON API's routes, but
+for Open in viewer: a form whose answer is the viewer's address, since a new tab needs a navigation."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
 from datetime import timedelta
